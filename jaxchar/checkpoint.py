@@ -1,0 +1,253 @@
+"""Run directories: orbax checkpoints plus the JSON that makes them self-describing.
+
+Layout of a run directory:
+    run.json              format version, config, vocabulary, monitored metric
+    metrics.jsonl         one line per save (step, epoch, losses in nats and bits per char)
+    checkpoints/<step>/   orbax: `params`, `train` (optimizer state, step, loss sums, carry)
+                          and `meta` (JSON: format version, config, vocab, metrics)
+
+Kept: the best `train.keep_best` saves by the monitored loss (validation loss when there is
+a held-out split, else training loss, as the tutorial's ModelCheckpoint) and the latest one,
+for resuming. Nothing here uses pickle; loading never runs code from the files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+from jaxchar.config import Config, ConfigError, from_dict
+from jaxchar.corpus import Vocab
+
+FORMAT_VERSION = 1
+RUN_FILE = "run.json"
+
+
+class CheckpointError(RuntimeError):
+    """A run directory or checkpoint that cannot be used, with what to do about it."""
+
+
+def _write_json_atomic(path: Path, value: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _read_run_file(path: Path) -> dict:
+    run_file = path / RUN_FILE
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist: give the --run-dir of a training run")
+    if not run_file.is_file():
+        raise CheckpointError(f"{path} is not a jaxchar run (no {RUN_FILE} in it)")
+    try:
+        info = json.loads(run_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{run_file} is damaged (not JSON): the run cannot be read") from None
+    _check_version(info.get("format_version"), run_file)
+    return info
+
+
+def _check_version(version: Any, where: Path) -> None:
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{where} has format version {version!r}; this jaxchar reads version "
+            f"{FORMAT_VERSION}: use the jaxchar release that wrote it"
+        )
+
+
+def _config_from(info: dict, where: Path) -> Config:
+    try:
+        return from_dict(info["config"])
+    except (KeyError, ConfigError) as err:
+        raise CheckpointError(f"{where}: the stored config is not usable ({err})") from None
+
+
+class RunDir:
+    """One training run on disk. `create` starts a new one (refusing to replace an existing
+    run unless `overwrite`), `open` reads or resumes an existing one."""
+
+    def __init__(self, path: Path, cfg: Config, vocab: Vocab, monitor: str):
+        self.path, self.cfg, self.vocab, self.monitor = path, cfg, vocab, monitor
+        keep = policies.AnyPreservationPolicy(
+            [
+                policies.LatestN(n=1),
+                policies.BestN(
+                    get_metric_fn=lambda m: m[monitor],
+                    reverse=True,  # BestN keeps the last n after sorting: reverse keeps the lowest
+                    n=cfg.train.keep_best,
+                    keep_checkpoints_without_metrics=False,
+                ),
+            ]
+        )
+        options = ocp.CheckpointManagerOptions(preservation_policy=keep, create=True)
+        self.manager = ocp.CheckpointManager(path / "checkpoints", options=options)
+
+    @classmethod
+    def create(cls, path: str | Path, cfg: Config, vocab: Vocab, overwrite: bool = False):
+        path = Path(path).absolute()
+        if path.exists() and not path.is_dir():
+            raise CheckpointError(f"{path} is a file: give a new folder as the run directory")
+        if path.exists() and any(path.iterdir()):
+            if not overwrite:
+                raise CheckpointError(
+                    f"{path} already exists: pass --resume to continue it, --overwrite to "
+                    "replace it, or choose another --run-dir"
+                )
+            if not (path / RUN_FILE).is_file():
+                raise CheckpointError(
+                    f"{path} is not empty and not a jaxchar run: --overwrite only replaces runs"
+                )
+            shutil.rmtree(path)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            probe = path / ".write-test"
+            probe.write_bytes(b"0" * 4096)
+            probe.unlink()
+        except OSError as err:
+            raise CheckpointError(f"cannot write to {path}: {err.strerror or err}") from None
+        monitor = "val_loss" if cfg.data.val_fraction > 0 else "train_loss"
+        info = {
+            "format_version": FORMAT_VERSION,
+            "config": cfg.to_dict(),
+            "vocab": list(vocab.chars),
+            "monitor": monitor,
+        }
+        _write_json_atomic(path / RUN_FILE, info)
+        return cls(path, cfg, vocab, monitor)
+
+    @classmethod
+    def open(cls, path: str | Path) -> RunDir:
+        path = Path(path).absolute()
+        info = _read_run_file(path)
+        cfg = _config_from(info, path / RUN_FILE)
+        return cls(path, cfg, Vocab(tuple(info["vocab"])), info["monitor"])
+
+    # --- saving -------------------------------------------------------------------------
+
+    def save(self, step: int, tree: dict, metrics: dict) -> None:
+        """Saves {"state": TrainState, "totals": ...} with its metrics, then waits for it."""
+        state = tree["state"]
+        train_part = {
+            "opt_state": state.opt_state,
+            "step": state.step,
+            "carry": state.carry,
+            "totals": tree["totals"],
+        }
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "config": self.cfg.to_dict(),
+            "vocab": list(self.vocab.chars),
+            "metrics": metrics,
+        }
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardSave(state.params),
+                train=ocp.args.StandardSave(train_part),
+                meta=ocp.args.JsonSave(meta),
+            ),
+            metrics={k: v for k, v in metrics.items() if isinstance(v, float)},
+            force=True,
+        )
+        self.manager.wait_until_finished()
+        with open(self.path / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(metrics) + "\n")
+
+    # --- reading ------------------------------------------------------------------------
+
+    def steps(self) -> list[int]:
+        self.manager.reload()
+        return sorted(self.manager.all_steps())
+
+    def meta(self, step: int) -> dict:
+        restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        meta = restored["meta"]
+        _check_version(meta.get("format_version"), self.path / "checkpoints" / str(step))
+        return meta
+
+    def best_step(self) -> int | None:
+        """The kept step with the lowest monitored loss (the one generation uses)."""
+        scored = []
+        for step in self.steps():
+            try:
+                value = self.meta(step)["metrics"].get(self.monitor)
+            except Exception:  # a damaged checkpoint is never the best
+                continue
+            if value is not None and math.isfinite(value):
+                scored.append((value, step))
+        return min(scored)[1] if scored else None
+
+    def restore_latest(self, target: dict) -> dict | None:
+        """The newest readable save, restored into the structure of `target`; None if the
+        run has no save yet. Damaged saves are skipped in favour of older ones."""
+        state = target["state"]
+        abstract = {
+            "opt_state": state.opt_state,
+            "step": state.step,
+            "carry": state.carry,
+            "totals": target["totals"],
+        }
+        for step in reversed(self.steps()):
+            try:
+                restored = self.manager.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        params=ocp.args.StandardRestore(state.params),
+                        train=ocp.args.StandardRestore(abstract),
+                    ),
+                )
+            except Exception:  # damaged or half-deleted: fall back to the previous save
+                continue
+            part = restored["train"]
+            new_state = state.replace(
+                step=part["step"],
+                params=restored["params"],
+                opt_state=part["opt_state"],
+                carry=part["carry"],
+            )
+            return {"state": new_state, "totals": part["totals"]}
+        return None
+
+    def load_params(self, step: int | None = None) -> tuple[dict, int]:
+        """Params of `step` (default: the best step), as device arrays."""
+        step = self.best_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"{self.path} has no usable checkpoint yet: train it first")
+        if step not in self.steps():
+            raise CheckpointError(f"{self.path} has no checkpoint at step {step}")
+        try:
+            restored = self.manager.restore(
+                step, args=ocp.args.Composite(params=ocp.args.StandardRestore())
+            )
+        except Exception as err:
+            raise CheckpointError(
+                f"checkpoint {step} in {self.path} cannot be read ({err.__class__.__name__})"
+            ) from None
+        return jax.tree.map(jax.numpy.asarray, restored["params"]), step
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def load_checkpoint(run_dir: str | Path, step: int | None = None) -> tuple[dict, Config, Vocab]:
+    """(params, config, vocab) of a run's best checkpoint (or of `step`); no corpus needed."""
+    run = RunDir.open(run_dir)
+    try:
+        params, _ = run.load_params(step)
+    finally:
+        run.close()
+    return params, run.cfg, run.vocab
+
+
+def param_count(params: dict) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))

@@ -1,0 +1,421 @@
+"""`jaxchar train | generate | info`: parse arguments, call the library, print.
+
+Generated text alone goes to stdout; the summary, progress and logs go to stderr. Every
+refusal is one line on stderr and a non-zero exit (a traceback only with --debug). The CLI is
+the only place that reads environment variables (JAXCHAR_DATA, JAXCHAR_CACHE).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from jaxchar.config import Config, ConfigError, load_config, override
+
+REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CONFIG = "fast"
+EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
+
+
+def _err(message: str) -> None:
+    print(f"jaxchar: error: {message}", file=sys.stderr)
+
+
+def _info(message: str, quiet: bool = False) -> None:
+    if not quiet:
+        print(message, file=sys.stderr, flush=True)
+
+
+def resolve_config_path(spec: str) -> Path:
+    """A config file path, or the name of a shipped one (small, stacked, fast, tiny, ...)."""
+    path = Path(spec)
+    if path.suffix == ".toml" or path.exists():
+        return path
+    shipped = REPO_CONFIGS / f"{spec}.toml"
+    if shipped.is_file():
+        return shipped
+    names = sorted(p.stem for p in REPO_CONFIGS.glob("*.toml"))
+    raise ConfigError(f"no config file {spec!r}: give a .toml path or one of {', '.join(names)}")
+
+
+def build_config(args: argparse.Namespace) -> Config:
+    cfg = load_config(resolve_config_path(args.config or DEFAULT_CONFIG))
+    sets = []
+    flag_fields = {  # flag -> section.key: the common fields have their own flags
+        "epochs": "train.epochs",
+        "max_steps": "train.max_steps",
+        "batch_size": "train.batch_size",
+        "seed": "train.seed",
+        "learning_rate": "train.learning_rate",
+        "val_fraction": "data.val_fraction",
+        "seq_length": "data.seq_length",
+        "encoding": "data.encoding",
+        "errors": "data.errors",
+    }
+    for flag, key in flag_fields.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            sets.append(f"{key}={value}")
+    if args.keep_gutenberg_header:
+        sets.append("data.strip_gutenberg=false")
+    if args.lowercase is not None:
+        sets.append(f"data.lowercase={args.lowercase}")
+    if args.remove_punctuation:
+        sets.append("data.remove_punctuation=true")
+    return override(cfg, sets + list(args.set or []))
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM: the first asks the loop to save and stop; a second exits at once
+    (orbax writes each checkpoint to a temporary folder and renames it, so nothing saved
+    is damaged by leaving mid-write)."""
+
+    def __init__(self, quiet: bool):
+        self.stop, self.quiet = False, quiet
+
+    def __call__(self, signum, frame) -> None:
+        if self.stop:
+            os._exit(EXIT_INTERRUPTED)
+        self.stop = True
+        _info("jaxchar: stopping: saving a checkpoint first (press Ctrl-C again to quit at once)")
+
+    def install(self) -> None:
+        signal.signal(signal.SIGINT, self)
+        signal.signal(signal.SIGTERM, self)
+
+
+class _Progress:
+    """Progress on stderr: a tqdm bar on a terminal, plain periodic lines otherwise."""
+
+    def __init__(self, quiet: bool):
+        self.quiet, self.bar, self.tty = quiet, None, sys.stderr.isatty()
+
+    def __call__(self, event: dict) -> None:
+        if self.quiet:
+            return
+        kind = event["event"]
+        if kind == "start":
+            if self.tty:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=event["total_steps"], initial=event["step"], unit="step")
+            what = "resuming at" if event["step"] else "training from"
+            _info(
+                f"{what} step {event['step']} of {event['total_steps']} "
+                f"({event['steps_per_epoch']} steps per epoch)"
+            )
+        elif kind == "progress":
+            text = (
+                f"epoch {event['epoch']} step {event['step']}/{event['total_steps']} "
+                f"loss {event['loss']:.4f} nats/char {event['chars_per_s']:,.0f} chars/s"
+            )
+            if self.bar is not None:
+                self.bar.n = event["step"]
+                self.bar.set_postfix_str(f"loss {event['loss']:.4f}")
+            else:
+                _info(text)
+        elif kind == "save":
+            line = (
+                f"saved step {event['step']} (epoch {event['epoch']}): train loss "
+                f"{event['train_loss']:.4f} nats/char ({event['train_bpc']:.3f} bits/char)"
+            )
+            if "val_loss" in event:
+                line += f", val loss {event['val_loss']:.4f} ({event['val_bpc']:.3f} bits/char)"
+            if self.bar is not None:
+                self.bar.write(line, file=sys.stderr)
+            else:
+                _info(line)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from jaxchar.checkpoint import RunDir
+    from jaxchar.corpus import load_corpus, prepare, read_text, resolve_corpus
+    from jaxchar.train import fit, with_vocab
+
+    if args.resume:
+        run = RunDir.open(args.run_dir)
+        cfg = run.cfg
+        if args.set or args.config:
+            _info("note: --resume uses the run's stored config; --config/--set are ignored")
+        corpus_path = resolve_corpus(args.corpus, os.environ.get("JAXCHAR_DATA"), _cache_dir())
+        corpus = prepare(read_text(corpus_path, cfg.data.encoding, cfg.data.errors), cfg.data)
+        if corpus.vocab != run.vocab:
+            from jaxchar.corpus import CorpusError
+
+            raise CorpusError(
+                f"{corpus_path} does not give the run's vocabulary: resume with the same text"
+            )
+    else:
+        cfg = build_config(args)
+        if args.print_config:
+            print(json.dumps(cfg.to_dict(), indent=2))
+            return 0
+        corpus_path = resolve_corpus(args.corpus, os.environ.get("JAXCHAR_DATA"), _cache_dir())
+        corpus = load_corpus(corpus_path, cfg.data)
+        cfg = with_vocab(cfg, len(corpus.vocab))
+        if args.run_dir is None:
+            raise ConfigError("give --run-dir DIR: the folder where checkpoints are kept")
+        run = RunDir.create(args.run_dir, cfg, corpus.vocab, overwrite=args.overwrite)
+        _write_corpus_note(run.path, corpus_path)
+    _info(corpus.summary(cfg.data.seq_length), args.quiet)
+    stop = _StopFlag(args.quiet)
+    stop.install()
+    progress = _Progress(args.quiet)
+    began = time.perf_counter()
+    try:
+        result = fit(
+            cfg,
+            corpus.train_ids,
+            corpus.val_ids,
+            checkpointer=run,
+            log=progress,
+            should_stop=lambda: stop.stop,
+        )
+    finally:
+        progress.close()
+        run.close()
+    best = run.best_step()
+    _info(
+        f"done in {time.perf_counter() - began:.0f} s; checkpoints in {run.path} "
+        f"(best: step {best})",
+        args.quiet,
+    )
+    if result.interrupted:
+        _info(
+            f"interrupted: continue with  jaxchar train {args.corpus} --run-dir {run.path} --resume"
+        )
+        return EXIT_INTERRUPTED
+    return 0
+
+
+def _cache_dir() -> Path:
+    if os.environ.get("JAXCHAR_CACHE"):
+        return Path(os.environ["JAXCHAR_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "jaxchar"
+
+
+def _write_corpus_note(run_path: Path, corpus_path: Path) -> None:
+    """Where the text came from, so that `generate` can draw a seed window from it."""
+    (run_path / "corpus.json").write_text(json.dumps({"path": str(Path(corpus_path).absolute())}))
+
+
+def _random_window(run, length: int, rng) -> str | None:
+    """A random window of the training text, as the tutorial's seed (None if unavailable)."""
+    from jaxchar.corpus import CorpusError, prepare, read_text
+
+    note = run.path / "corpus.json"
+    try:
+        path = json.loads(note.read_text())["path"]
+        corpus = prepare(read_text(path, run.cfg.data.encoding, run.cfg.data.errors), run.cfg.data)
+    except (OSError, KeyError, ValueError, CorpusError):
+        return None
+    ids = corpus.train_ids
+    start = int(rng.integers(0, max(len(ids) - length, 1)))
+    return run.vocab.decode(ids[start : start + length])
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import jax
+    import numpy as np
+
+    from jaxchar.checkpoint import RunDir
+    from jaxchar.config import SampleConfig
+    from jaxchar.sampling import sample
+
+    run = RunDir.open(args.run_dir)
+    cfg = run.cfg
+    s = cfg.sample
+    opts = SampleConfig(
+        length=args.length if args.length is not None else s.length,
+        temperature=args.temperature if args.temperature is not None else s.temperature,
+        top_k=args.top_k if args.top_k is not None else s.top_k,
+        top_p=args.top_p if args.top_p is not None else s.top_p,
+        mode=args.mode or s.mode,
+        num_samples=args.num_samples if args.num_samples is not None else s.num_samples,
+    )
+    if args.top_k is not None and not 1 <= args.top_k <= len(run.vocab):
+        raise ConfigError(f"--top-k must be between 1 and the vocabulary size {len(run.vocab)}")
+    params, step = run.load_params(args.step)
+    run.close()
+    if args.prompt_file:
+        from jaxchar.corpus import read_text
+
+        prompt = read_text(args.prompt_file)
+    elif args.prompt is not None:
+        prompt = args.prompt
+    else:
+        prompt = _random_window(run, cfg.data.seq_length, np.random.default_rng(args.seed))
+        if prompt is None:
+            prompt = run.vocab.chars[int(np.random.default_rng(args.seed).integers(len(run.vocab)))]
+    if cfg.data.lowercase:
+        prompt = prompt.lower()
+    if not prompt:
+        raise ConfigError("the prompt is empty: give --prompt with at least one character")
+    prompt_ids = run.vocab.encode(prompt, unknown=args.unknown)
+    if len(prompt_ids) == 0:
+        raise ConfigError("no character of the prompt is in the vocabulary")
+    mode = (
+        opts.mode
+        if opts.mode != "auto"
+        else ("window" if cfg.data.objective == "window" else "stateful")
+    )
+    _info(f'checkpoint step {step}, {mode} mode; seed: "{prompt}"', args.quiet)
+    out = sample(
+        params,
+        jax.random.PRNGKey(args.seed),
+        prompt_ids,
+        cfg=cfg.model,
+        length=opts.length,
+        temperature=opts.temperature,
+        top_k=opts.top_k or None,
+        top_p=opts.top_p if opts.top_p < 1 else None,
+        num_samples=opts.num_samples,
+        mode=mode,
+        seq_length=cfg.data.seq_length,
+    )
+    texts = [run.vocab.decode(row) for row in np.asarray(out)]
+    for i, text in enumerate(texts):
+        if len(texts) > 1:
+            print(f"===== sample {i + 1} of {len(texts)} =====")
+        print(text)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from jaxchar.checkpoint import RunDir
+
+    run = RunDir.open(args.run_dir)
+    cfg = run.cfg
+    best = run.best_step()
+    print(f"run: {run.path}")
+    print(f"vocabulary ({len(run.vocab)}): {''.join(run.vocab.chars)!r}")
+    print(f"monitored: {run.monitor} (lower is better)")
+    for name, section in cfg.to_dict().items():
+        print(f"[{name}] " + ", ".join(f"{k}={v}" for k, v in section.items()))
+    print(f"{'step':>8} {'epoch':>6} {'train loss':>11} {'val loss':>9} {'bits/char':>9}")
+    for step in run.steps():
+        try:
+            m = run.meta(step)["metrics"]
+        except Exception:
+            print(f"{step:>8} (damaged: cannot be read)")
+            continue
+        val = f"{m['val_loss']:.4f}" if "val_loss" in m else "-"
+        bpc = m.get("val_bpc", m.get("train_bpc"))
+        mark = "  <- best, used by generate" if step == best else ""
+        print(f"{step:>8} {m['epoch']:>6} {m['train_loss']:>11.4f} {val:>9} {bpc:>9.3f}{mark}")
+    run.close()
+    return 0
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    p.add_argument("--quiet", action="store_true", help="print only errors (and generated text)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="jaxchar",
+        description="Train a character-level LSTM on a text file and generate text from it.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser(
+        "train",
+        help="train a model on a text file",
+        description="Train on a text file (or `alice`, `shakespeare`); keeps the best checkpoints.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    t.add_argument(
+        "corpus", help="a text file, or alice / shakespeare (looked up in $JAXCHAR_DATA)"
+    )
+    t.add_argument("--run-dir", help="folder for checkpoints, config and metrics")
+    t.add_argument("--config", help=f"a TOML file or a shipped name (default: {DEFAULT_CONFIG})")
+    t.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing run in --run-dir")
+    t.add_argument("--print-config", action="store_true", help="print the resolved config, exit")
+    g = t.add_argument_group("data")
+    g.add_argument("--val-fraction", type=float, help="share of the text held out (from its end)")
+    g.add_argument("--seq-length", type=int, help="characters of context")
+    g.add_argument("--encoding", help="text encoding of the file")
+    g.add_argument("--errors", choices=("strict", "replace", "ignore"), help="on undecodable bytes")
+    g.add_argument("--keep-gutenberg-header", action="store_true", help="do not strip it")
+    g.add_argument("--lowercase", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--remove-punctuation", action="store_true")
+    g = t.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--max-steps", type=int, help="stop after this many steps in all")
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--learning-rate", type=float)
+    g.add_argument("--seed", type=int)
+    g = t.add_argument_group("any field")
+    g.add_argument(
+        "--set",
+        action="append",
+        metavar="SECTION.KEY=VALUE",
+        help="override a config field, e.g. --set model.hidden=512 (repeatable)",
+    )
+    _add_common(t)
+    t.set_defaults(func=cmd_train)
+
+    gen = sub.add_parser(
+        "generate",
+        help="generate text from a trained run",
+        description="Generate text from a run's best checkpoint; the text alone goes to stdout.",
+    )
+    gen.add_argument("run_dir", help="the --run-dir of a training run")
+    gen.add_argument("--prompt", help="text to start from (default: a random window of the text)")
+    gen.add_argument("--prompt-file", help="read the prompt from this file")
+    gen.add_argument("--length", type=int, help="characters to generate (default 1000)")
+    gen.add_argument("--temperature", type=float, help="0 = argmax, as the tutorial (default 0)")
+    gen.add_argument("--top-k", type=int, help="sample among the k most likely characters")
+    gen.add_argument("--top-p", type=float, help="nucleus sampling mass, in (0, 1]")
+    gen.add_argument("--num-samples", type=int, help="independent samples, generated as a batch")
+    gen.add_argument("--mode", choices=("auto", "stateful", "window"))
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--step", type=int, help="use this checkpoint instead of the best")
+    gen.add_argument(
+        "--unknown",
+        choices=("error", "skip"),
+        default="error",
+        help="prompt characters outside the vocabulary",
+    )
+    _add_common(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    info = sub.add_parser("info", help="show a run's config and kept checkpoints")
+    info.add_argument("run_dir")
+    _add_common(info)
+    info.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from jaxchar.checkpoint import CheckpointError
+    from jaxchar.corpus import CorpusError
+    from jaxchar.train import TrainingError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, CorpusError, CheckpointError, TrainingError) as err:
+        if args.debug:
+            raise
+        _err(str(err))
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except Exception as err:  # anything unforeseen: still one line, unless --debug
+        if args.debug:
+            raise
+        _err(f"unexpected {err.__class__.__name__}: {err} (run again with --debug for details)")
+        return 1

@@ -1,0 +1,235 @@
+"""Text in, integer ids out: reading, Gutenberg stripping, normalization, vocabulary, split.
+
+Everything here is host-side and runs once per training run. The encoded corpus is a compact
+integer array (uint8 when the vocabulary fits) whose memory is one or two bytes per character.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import unicodedata
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from jaxchar.config import DataConfig
+
+
+class CorpusError(ValueError):
+    """A text file or corpus name that cannot be used, with what to do about it."""
+
+
+# name -> (file name in a data folder, public source)
+NAMED_CORPORA: dict[str, tuple[str, str]] = {
+    "alice": ("wonderland.txt", "https://www.gutenberg.org/cache/epub/11/pg11.txt"),
+    "shakespeare": (
+        "tinyshakespeare.txt",
+        "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+    ),
+}
+
+_START, _END = "*** START OF", "*** END OF"
+
+
+def resolve_corpus(
+    spec: str, data_dir: str | None = None, cache_dir: str | Path | None = None, download=True
+) -> Path:
+    """Turns `alice`, `shakespeare` or a path into the path of a text file.
+
+    Named corpora are looked up in `data_dir`, then in `cache_dir`, and otherwise downloaded
+    once into `cache_dir` (written to a temporary name, then renamed, so no half file stays).
+    """
+    if spec not in NAMED_CORPORA:
+        return Path(spec)
+    filename, url = NAMED_CORPORA[spec]
+    for folder in (data_dir, cache_dir):
+        if folder and (Path(folder) / filename).is_file():
+            return Path(folder) / filename
+    if cache_dir is None or not download:
+        raise CorpusError(
+            f"corpus {spec!r} is not on disk: put {filename} in a folder and set JAXCHAR_DATA to it"
+        )
+    target = Path(cache_dir) / filename
+    partial = target.with_suffix(".part")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with urllib.request.urlopen(url, timeout=30) as response:
+            partial.write_bytes(response.read())
+        os.replace(partial, target)
+    except OSError as err:
+        partial.unlink(missing_ok=True)
+        raise CorpusError(
+            f"could not download {spec!r} from {url} ({err.__class__.__name__}); "
+            f"save it as {target} or set JAXCHAR_DATA to a folder holding {filename}"
+        ) from None
+    return target
+
+
+def read_text(path: str | Path, encoding: str = "utf-8", errors: str = "strict") -> str:
+    """Reads a text file; drops a leading byte-order mark and turns CRLF into LF."""
+    path = Path(path)
+    if path.is_dir():
+        raise CorpusError(f"{path} is a directory: give the path of a text file inside it")
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise CorpusError(
+            f"{path} does not exist: check the path (or use alice, shakespeare)"
+        ) from None
+    except PermissionError:
+        raise CorpusError(f"{path} cannot be read (permission denied)") from None
+    if not raw.strip():
+        raise CorpusError(f"{path} is empty: give a file with text in it")
+    if b"\x00" in raw[:65536] and not encoding.lower().startswith("utf-16"):
+        raise CorpusError(f"{path} looks binary (it holds NUL bytes): give a plain text file")
+    try:
+        text = raw.decode(encoding, errors=errors)
+    except LookupError:
+        raise CorpusError(f"unknown encoding {encoding!r}: try utf-8, latin-1 or cp1252") from None
+    except UnicodeDecodeError as err:
+        raise CorpusError(
+            f"{path} is not valid {encoding} (byte {err.start}): pass --encoding "
+            "(e.g. latin-1) or --errors replace"
+        ) from None
+    return text.removeprefix("\ufeff").replace("\r\n", "\n")
+
+
+def strip_gutenberg(text: str) -> tuple[str, bool]:
+    """Keeps the text between the `*** START OF` and `*** END OF` lines, if both are there."""
+    start, end = text.find(_START), text.find(_END)
+    if start < 0 or end < 0 or end < start:
+        return text, False
+    body = text[text.find("\n", start) + 1 : end].rstrip()
+    # older editions close the body with an "End of (the) Project Gutenberg ..." line
+    last_line = body.rfind("\n") + 1
+    if (
+        body[last_line:]
+        .lstrip()
+        .lower()
+        .startswith(("end of project gutenberg", "end of the project gutenberg"))
+    ):
+        body = body[:last_line].rstrip()
+    return body.strip("\n") + "\n", True
+
+
+def normalize(text: str, lowercase: bool = True, remove_punctuation: bool = False) -> str:
+    if lowercase:
+        text = text.lower()
+    if remove_punctuation:
+        punctuation = {c for c in set(text) if unicodedata.category(c).startswith("P")}
+        text = text.translate({ord(c): None for c in punctuation})
+    return text
+
+
+class UnknownCharactersError(CorpusError):
+    """Text with characters the vocabulary does not hold."""
+
+
+@dataclass(frozen=True)
+class Vocab:
+    """Sorted distinct characters; id i is chars[i]."""
+
+    chars: tuple[str, ...]
+
+    @classmethod
+    def from_text(cls, text: str) -> Vocab:
+        return cls(tuple(sorted(set(text))))
+
+    def __len__(self) -> int:
+        return len(self.chars)
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The smallest unsigned type that holds every id."""
+        if len(self) <= 256:
+            return np.dtype(np.uint8)
+        return np.dtype(np.uint16 if len(self) <= 65536 else np.int32)
+
+    def encode(self, text: str, unknown: str = "error") -> np.ndarray:
+        """Text -> ids, chunk by chunk so that memory stays near the text's own size."""
+        codes = np.array([ord(c) for c in self.chars], dtype=np.uint32)
+        missing = set(text) - set(self.chars)
+        if missing and unknown == "error":
+            names = ", ".join(repr(c) for c in sorted(missing)[:10])
+            raise UnknownCharactersError(
+                f"{len(missing)} character(s) not in the vocabulary: {names} "
+                "(remove them, or use --unknown skip)"
+            )
+        if missing:
+            text = text.translate({ord(c): None for c in missing})
+        out = np.empty(len(text), dtype=self.dtype)
+        chunk = 1 << 20
+        for begin in range(0, len(text), chunk):
+            part = np.frombuffer(text[begin : begin + chunk].encode("utf-32-le"), np.uint32)
+            out[begin : begin + len(part)] = np.searchsorted(codes, part)
+        return out
+
+    def decode(self, ids) -> str:
+        ids = np.asarray(ids)
+        if ids.ndim > 1:
+            raise ValueError("decode takes one sequence of ids; decode each row on its own")
+        return "".join(self.chars[int(i)] for i in ids)
+
+    def to_json(self) -> str:
+        return json.dumps({"chars": list(self.chars)}, ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> Vocab:
+        chars = json.loads(text)["chars"]
+        if not all(isinstance(c, str) and len(c) == 1 for c in chars):
+            raise CorpusError("vocabulary JSON must list single characters")
+        return cls(tuple(chars))
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """The prepared text: vocabulary, train and validation ids, and what was done to it."""
+
+    vocab: Vocab
+    train_ids: np.ndarray
+    val_ids: np.ndarray
+    total_chars: int
+    stripped_header: bool
+
+    def summary(self, seq_length: int) -> str:
+        patterns = max(len(self.train_ids) - seq_length, 0)
+        lines = [
+            f"Total Characters: {self.total_chars}",
+            f"Total Vocab: {len(self.vocab)}",
+            f"Total Patterns: {patterns}",
+        ]
+        if len(self.val_ids):
+            lines.append(f"Held out: {len(self.val_ids)} characters (from the end)")
+        if self.stripped_header:
+            lines.append("Project Gutenberg header and footer removed")
+        return "\n".join(lines)
+
+
+def prepare(text: str, cfg: DataConfig, vocab: Vocab | None = None) -> Corpus:
+    """Normalizes, builds (or reuses) the vocabulary, encodes and splits the text."""
+    stripped = False
+    if cfg.strip_gutenberg:
+        text, stripped = strip_gutenberg(text)
+    text = normalize(text, cfg.lowercase, cfg.remove_punctuation)
+    vocab = vocab or Vocab.from_text(text)
+    ids = vocab.encode(text)
+    n_val = int(len(ids) * cfg.val_fraction)
+    train_ids, val_ids = ids[: len(ids) - n_val], ids[len(ids) - n_val :]
+    if len(train_ids) < cfg.seq_length + 1:
+        raise CorpusError(
+            f"the text has {len(train_ids)} training characters, fewer than seq_length + 1 = "
+            f"{cfg.seq_length + 1}: use a longer text or a smaller data.seq_length"
+        )
+    if n_val and len(val_ids) < cfg.seq_length + 1:
+        raise CorpusError(
+            f"the held-out part has {len(val_ids)} characters, fewer than seq_length + 1: "
+            "raise data.val_fraction or lower data.seq_length"
+        )
+    return Corpus(vocab, train_ids, val_ids, len(text), stripped)
+
+
+def load_corpus(path: str | Path, cfg: DataConfig) -> Corpus:
+    return prepare(read_text(path, cfg.encoding, cfg.errors), cfg)

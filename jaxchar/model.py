@@ -1,0 +1,167 @@
+"""CharLSTM: input encoding -> LSTM layers (cells wrapped with nn.scan) -> dropout -> dense.
+
+Shapes: ids [batch, time] -> logits [batch, time, vocab] (or [batch, vocab] with
+last_only, the tutorial's many-to-one head). The carry is one (c, h) pair per layer, each
+[batch, hidden]. Gate order and initialisation follow Keras' LSTM (i, f, g, o; Glorot input
+kernel, orthogonal recurrent kernel, forget-gate bias 1) so the tutorial's models match.
+
+No file, flag, log or clock here: everything is a pure function of params and inputs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxchar.config import ModelConfig
+
+Carry = tuple[tuple[jax.Array, jax.Array], ...]
+
+
+def _forget_bias_init(key, shape, dtype=jnp.float32):
+    """Zeros, with ones on the forget gate's quarter (Keras' unit_forget_bias)."""
+    hidden = shape[-1] // 4
+    return jnp.zeros(shape, dtype).at[hidden : 2 * hidden].set(1.0)
+
+
+def _gates(z: jax.Array, c: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """LSTM update from pre-activations z [batch, 4*hidden] and cell state c [batch, hidden]."""
+    i, f, g, o = jnp.split(z.astype(jnp.float32), 4, axis=-1)
+    # sigmoid(x) = 0.5 * tanh(x / 2) + 0.5: one transcendental instead of exp plus divide
+    i, f, o = (0.5 * jnp.tanh(0.5 * v) + 0.5 for v in (i, f, o))
+    c = f * c + i * jnp.tanh(g)
+    return c, o * jnp.tanh(c)
+
+
+class LSTMCell(nn.Module):
+    """One timestep. `x` is either the precomputed input contribution [batch, 4*hidden]
+    (wide inputs, projected for all timesteps at once outside the loop) or a scalar
+    feature [batch] (the tutorial's 1-wide input, cheaper to project inside the loop)."""
+
+    hidden: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, carry, x, mask, w_in, bias):
+        c, h = carry
+        w_h = self.param(
+            "recurrent_kernel", nn.initializers.orthogonal(), (self.hidden, 4 * self.hidden)
+        )
+        if w_in is not None:  # scalar input: [batch] * [4*hidden]
+            x = x[:, None] * w_in + bias
+        z = x + jnp.dot(h.astype(self.dtype), w_h.astype(self.dtype)).astype(jnp.float32)
+        c_new, h_new = _gates(z, c)
+        if mask is not None:  # padding positions leave the state as it was
+            keep = mask[:, None]
+            c_new, h_new = jnp.where(keep, c_new, c), jnp.where(keep, h_new, h)
+        return (c_new, h_new), h_new
+
+
+class LSTMLayer(nn.Module):
+    hidden: int
+    scalar_input: bool  # inputs are [batch, time] scalars, else [batch, time, features]
+    unroll: int = 1
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, carry, inputs, mask=None):
+        in_dim = 1 if self.scalar_input else inputs.shape[-1]
+        w_in = self.param(
+            "input_kernel", nn.initializers.glorot_uniform(), (in_dim, 4 * self.hidden)
+        )
+        bias = self.param("bias", _forget_bias_init, (4 * self.hidden,))
+        scan = nn.scan(
+            LSTMCell,
+            variable_broadcast="params",
+            split_rngs={"params": False},
+            in_axes=(1, 1, nn.broadcast, nn.broadcast),
+            out_axes=1,
+            unroll=self.unroll,
+        )
+        cell = scan(self.hidden, self.dtype, name="cell")
+        if self.scalar_input:
+            return cell(carry, inputs, mask, w_in[0], bias)
+        # one [batch*time, in] x [in, 4*hidden] product for all timesteps, outside the loop
+        gx = jnp.dot(inputs.astype(self.dtype), w_in.astype(self.dtype)).astype(jnp.float32)
+        return cell(carry, gx + bias, mask, None, None)
+
+
+def init_carry(cfg: ModelConfig, batch: int) -> Carry:
+    """Zero state for every layer: ((c, h), ...), each [batch, hidden] float32."""
+    shape = (batch, cfg.hidden)
+    # distinct arrays, so that a donated carry never hands XLA the same buffer twice
+    return tuple((jnp.zeros(shape), jnp.zeros(shape)) for _ in range(cfg.layers))
+
+
+class CharLSTM(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        ids: jax.Array,
+        carry: Carry | None = None,
+        *,
+        train: bool = False,
+        mask: jax.Array | None = None,
+        last_only: bool = False,
+    ) -> tuple[jax.Array, Carry]:
+        cfg = self.cfg
+        if cfg.vocab_size < 1:
+            raise ValueError("ModelConfig.vocab_size is not set: build it from the corpus' Vocab")
+        dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
+        if carry is None:
+            carry = init_carry(cfg, ids.shape[0])
+        scalar = cfg.encoding == "scaled"
+        if scalar:  # the tutorial's feature: id / vocab_size, [batch, time]
+            x = ids.astype(jnp.float32) / cfg.vocab_size
+        elif cfg.encoding == "onehot":  # built on the device inside the step, [batch, time, vocab]
+            x = jax.nn.one_hot(ids, cfg.vocab_size, dtype=dtype)
+        else:
+            x = nn.Embed(cfg.vocab_size, cfg.embed_dim, name="embed")(ids)
+        if cfg.input_dropout:
+            x = nn.Dropout(cfg.input_dropout, deterministic=not train)(x)
+        new_carry = []
+        for layer in range(cfg.layers):
+            layer_carry, x = LSTMLayer(
+                cfg.hidden, scalar and layer == 0, cfg.unroll, dtype, name=f"lstm_{layer}"
+            )(carry[layer], x, mask)
+            new_carry.append(layer_carry)
+            if last_only and layer == cfg.layers - 1:
+                x = x[:, -1]  # [batch, hidden]: the many-to-one head
+            x = nn.Dropout(cfg.dropout, deterministic=not train)(x)
+        logits = nn.Dense(cfg.vocab_size, name="head")(x)
+        return logits.astype(jnp.float32), tuple(new_carry)
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, seq_length: int = 1) -> dict:
+    """Fresh parameters for `cfg` (the shapes do not depend on seq_length)."""
+    ids = jnp.zeros((1, seq_length), jnp.int32)
+    return CharLSTM(cfg).init({"params": key}, ids)["params"]
+
+
+def apply(
+    params: dict,
+    cfg: ModelConfig,
+    ids: jax.Array,
+    carry: Carry | None = None,
+    *,
+    train: bool = False,
+    key: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    last_only: bool = False,
+) -> tuple[jax.Array, Carry]:
+    """Runs the model over ids [batch, time]; `key` drives dropout when `train`."""
+    rngs = {"dropout": key} if train and key is not None else None
+    return CharLSTM(cfg).apply(
+        {"params": params}, ids, carry, train=train, mask=mask, last_only=last_only, rngs=rngs
+    )
+
+
+def step(params: dict, cfg: ModelConfig, carry: Carry, ids_t: jax.Array) -> tuple[jax.Array, Carry]:
+    """One character for each row: ids_t [batch] -> logits [batch, vocab], new carry."""
+    logits, carry = apply(params, cfg, ids_t[:, None], carry)
+    return logits[:, 0], carry

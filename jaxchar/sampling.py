@@ -1,0 +1,118 @@
+"""Sampling: logits filters, one draw, and the jitted generation loop.
+
+`sample` is a pure function of (params, key, prompt) plus static settings, so research code
+can jit, vmap or embed it. The loop over characters is `lax.scan`; `temperature` and
+`top_p` are traced (new values do not recompile), `length`, `top_k` and the config are
+static. Temperature 0 means argmax, as in the tutorial.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+from jaxchar.config import ModelConfig
+from jaxchar.model import apply, init_carry, step
+
+_NEG = -1e30  # stands for -inf without creating NaNs in softmax
+
+
+def top_k_filter(logits: jax.Array, k: int) -> jax.Array:
+    """Keeps the k largest logits of each row [..., vocab]; the rest become -inf."""
+    kth = jax.lax.top_k(logits, k)[0][..., -1:]
+    return jnp.where(logits < kth, _NEG, logits)
+
+
+def top_p_filter(logits: jax.Array, p) -> jax.Array:
+    """Keeps the smallest set of most likely ids whose probability reaches p (nucleus)."""
+    ordered = jnp.sort(logits, axis=-1)[..., ::-1]  # descending
+    probs = jax.nn.softmax(ordered, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each id
+    kept = before < p  # the first id is always kept
+    threshold = jnp.min(jnp.where(kept, ordered, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(logits < threshold, _NEG, logits)
+
+
+def sample_logits(
+    key: jax.Array, logits: jax.Array, temperature=1.0, top_k: int | None = None, top_p=None
+) -> jax.Array:
+    """One id per row of logits [..., vocab]: argmax when temperature is 0, else a draw
+    from softmax(logits / temperature) restricted by top-k, then top-p."""
+    logits = logits.astype(jnp.float32)
+    scaled = logits / jnp.maximum(temperature, 1e-6)
+    if top_k:
+        scaled = top_k_filter(scaled, top_k)
+    if top_p is not None:
+        scaled = top_p_filter(scaled, top_p)
+    drawn = jax.random.categorical(key, scaled, axis=-1)
+    return jnp.where(temperature > 0, drawn, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+
+
+@partial(
+    jax.jit,
+    static_argnames=("cfg", "length", "top_k", "num_samples", "mode", "seq_length"),
+)
+def sample(
+    params: dict,
+    key: jax.Array,
+    prompt: jax.Array,
+    *,
+    cfg: ModelConfig,
+    length: int,
+    temperature=1.0,
+    top_k: int | None = None,
+    top_p=None,
+    num_samples: int | None = None,
+    mode: str = "stateful",
+    seq_length: int = 100,
+) -> jax.Array:
+    """Generates `length` ids after `prompt`.
+
+    prompt: [P] ids, or [N, P] for N prompts at once. With `num_samples` a 1-D prompt is
+    continued num_samples times independently and the result is [num_samples, length];
+    otherwise the output has the prompt's batch shape: [length] or [N, length].
+    mode: `stateful` runs the prompt once, then one cell step per character;
+    `window` re-reads the last `seq_length` characters for each new one (the tutorial's
+    way, matching models trained on windows). A prompt shorter than the window is left-padded
+    with masked positions that leave the LSTM state untouched.
+    """
+    prompt = jnp.asarray(prompt, jnp.int32)
+    single = prompt.ndim == 1 and num_samples is None
+    if prompt.ndim == 1:
+        prompt = jnp.broadcast_to(prompt, (num_samples or 1, prompt.shape[0]))
+    rows = prompt.shape[0]
+    keys = jax.random.split(key, length)
+    draw = partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
+
+    if mode == "stateful":
+        logits, carry = apply(params, cfg, prompt, init_carry(cfg, rows))
+
+        def body(state, k):
+            carry, last = state
+            nxt = draw(k, last)
+            last, carry = step(params, cfg, carry, nxt)
+            return (carry, last), nxt
+
+        _, out = jax.lax.scan(body, (carry, logits[:, -1]), keys)
+    elif mode == "window":
+        width = seq_length
+        tail = prompt[:, -width:]
+        pad = width - tail.shape[1]
+        window = jnp.pad(tail, ((0, 0), (pad, 0)))
+        mask = jnp.broadcast_to(jnp.arange(width) >= pad, (rows, width))
+
+        def body(state, k):
+            window, mask = state
+            logits, _ = apply(params, cfg, window, mask=mask, last_only=True)
+            nxt = draw(k, logits)
+            window = jnp.concatenate([window[:, 1:], nxt[:, None]], axis=1)
+            mask = jnp.concatenate([mask[:, 1:], jnp.ones((rows, 1), bool)], axis=1)
+            return (window, mask), nxt
+
+        _, out = jax.lax.scan(body, (window, mask), keys)
+    else:
+        raise ValueError(f"mode must be 'stateful' or 'window', not {mode!r}")
+    out = out.T  # [rows, length]
+    return out[0] if single else out

@@ -1,0 +1,309 @@
+"""Loss, train step, evaluation and the one training loop.
+
+`train_step(state, batch, key) -> (state, metrics)` and `eval_step` are pure. `fit` is the
+only place with I/O-like effects (logging, checkpoint calls); it runs `steps_per_call` train
+steps per jitted dispatch (a `lax.scan` over steps, batches gathered on the device) and only
+syncs with the host at log, save and epoch boundaries. Losses are in nats/char.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from functools import partial
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+
+from jaxchar import data
+from jaxchar.config import Config, TrainConfig
+from jaxchar.model import apply, init_carry, init_params
+
+LN2 = math.log(2.0)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss, a batch that does not fit the devices)."""
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: train steps done
+    params: Any
+    opt_state: Any
+    carry: Any  # stateful streams' LSTM state between batches, else ()
+
+
+def make_schedule(cfg: TrainConfig, total_steps: int) -> optax.Schedule:
+    lr, warm = cfg.learning_rate, min(cfg.warmup_steps, max(total_steps - 1, 0))
+    decay_steps = max(total_steps - warm, 1)
+    if cfg.schedule == "cosine":
+        main = optax.cosine_decay_schedule(lr, decay_steps, alpha=0.05)
+    elif cfg.schedule == "exponential":
+        main = optax.exponential_decay(lr, decay_steps, cfg.decay_rate)
+    else:
+        main = optax.constant_schedule(lr)
+    if not warm:
+        return main
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warm), main], [warm])
+
+
+def make_optimizer(cfg: TrainConfig, total_steps: int) -> optax.GradientTransformation:
+    """Adam (Keras' epsilon 1e-7), AdamW when weight_decay > 0, optional global-norm clip."""
+    schedule = make_schedule(cfg, total_steps)
+    if cfg.weight_decay:
+        opt = optax.adamw(schedule, eps=1e-7, weight_decay=cfg.weight_decay)
+    else:
+        opt = optax.adam(schedule, eps=1e-7)
+    return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), opt) if cfg.clip_norm else opt
+
+
+def create_state(cfg: Config, tx: optax.GradientTransformation, key: jax.Array) -> TrainState:
+    params = init_params(cfg.model, key, cfg.data.seq_length)
+    carry = init_carry(cfg.model, cfg.train.batch_size) if cfg.data.stateful else ()
+    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), carry)
+
+
+def loss_fn(params, cfg: Config, batch: dict, key, carry=None, train: bool = True):
+    """Mean cross-entropy over the weighted targets, nats/char; also the new carry."""
+    window = cfg.data.objective == "window"
+    logits, new_carry = apply(
+        params, cfg.model, batch["inputs"], carry or None, train=train, key=key, last_only=window
+    )  # [batch, vocab] (window) or [batch, time, vocab]
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    weight = jnp.sum(batch["weights"])
+    loss = jnp.sum(ce * batch["weights"]) / jnp.maximum(weight, 1.0)
+    return loss, (weight, new_carry)
+
+
+def train_step(state: TrainState, batch: dict, key, *, cfg: Config, tx) -> tuple[TrainState, dict]:
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (loss, (weight, carry)), grads = grad_fn(state.params, cfg, batch, key, state.carry)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    carry = jax.lax.stop_gradient(carry) if cfg.data.stateful else ()
+    new_state = TrainState(state.step + 1, params, opt_state, carry)
+    return new_state, {"loss": loss, "weight": weight, "grad_norm": optax.tree.norm(grads)}
+
+
+def eval_step(params, batch: dict, *, cfg: Config, carry=None) -> tuple[jax.Array, jax.Array, Any]:
+    """Summed loss (nats) and weight of one batch, without dropout; and the new carry."""
+    loss, (weight, carry) = loss_fn(params, cfg, batch, None, carry, train=False)
+    return loss * weight, weight, carry
+
+
+def steps_per_epoch(cfg: Config, n_chars: int) -> int:
+    d, b = cfg.data, cfg.train.batch_size
+    if d.stateful:
+        return data.stream_steps(n_chars, b, d.seq_length)
+    if d.objective == "sequence":
+        return data.steps_per_epoch(data.chunk_count(n_chars, d.seq_length), b)
+    return data.steps_per_epoch(data.window_count(n_chars, d.seq_length), b)
+
+
+def make_batch(ids, key, epoch, step, cfg: Config) -> dict:
+    d, b = cfg.data, cfg.train.batch_size
+    if d.stateful:
+        return data.stream_batch(ids, step, b, d.seq_length)
+    if d.objective == "sequence":
+        return data.sequence_batch(ids, key, epoch, step, b, d.seq_length)
+    return data.window_batch(ids, key, epoch, step, b, d.seq_length)
+
+
+def _keys(seed: int) -> tuple[jax.Array, jax.Array]:
+    root = jax.random.PRNGKey(seed)
+    return jax.random.fold_in(root, 0), jax.random.fold_in(root, 1)  # data order, dropout
+
+
+@partial(jax.jit, static_argnames=("cfg", "tx", "n"), donate_argnums=(0, 1))
+def run_steps(state: TrainState, totals, ids, epoch, first, *, cfg: Config, tx, n: int):
+    """n train steps of one epoch, starting at step `first` of it, in one dispatch.
+    totals: running (loss x weight, weight) sums of the epoch; returns per-step losses [n]."""
+    data_key, dropout_key = _keys(cfg.train.seed)
+
+    def body(carry, i):
+        state, totals = carry
+        if cfg.data.stateful:  # streams restart at each epoch, and so does their state
+            fresh = init_carry(cfg.model, cfg.train.batch_size)
+            reset = jax.tree.map(lambda z, c: jnp.where(first + i == 0, z, c), fresh, state.carry)
+            state = state.replace(carry=reset)
+        batch = make_batch(ids, data_key, epoch, first + i, cfg)
+        key = jax.random.fold_in(dropout_key, state.step)
+        state, m = train_step(state, batch, key, cfg=cfg, tx=tx)
+        totals = (totals[0] + m["loss"] * m["weight"], totals[1] + m["weight"])
+        return (state, totals), m["loss"]
+
+    (state, totals), losses = jax.lax.scan(body, (state, totals), jnp.arange(n))
+    return state, totals, losses
+
+
+@partial(jax.jit, static_argnames=("cfg", "n"))
+def _evaluate_jit(params, ids, *, cfg: Config, n: int):
+    d, b = cfg.data, cfg.train.batch_size
+    if d.objective == "window":
+        count = data.window_count(ids.shape[0], d.seq_length)
+
+        def batch_at(i, carry):
+            pos = i * b + jnp.arange(b)
+            chunk = data.gather_windows(ids, pos % count, d.seq_length + 1)
+            weights = (pos < count).astype(jnp.float32)
+            return {"inputs": chunk[:, :-1], "targets": chunk[:, -1], "weights": weights}, None
+    else:  # streams in order, state carried: every character is scored with its context
+
+        def batch_at(i, carry):
+            return data.stream_batch(ids, i, b, d.seq_length), carry
+
+    def body(acc, i):
+        total, weight, carry = acc
+        batch, carry = batch_at(i, carry)
+        loss, w, new_carry = eval_step(params, batch, cfg=cfg, carry=carry)
+        carry = new_carry if d.objective == "sequence" else carry
+        return (total + loss, weight + w, carry), None
+
+    carry = init_carry(cfg.model, b) if d.objective == "sequence" else None
+    (total, weight, _), _ = jax.lax.scan(body, (0.0, 0.0, carry), jnp.arange(n))
+    return total / jnp.maximum(weight, 1.0)
+
+
+def evaluate(params, cfg: Config, ids) -> float:
+    """Mean loss (nats/char) of the model on the ids, without dropout, over the whole text
+    (or the first train.eval_batches batches)."""
+    d, b = cfg.data, cfg.train.batch_size
+    if d.objective == "window":
+        n = data.steps_per_epoch(data.window_count(len(ids), d.seq_length), b)
+    else:
+        n = data.stream_steps(len(ids), b, d.seq_length)
+        if n < 1:
+            b = max(1, (len(ids) - 1) // d.seq_length)
+            cfg = replace(cfg, train=replace(cfg.train, batch_size=b))
+            n = data.stream_steps(len(ids), b, d.seq_length)
+    if cfg.train.eval_batches:
+        n = min(n, cfg.train.eval_batches)
+    if n < 1:
+        raise TrainingError("the text is too short to evaluate: it needs seq_length + 1 chars")
+    return float(_evaluate_jit(params, jnp.asarray(ids), cfg=cfg, n=n))
+
+
+class Checkpointer(Protocol):
+    """What `fit` needs from a run directory (jaxchar.checkpoint.RunDir provides it)."""
+
+    def restore_latest(self, target: dict) -> dict | None: ...
+
+    def save(self, step: int, tree: dict, metrics: dict) -> None: ...
+
+
+@dataclass
+class FitResult:
+    state: TrainState
+    history: list[dict] = field(default_factory=list)  # one entry per save
+    interrupted: bool = False
+
+
+def _finite(x: float) -> bool:
+    return math.isfinite(x)
+
+
+def fit(
+    cfg: Config,
+    train_ids: np.ndarray,
+    val_ids: np.ndarray | None = None,
+    *,
+    checkpointer: Checkpointer | None = None,
+    log: Callable[[dict], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> FitResult:
+    """Trains `cfg.model` on the ids; saves through `checkpointer` at every epoch end (or
+    every train.save_every_steps); resumes from the checkpointer's latest save if it has one.
+
+    `log` receives dicts: {"event": "start" | "progress" | "save", ...}. `should_stop` is
+    polled between dispatches (signal handlers set it); the loop then saves and returns."""
+    log = log or (lambda event: None)
+    should_stop = should_stop or (lambda: False)
+    if cfg.model.vocab_size < 1:
+        raise TrainingError("cfg.model.vocab_size is not set: use the corpus' vocabulary size")
+    t = cfg.train
+    spe = steps_per_epoch(cfg, len(train_ids))
+    if spe < 1:
+        raise TrainingError(
+            f"{len(train_ids)} training characters make no full batch of {t.batch_size} "
+            f"x {cfg.data.seq_length}: lower train.batch_size or data.seq_length"
+        )
+    total = spe * t.epochs if not t.max_steps else min(spe * t.epochs, t.max_steps)
+    tx = make_optimizer(t, total)
+    schedule = make_schedule(t, total)
+    init_key = jax.random.fold_in(jax.random.PRNGKey(t.seed), 2)
+    state = create_state(cfg, tx, init_key)
+    totals = (jnp.zeros(()), jnp.zeros(()))
+    if checkpointer is not None:
+        restored = checkpointer.restore_latest({"state": state, "totals": totals})
+        if restored is not None:
+            state, totals = restored["state"], restored["totals"]
+    ids = jax.device_put(train_ids)
+    step = int(state.step)
+    log({"event": "start", "step": step, "total_steps": total, "steps_per_epoch": spe})
+    result = FitResult(state)
+    began, began_step, last_log = time.perf_counter(), step, step
+    chars_per_step = t.batch_size * (1 if cfg.data.objective == "window" else cfg.data.seq_length)
+    while step < total:
+        epoch, first = divmod(step, spe)
+        n = min(t.steps_per_call, spe - first, total - step)
+        if t.save_every_steps:
+            n = min(n, t.save_every_steps - step % t.save_every_steps)
+        state, totals, losses = run_steps(state, totals, ids, epoch, first, cfg=cfg, tx=tx, n=n)
+        step += n
+        epoch_end = step % spe == 0
+        save_now = (
+            epoch_end or step == total or (t.save_every_steps and step % t.save_every_steps == 0)
+        )
+        stop = should_stop()
+        if step // t.log_every > last_log // t.log_every or save_now or stop:
+            loss = float(losses[-1])
+            if not _finite(loss):
+                raise TrainingError(
+                    f"the loss became {loss} at step {step}: lower train.learning_rate or set "
+                    "train.clip_norm; the last good checkpoint is kept"
+                )
+            elapsed = time.perf_counter() - began
+            log(
+                {
+                    "event": "progress",
+                    "step": step,
+                    "epoch": epoch + 1,
+                    "loss": loss,
+                    "lr": float(schedule(step)),
+                    "total_steps": total,
+                    "chars_per_s": (step - began_step) * chars_per_step / max(elapsed, 1e-9),
+                }
+            )
+            last_log = step
+        if save_now or stop:
+            train_loss = float(totals[0] / jnp.maximum(totals[1], 1.0))
+            metrics = {"train_loss": train_loss, "train_bpc": train_loss / LN2}
+            if val_ids is not None and len(val_ids):
+                metrics["val_loss"] = evaluate(state.params, cfg, val_ids)
+                metrics["val_bpc"] = metrics["val_loss"] / LN2
+            if not all(_finite(v) for v in metrics.values()):
+                raise TrainingError(f"non-finite metrics at step {step}: {metrics}; not saved")
+            metrics.update(step=step, epoch=epoch + 1, epoch_done=bool(epoch_end))
+            if checkpointer is not None:
+                checkpointer.save(step, {"state": state, "totals": totals}, metrics)
+            result.history.append(metrics)
+            log({"event": "save", **metrics})
+            if epoch_end:
+                totals = (jnp.zeros(()), jnp.zeros(()))
+        if stop:
+            result.interrupted = step < total
+            break
+    result.state = state
+    return result
+
+
+def with_vocab(cfg: Config, vocab_size: int) -> Config:
+    """The config with model.vocab_size filled in (a new Config; the old one is untouched)."""
+    return replace(cfg, model=replace(cfg.model, vocab_size=vocab_size))

@@ -1,0 +1,42 @@
+"""Plain numpy references the tests compare the JAX code against."""
+
+import numpy as np
+
+
+def sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def softmax(x):
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def lstm_forward(params, cfg, ids):
+    """Logits [batch, time, vocab] by a Python loop over timesteps and layers (no dropout)."""
+    p = {k: v for k, v in params.items()}
+    ids = np.asarray(ids)
+    if cfg.encoding == "scaled":
+        x = (ids.astype(np.float64) / cfg.vocab_size)[..., None]
+    elif cfg.encoding == "onehot":
+        x = np.eye(cfg.vocab_size)[ids]
+    else:
+        x = np.asarray(p["embed"]["embedding"], np.float64)[ids]
+    batch, time = ids.shape
+    for layer in range(cfg.layers):
+        lp = p[f"lstm_{layer}"]
+        w_in = np.asarray(lp["input_kernel"], np.float64)
+        w_h = np.asarray(lp["cell"]["recurrent_kernel"], np.float64)
+        b = np.asarray(lp["bias"], np.float64)
+        h = np.zeros((batch, cfg.hidden))
+        c = np.zeros((batch, cfg.hidden))
+        outs = []
+        for t in range(time):
+            z = x[:, t] @ w_in + h @ w_h + b
+            i, f, g, o = np.split(z, 4, axis=-1)
+            c = sigmoid(f) * c + sigmoid(i) * np.tanh(g)
+            h = sigmoid(o) * np.tanh(c)
+            outs.append(h)
+        x = np.stack(outs, axis=1)
+    head = p["head"]
+    return x @ np.asarray(head["kernel"], np.float64) + np.asarray(head["bias"], np.float64)

@@ -1,0 +1,195 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import DATA
+
+from jaxchar.cli import main
+
+
+@pytest.fixture(scope="module")
+def small_text(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "alice_slice.txt"
+    path.write_text((DATA / "wonderland.txt").read_text()[:30000])
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, small_text):
+    run = tmp_path_factory.mktemp("runs") / "tiny"
+    code = main(
+        [
+            "train",
+            str(small_text),
+            "--config",
+            "tiny",
+            "--run-dir",
+            str(run),
+            "--max-steps",
+            "20",
+            "--quiet",
+        ]
+    )
+    assert code == 0
+    return run
+
+
+def test_train_prints_the_tutorial_summary_and_saves(tmp_path, small_text, capsys):
+    run = tmp_path / "run"
+    assert (
+        main(
+            [
+                "train",
+                str(small_text),
+                "--config",
+                "tiny",
+                "--run-dir",
+                str(run),
+                "--max-steps",
+                "20",
+            ]
+        )
+        == 0
+    )
+    err = capsys.readouterr().err
+    for words in ("Total Characters:", "Total Vocab:", "Total Patterns:", "saved step 20"):
+        assert words in err
+    info = json.loads((run / "run.json").read_text())
+    assert info["config"]["train"]["max_steps"] == 20 and info["format_version"] == 1
+
+
+def test_generate_prints_only_text_on_stdout(trained, capsys):
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "generate",
+                str(trained),
+                "--length",
+                "60",
+                "--prompt",
+                "Alice was ",
+                "--temperature",
+                "0.8",
+                "--seed",
+                "3",
+            ]
+        )
+        == 0
+    )
+    out, err = capsys.readouterr()
+    assert len(out) == 61 and "seed" in err  # 60 characters and a newline
+    assert (
+        main(
+            [
+                "generate",
+                str(trained),
+                "--length",
+                "60",
+                "--prompt",
+                "alice was ",
+                "--temperature",
+                "0.8",
+                "--seed",
+                "3",
+            ]
+        )
+        == 0
+    )
+    assert capsys.readouterr().out == out  # deterministic for a seed (prompt lowercased)
+
+
+def test_generate_default_seed_and_several_samples(trained, capsys):
+    capsys.readouterr()
+    assert main(["generate", str(trained), "--length", "20", "--num-samples", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("===== sample") == 2
+
+
+def test_info_lists_checkpoints(trained, capsys):
+    capsys.readouterr()
+    assert main(["info", str(trained)]) == 0
+    out = capsys.readouterr().out
+    assert "best, used by generate" in out and "vocabulary" in out
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--temperature", "-1"], "temperature"),
+        (["--top-k", "0"], "top-k"),
+        (["--top-k", "999"], "top-k"),
+        (["--top-p", "1.5"], "top_p"),
+        (["--top-p", "0"], "top_p"),
+        (["--length", "0"], "length"),
+        (["--prompt", "ALICE ~~"], "'~'"),
+        (["--step", "999999"], "no checkpoint at step"),
+    ],
+)
+def test_generate_bad_input(trained, capsys, args, words):
+    assert main(["generate", str(trained), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("jaxchar: error:") and words in err and "\n" not in err
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["missing.txt"], "does not exist"),
+        (["{tmp}"], "directory"),
+        (["{small}", "--set", "train.nope=1"], "unknown key"),
+        (["{small}", "--batch-size", "0"], "batch_size"),
+        (["{small}", "--config", "nonexistent"], "no config file"),
+        (["{small}", "--set", "model.dropout=-0.5"], "dropout"),
+        (["{small}", "--seq-length", "40000"], "seq_length"),
+    ],
+)
+def test_train_bad_input(tmp_path, small_text, capsys, args, words):
+    args = [a.format(tmp=tmp_path, small=small_text) for a in args]
+    code = main(
+        [
+            "train",
+            *args,
+            "--config" if "--config" not in args else "--quiet",
+            *(["tiny"] if "--config" not in args else []),
+            "--run-dir",
+            str(tmp_path / "r"),
+        ]
+    )
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("jaxchar: error:") and words in err and "\n" not in err
+
+
+def test_existing_run_is_not_overwritten(trained, small_text, capsys):
+    before = sorted(p.name for p in (trained / "checkpoints").iterdir())
+    assert main(["train", str(small_text), "--config", "tiny", "--run-dir", str(trained)]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert sorted(p.name for p in (trained / "checkpoints").iterdir()) == before
+
+
+def test_not_a_run_dir(tmp_path, capsys):
+    assert main(["generate", str(tmp_path)]) == 2
+    assert "not a jaxchar run" in capsys.readouterr().err
+
+
+def test_print_config(capsys):
+    assert (
+        main(["train", "alice", "--config", "small", "--set", "train.epochs=3", "--print-config"])
+        == 0
+    )
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["train"]["epochs"] == 3 and cfg["train"]["batch_size"] == 128
+
+
+@pytest.mark.parametrize("sub", [[], ["train"], ["generate"], ["info"]])
+def test_help_exits_zero(sub):
+    result = subprocess.run(
+        [sys.executable, "-m", "jaxchar", *sub, "--help"],
+        capture_output=True,
+        text=True,
+        env={**os.environ},
+    )
+    assert result.returncode == 0 and "usage" in result.stdout

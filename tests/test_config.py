@@ -1,0 +1,102 @@
+import dataclasses
+
+import pytest
+
+from jaxchar.cli import REPO_CONFIGS
+from jaxchar.config import Config, ConfigError, from_dict, load_config, override
+
+
+def test_every_shipped_config_loads_and_opens_with_its_command():
+    paths = sorted(REPO_CONFIGS.glob("*.toml"))
+    assert {p.stem for p in paths} >= {"small", "stacked", "fast", "tiny"}
+    for path in paths:
+        cfg = load_config(path)
+        assert isinstance(cfg, Config)
+        assert "jaxchar train" in path.read_text().splitlines()[3] or "jaxchar train" in (
+            path.read_text()
+        )
+
+
+def test_tutorial_configs_match_the_tutorial():
+    small, stacked = (
+        load_config(REPO_CONFIGS / "small.toml"),
+        load_config(REPO_CONFIGS / "stacked.toml"),
+    )
+    for cfg in (small, stacked):
+        assert cfg.data.objective == "window" and cfg.data.seq_length == 100
+        assert cfg.data.lowercase and cfg.model.encoding == "scaled"
+        assert cfg.model.hidden == 256 and cfg.model.dropout == 0.2
+        assert cfg.train.learning_rate == 1e-3
+    assert (small.model.layers, small.train.batch_size, small.train.epochs) == (1, 128, 20)
+    assert (stacked.model.layers, stacked.train.batch_size, stacked.train.epochs) == (2, 64, 50)
+
+
+def test_config_is_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Config().train.epochs = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "values, words",
+    [
+        ({"train": {"epocs": 3}}, "unknown key train.epocs"),
+        ({"trian": {"epochs": 3}}, "unknown section"),
+        ({"train": {"epochs": "3"}}, "whole number"),
+        ({"train": {"epochs": 2.5}}, "whole number"),
+        ({"model": {"dropout": -0.1}}, "dropout"),
+        ({"model": {"layers": 0}}, "layers"),
+        ({"data": {"lowercase": 1}}, "true or false"),
+        ({"data": {"objective": "both"}}, "not one of"),
+    ],
+)
+def test_bad_values_are_refused_with_the_key_named(values, words):
+    with pytest.raises(ConfigError, match=words):
+        from_dict(values)
+
+
+def test_ints_widen_to_float_fields():
+    assert from_dict({"train": {"learning_rate": 1}}).train.learning_rate == 1.0
+
+
+def test_override_parses_by_field_type_and_builds_a_new_config():
+    base = Config()
+    cfg = override(
+        base,
+        [
+            "train.epochs=5",
+            "data.lowercase=false",
+            "model.encoding=embed",
+            "train.learning_rate=2e-3",
+        ],
+    )
+    assert (cfg.train.epochs, cfg.data.lowercase, cfg.model.encoding) == (5, False, "embed")
+    assert cfg.train.learning_rate == 2e-3
+    assert base.train.epochs == 20  # the original is untouched
+
+
+@pytest.mark.parametrize(
+    "item, words",
+    [
+        ("train.nope=1", "unknown key"),
+        ("train.epochs", "section.key=value"),
+        ("epochs=3", "section.key=value"),
+        ("train.epochs=many", "bad value"),
+        ("x.y=1", "unknown section"),
+        ("model.layers=0", "layers"),
+    ],
+)
+def test_override_errors(item, words):
+    with pytest.raises(ConfigError, match=words):
+        override(Config(), [item])
+
+
+def test_config_file_errors(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train\nepochs = 3")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.toml")
+    bad.write_text("[model]\nlayers = 0\n")
+    with pytest.raises(ConfigError, match="bad.toml.*layers"):
+        load_config(bad)

@@ -1,0 +1,126 @@
+import numpy as np
+import pytest
+from conftest import DATA
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from jaxchar.config import DataConfig
+from jaxchar.corpus import (
+    CorpusError,
+    UnknownCharactersError,
+    Vocab,
+    load_corpus,
+    normalize,
+    prepare,
+    read_text,
+    resolve_corpus,
+    strip_gutenberg,
+)
+
+
+def test_vocab_round_trip_with_non_ascii():
+    text = "Ça va? «naïve» café — 東京 🙂\nend"
+    vocab = Vocab.from_text(text)
+    assert list(vocab.chars) == sorted(set(text))
+    ids = vocab.encode(text)
+    assert ids.dtype == np.uint8 and vocab.decode(ids) == text
+    assert Vocab.from_json(vocab.to_json()) == vocab
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.text(min_size=1, max_size=300))
+def test_vocab_round_trip_any_unicode(text):
+    vocab = Vocab.from_text(text)
+    assert vocab.decode(vocab.encode(text)) == text
+
+
+def test_vocab_dtype_grows_with_the_vocabulary():
+    big = Vocab(tuple(chr(0x4E00 + i) for i in range(300)))
+    assert big.dtype == np.uint16
+    text = "".join(big.chars[::-1])
+    assert big.decode(big.encode(text)) == text
+
+
+def test_unknown_characters_are_named_or_skipped():
+    vocab = Vocab.from_text("abc ")
+    with pytest.raises(UnknownCharactersError, match="'x'.*'z'"):
+        vocab.encode("a xz")
+    assert vocab.decode(vocab.encode("a xz", unknown="skip")) == "a "
+
+
+def test_gutenberg_header_and_footer_are_stripped(alice_text):
+    body, stripped = strip_gutenberg(alice_text)
+    assert stripped
+    assert "Project Gutenberg" not in body and "*** START" not in body
+    assert body.lstrip().startswith("ALICE'S ADVENTURES IN WONDERLAND")
+    assert "THE END" in body[-200:]
+    assert strip_gutenberg("no markers here") == ("no markers here", False)
+
+
+def test_alice_matches_the_tutorial_setup():
+    corpus = load_corpus(DATA / "wonderland.txt", DataConfig())
+    assert corpus.stripped_header
+    assert len(corpus.vocab) == 45 and corpus.train_ids.dtype == np.uint8
+    assert corpus.total_chars == len(corpus.train_ids)
+    text = corpus.vocab.decode(corpus.train_ids)
+    assert text == text.lower()
+    # the body alone: 144,431 characters, so 144,331 windows and 1,128 steps of 128 (the
+    # issue's estimate was 1,129 for a slightly different cut of the same book)
+    assert len(corpus.train_ids) == 144431
+    assert "Total Patterns: 144331" in corpus.summary(100)
+
+
+def test_bom_file_is_read_as_utf8_without_the_mark():
+    text = read_text(DATA / "wonderland_utf8_bom.txt")
+    assert text.startswith("Alice was") and "\ufeff" not in text
+    assert "\u2019" in text  # curly quotes survive
+
+
+def test_normalize_remove_punctuation():
+    assert normalize("Hello, World! 'Yes'—no.", True, True) == "hello world yesno"
+
+
+def test_split_takes_validation_from_the_end():
+    text = "abcdefghij" * 30
+    corpus = prepare(text, DataConfig(val_fraction=0.2, seq_length=10, strip_gutenberg=False))
+    assert len(corpus.val_ids) == 60
+    assert corpus.vocab.decode(corpus.val_ids) == text[-60:]
+
+
+@pytest.mark.parametrize(
+    "content, words",
+    [
+        (b"", "empty"),
+        (b"\x00\x01\x02binary\x00", "binary"),
+        (b"caf\xe9 ok text", "not valid utf-8"),
+    ],
+)
+def test_bad_files_give_clear_errors(tmp_path, content, words):
+    path = tmp_path / "f.txt"
+    path.write_bytes(content)
+    with pytest.raises(CorpusError, match=words):
+        read_text(path)
+
+
+def test_other_encodings_and_error_modes(tmp_path):
+    path = tmp_path / "latin.txt"
+    path.write_bytes(b"caf\xe9 ok text")
+    assert read_text(path, encoding="latin-1") == "café ok text"
+    assert read_text(path, errors="replace") == "caf\ufffd ok text"
+
+
+def test_missing_file_directory_and_short_text(tmp_path):
+    with pytest.raises(CorpusError, match="does not exist"):
+        read_text(tmp_path / "nope.txt")
+    with pytest.raises(CorpusError, match="directory"):
+        read_text(tmp_path)
+    with pytest.raises(CorpusError, match="seq_length"):
+        prepare("short text", DataConfig(seq_length=100))
+
+
+def test_named_corpora_resolve_from_the_data_folder_without_network(tmp_path):
+    assert resolve_corpus("alice", str(DATA), tmp_path) == DATA / "wonderland.txt"
+    assert resolve_corpus("shakespeare", str(DATA), tmp_path) == DATA / "tinyshakespeare.txt"
+    with pytest.raises(CorpusError, match="JAXCHAR_DATA"):
+        resolve_corpus("alice", None, None, download=False)
+    assert resolve_corpus("some/file.txt", str(DATA)).name == "file.txt"

@@ -1,0 +1,76 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from jaxchar import data
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 100, 1000, 4097])
+def test_permute_is_a_bijection(n):
+    out = np.asarray(data.permute(jnp.arange(n), n, jax.random.PRNGKey(n)))
+    assert sorted(out.tolist()) == list(range(n))
+    if n > 10:
+        assert not np.array_equal(out, np.arange(n))  # actually shuffled
+
+
+def test_permute_depends_on_the_key():
+    a = data.permute(jnp.arange(500), 500, jax.random.PRNGKey(0))
+    b = data.permute(jnp.arange(500), 500, jax.random.PRNGKey(1))
+    assert not np.array_equal(a, b)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(0, 900), min_size=1, max_size=16), st.integers(1, 20))
+def test_gather_equals_naive_slicing(offsets, width):
+    ids = np.random.default_rng(0).integers(0, 50, size=1000).astype(np.uint8)
+    got = np.asarray(data.gather_windows(jnp.asarray(ids), jnp.asarray(offsets), width))
+    want = np.stack([ids[o : o + width] for o in offsets])
+    np.testing.assert_array_equal(got, want)
+
+
+def test_window_epoch_visits_every_window_once():
+    ids = jnp.arange(300, dtype=jnp.int32)  # unique ids: a window's first id is its offset
+    seq, batch = 10, 16
+    n = data.window_count(300, seq)
+    steps = data.steps_per_epoch(n, batch)
+    seen = []
+    key = jax.random.PRNGKey(3)
+    for s in range(steps):
+        b = data.window_batch(ids, key, 0, s, batch, seq)
+        inputs, targets, w = map(np.asarray, (b["inputs"], b["targets"], b["weights"]))
+        for row in range(batch):
+            if w[row]:
+                start = int(inputs[row, 0])
+                seen.append(start)
+                np.testing.assert_array_equal(inputs[row], np.arange(start, start + seq))
+                assert targets[row] == start + seq
+    assert sorted(seen) == list(range(n))
+    # a new epoch has a new order
+    first = np.asarray(data.window_batch(ids, key, 1, 0, batch, seq)["inputs"][:, 0])
+    again = np.asarray(data.window_batch(ids, key, 0, 0, batch, seq)["inputs"][:, 0])
+    assert not np.array_equal(first, again)
+
+
+def test_sequence_batch_targets_are_inputs_shifted():
+    ids = jnp.asarray(np.arange(1000) % 200, jnp.uint8)
+    b = data.sequence_batch(ids, jax.random.PRNGKey(0), 0, 0, 8, 20)
+    x, y = np.asarray(b["inputs"]), np.asarray(b["targets"])
+    np.testing.assert_array_equal(x[:, 1:], y[:, :-1])
+    assert b["weights"].shape == (8, 20)
+
+
+def test_stream_batches_continue_each_other():
+    n, batch, seq = 1001, 4, 10
+    ids = jnp.asarray(np.arange(n), jnp.int32)
+    a = data.stream_batch(ids, 0, batch, seq)
+    b = data.stream_batch(ids, 1, batch, seq)
+    np.testing.assert_array_equal(
+        np.asarray(a["targets"])[:, -1] + 1, np.asarray(b["inputs"])[:, 0] + 1
+    )
+    np.testing.assert_array_equal(np.asarray(b["inputs"])[:, 0], np.asarray(a["inputs"])[:, -1] + 1)
+    stream_len = (n - 1) // batch
+    np.testing.assert_array_equal(np.asarray(a["inputs"])[:, 0], np.arange(batch) * stream_len)
+    assert data.stream_steps(n, batch, seq) == stream_len // seq

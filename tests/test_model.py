@@ -1,0 +1,82 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from reference import lstm_forward
+
+from jaxchar.config import ModelConfig
+from jaxchar.model import apply, init_carry, init_params, step
+
+
+def _cfg(**kw):
+    base = dict(vocab_size=11, layers=2, hidden=8, dropout=0.2, embed_dim=5)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+@pytest.mark.parametrize("encoding", ["scaled", "onehot", "embed"])
+def test_shapes(encoding):
+    cfg = _cfg(encoding=encoding)
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    ids = jnp.zeros((3, 7), jnp.int32)
+    logits, carry = apply(params, cfg, ids)
+    assert logits.shape == (3, 7, 11)
+    assert len(carry) == 2 and carry[0][0].shape == (3, 8)
+    last, _ = apply(params, cfg, ids, last_only=True)
+    np.testing.assert_allclose(last, logits[:, -1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("encoding", ["scaled", "onehot", "embed"])
+@pytest.mark.parametrize("unroll", [1, 4])
+def test_scanned_model_equals_numpy_reference_and_step_loop(encoding, unroll):
+    cfg = _cfg(encoding=encoding, unroll=unroll)
+    params = init_params(cfg, jax.random.PRNGKey(1))
+    ids = jax.random.randint(jax.random.PRNGKey(2), (4, 9), 0, 11)
+    logits, _ = apply(params, cfg, ids)
+    np.testing.assert_allclose(logits, lstm_forward(params, cfg, ids), rtol=2e-4, atol=2e-5)
+    carry, steps = init_carry(cfg, 4), []
+    for t in range(9):
+        out, carry = step(params, cfg, carry, ids[:, t])
+        steps.append(out)
+    np.testing.assert_allclose(jnp.stack(steps, 1), logits, rtol=2e-4, atol=2e-5)
+
+
+def test_keras_initialisation():
+    cfg = _cfg(layers=1, hidden=6)
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    bias = np.asarray(params["lstm_0"]["bias"])
+    np.testing.assert_array_equal(bias, np.r_[np.zeros(6), np.ones(6), np.zeros(12)])
+    w_h = np.asarray(params["lstm_0"]["cell"]["recurrent_kernel"])  # [6, 24], orthogonal rows
+    np.testing.assert_allclose(w_h @ w_h.T, np.eye(6), atol=1e-5)
+
+
+def test_masked_positions_leave_the_state_alone():
+    cfg = _cfg(encoding="embed")
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    ids = jnp.array([[3, 4, 5]])
+    padded = jnp.array([[9, 9, 3, 4, 5]])
+    mask = jnp.array([[False, False, True, True, True]])
+    want, _ = apply(params, cfg, ids, last_only=True)
+    got, _ = apply(params, cfg, padded, mask=mask, last_only=True)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_dropout_only_when_training():
+    cfg = _cfg(dropout=0.5, input_dropout=0.3, encoding="embed")
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    ids = jnp.ones((2, 5), jnp.int32)
+    a, _ = apply(params, cfg, ids)
+    b, _ = apply(params, cfg, ids)
+    c, _ = apply(params, cfg, ids, train=True, key=jax.random.PRNGKey(1))
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
+
+
+def test_bfloat16_compute_stays_close():
+    cfg = _cfg(encoding="embed")
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    ids = jax.random.randint(jax.random.PRNGKey(2), (2, 6), 0, 11)
+    full, _ = apply(params, cfg, ids)
+    half, _ = apply(params, ModelConfig(**{**cfg.__dict__, "dtype": "bfloat16"}), ids)
+    assert half.dtype == jnp.float32
+    np.testing.assert_allclose(half, full, atol=0.05)

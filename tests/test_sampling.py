@@ -1,0 +1,145 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from reference import softmax
+
+from jaxchar.config import ModelConfig
+from jaxchar.model import apply, init_carry, init_params, step
+from jaxchar.sampling import sample, sample_logits, top_k_filter, top_p_filter
+
+CFG = ModelConfig(vocab_size=13, layers=2, hidden=12, encoding="embed", embed_dim=6)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return init_params(CFG, jax.random.PRNGKey(0))
+
+
+def test_filters_against_numpy():
+    logits = jnp.array([[1.0, 3.0, 2.0, 0.0, -1.0]])
+    kept = np.asarray(top_k_filter(logits, 2)) > -1e29
+    np.testing.assert_array_equal(kept, [[False, True, True, False, False]])
+    probs = softmax(np.asarray(logits, np.float64))[0]
+    order = np.argsort(-probs)
+    for p in (0.3, 0.7, 0.9, 0.99, 1.0):
+        # numpy nucleus: the smallest prefix of the sorted ids whose mass reaches p
+        need = int(np.searchsorted(np.cumsum(probs[order]), p - 1e-12) + 1)
+        want = np.zeros(5, bool)
+        want[order[:need]] = True
+        got = np.asarray(top_p_filter(logits, p))[0] > -1e29
+        np.testing.assert_array_equal(got, want, err_msg=f"p={p}")
+
+
+def test_temperature_zero_is_argmax_and_draws_follow_softmax():
+    logits = jnp.log(jnp.array([0.1, 0.6, 0.3]))
+    assert int(sample_logits(jax.random.PRNGKey(0), logits, 0.0)) == 1
+    draws = jax.vmap(lambda k: sample_logits(k, logits, 1.0))(
+        jax.random.split(jax.random.PRNGKey(1), 20000)
+    )
+    freq = np.bincount(np.asarray(draws), minlength=3) / 20000
+    np.testing.assert_allclose(freq, [0.1, 0.6, 0.3], atol=0.015)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.floats(0.0, 5.0),
+    st.one_of(st.none(), st.integers(1, 13)),
+    st.one_of(st.none(), st.floats(0.01, 1.0)),
+    st.integers(0, 2**31 - 1),
+)
+def test_sampler_never_leaves_the_vocabulary(temperature, top_k, top_p, seed):
+    logits = jax.random.normal(jax.random.PRNGKey(seed), (4, 13)) * 5
+    out = np.asarray(sample_logits(jax.random.PRNGKey(seed + 1), logits, temperature, top_k, top_p))
+    assert ((out >= 0) & (out < 13)).all()
+    if top_k:  # only among the k largest
+        ranks = np.argsort(np.argsort(-np.asarray(logits), axis=-1), axis=-1)
+        assert (ranks[np.arange(4), out] < top_k).all()
+
+
+def _greedy_reference(params, prompt, length):
+    """Step by step in Python: run the prompt, then argmax and feed back."""
+    carry = init_carry(CFG, 1)
+    for c in prompt:
+        logits, carry = step(params, CFG, carry, jnp.array([c]))
+    out = []
+    for _ in range(length):
+        nxt = int(jnp.argmax(logits[0]))
+        out.append(nxt)
+        logits, carry = step(params, CFG, carry, jnp.array([nxt]))
+    return out
+
+
+def test_argmax_generation_equals_naive_reference(params):
+    prompt = [3, 1, 4, 1, 5]
+    got = sample(
+        params, jax.random.PRNGKey(0), jnp.array(prompt), cfg=CFG, length=12, temperature=0.0
+    )
+    assert np.asarray(got).tolist() == _greedy_reference(params, prompt, 12)
+
+
+def test_window_mode_equals_rereading_the_window(params):
+    prompt, width = [3, 1, 4, 1, 5, 9, 2], 4
+    got = sample(
+        params,
+        jax.random.PRNGKey(0),
+        jnp.array(prompt),
+        cfg=CFG,
+        length=6,
+        temperature=0.0,
+        mode="window",
+        seq_length=width,
+    )
+    seq = list(prompt)
+    for _ in range(6):
+        logits, _ = apply(params, CFG, jnp.array([seq[-width:]]), last_only=True)
+        seq.append(int(jnp.argmax(logits[0])))
+    assert np.asarray(got).tolist() == seq[len(prompt) :]
+    # a prompt shorter than the window is padded with masked positions
+    short = sample(
+        params,
+        jax.random.PRNGKey(0),
+        jnp.array([3, 1]),
+        cfg=CFG,
+        length=3,
+        temperature=0.0,
+        mode="window",
+        seq_length=width,
+    )
+    assert np.asarray(short)[0] == int(
+        jnp.argmax(apply(params, CFG, jnp.array([[3, 1]]))[0][0, -1])
+    )
+
+
+def test_deterministic_for_a_seed_and_batched_samples_differ(params):
+    kw = dict(cfg=CFG, length=40, temperature=1.0, num_samples=3)
+    a = sample(params, jax.random.PRNGKey(7), jnp.array([1, 2]), **kw)
+    b = sample(params, jax.random.PRNGKey(7), jnp.array([1, 2]), **kw)
+    c = sample(params, jax.random.PRNGKey(8), jnp.array([1, 2]), **kw)
+    assert a.shape == (3, 40)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    assert not np.array_equal(a[0], a[1])
+
+
+def test_new_temperature_or_top_p_does_not_recompile(params):
+    kw = dict(cfg=CFG, length=5, top_p=0.9)
+    sample(params, jax.random.PRNGKey(0), jnp.array([1, 2]), temperature=0.5, **kw)
+    size = sample._cache_size()
+    sample(
+        params, jax.random.PRNGKey(1), jnp.array([2, 3]), temperature=1.3, **{**kw, "top_p": 0.5}
+    )
+    assert sample._cache_size() == size
+
+
+def test_sample_inside_user_jit_and_vmap(params):
+    @jax.jit
+    def many(keys):
+        return jax.vmap(
+            lambda k: sample(params, k, jnp.array([1, 2]), cfg=CFG, length=8, temperature=1.0)
+        )(keys)
+
+    out = many(jax.random.split(jax.random.PRNGKey(0), 3))
+    assert out.shape == (3, 8)

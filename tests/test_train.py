@@ -1,0 +1,140 @@
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from jaxchar.checkpoint import CheckpointError, RunDir, load_checkpoint
+from jaxchar.config import Config, override
+from jaxchar.corpus import prepare
+from jaxchar.train import fit, with_vocab
+
+
+def _setup(alice_text, *sets, chars=20000):
+    cfg = override(
+        Config(),
+        [
+            "model.hidden=24",
+            "model.layers=1",
+            "model.encoding=embed",
+            "model.embed_dim=8",
+            "model.dropout=0.1",
+            "data.seq_length=16",
+            "data.val_fraction=0.1",
+            "train.batch_size=16",
+            "train.learning_rate=0.01",
+            "train.log_every=5",
+            *sets,
+        ],
+    )
+    corpus = prepare(alice_text[:chars], dataclasses.replace(cfg.data, strip_gutenberg=False))
+    return with_vocab(cfg, len(corpus.vocab)), corpus
+
+
+@pytest.mark.parametrize("objective", ["window", "sequence", "stateful"])
+def test_loss_falls(alice_text, objective):
+    sets = {
+        "window": [],
+        "sequence": ["data.objective=sequence"],
+        "stateful": ["data.objective=sequence", "data.stateful=true"],
+    }[objective]
+    cfg, corpus = _setup(
+        alice_text,
+        "train.max_steps=60",
+        "train.steps_per_call=10",
+        "train.save_every_steps=20",
+        *sets,
+    )
+    hist = fit(cfg, corpus.train_ids, corpus.val_ids).history
+    assert len(hist) == 3
+    assert hist[-1]["val_loss"] < hist[0]["val_loss"] - 0.1
+    assert hist[-1]["train_loss"] < 3.2 and hist[-1]["val_loss"] < 3.2  # ln(vocab) is ~3.6
+
+
+def test_training_is_deterministic_for_a_seed(alice_text):
+    cfg, corpus = _setup(alice_text, "train.max_steps=12", "train.steps_per_call=4")
+    a = fit(cfg, corpus.train_ids).state.params
+    b = fit(cfg, corpus.train_ids).state.params
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("stateful", [False, True])
+def test_resume_equals_uninterrupted(alice_text, tmp_path, stateful):
+    extra = ["data.objective=sequence", "data.stateful=true"] if stateful else []
+    cfg, corpus = _setup(
+        alice_text, "train.epochs=1", "train.save_every_steps=5", "train.steps_per_call=5", *extra
+    )
+    total = 15
+    full_cfg = override(cfg, [f"train.max_steps={total}"])
+    straight = fit(full_cfg, corpus.train_ids, corpus.val_ids)
+
+    half_cfg = override(cfg, ["train.max_steps=10"])
+    run = RunDir.create(tmp_path / "run", full_cfg, corpus.vocab)
+    first = fit(half_cfg, corpus.train_ids, corpus.val_ids, checkpointer=run)
+    assert int(first.state.step) == 10
+    run.close()
+    reopened = RunDir.open(tmp_path / "run")
+    resumed = fit(full_cfg, corpus.train_ids, corpus.val_ids, checkpointer=reopened)
+    reopened.close()
+    assert int(resumed.state.step) == total
+    for x, y in zip(
+        jax.tree.leaves(straight.state.params), jax.tree.leaves(resumed.state.params), strict=True
+    ):
+        np.testing.assert_array_equal(x, y)
+    assert resumed.history[-1]["train_loss"] == straight.history[-1]["train_loss"]
+    assert resumed.history[-1]["val_loss"] == straight.history[-1]["val_loss"]
+
+
+def test_checkpoint_round_trip_and_best_k(alice_text, tmp_path):
+    cfg, corpus = _setup(
+        alice_text,
+        "train.max_steps=20",
+        "train.save_every_steps=4",
+        "train.keep_best=2",
+        "train.steps_per_call=4",
+    )
+    run = RunDir.create(tmp_path / "run", cfg, corpus.vocab)
+    result = fit(cfg, corpus.train_ids, corpus.val_ids, checkpointer=run)
+    steps = run.steps()
+    losses = {m["step"]: m["val_loss"] for m in result.history}
+    best_two = sorted(losses, key=losses.get)[:2]
+    assert set(steps) == set(best_two) | {20}  # the best two plus the latest
+    assert run.best_step() == best_two[0]
+    run.close()
+    params, cfg2, vocab = load_checkpoint(tmp_path / "run", step=20)
+    assert cfg2 == cfg and vocab == corpus.vocab
+    for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(result.state.params), strict=True):
+        np.testing.assert_array_equal(x, y)
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 5
+
+
+def test_run_dir_refuses_to_overwrite(alice_text, tmp_path):
+    cfg, corpus = _setup(alice_text)
+    RunDir.create(tmp_path / "run", cfg, corpus.vocab).close()
+    with pytest.raises(CheckpointError, match="--resume"):
+        RunDir.create(tmp_path / "run", cfg, corpus.vocab)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "precious.txt").write_text("keep me")
+    with pytest.raises(CheckpointError, match="not a jaxchar run"):
+        RunDir.create(tmp_path / "other", cfg, corpus.vocab, overwrite=True)
+    assert (tmp_path / "other" / "precious.txt").read_text() == "keep me"
+    with pytest.raises(CheckpointError, match="not a jaxchar run"):
+        RunDir.open(tmp_path / "other")
+
+
+def test_stop_request_saves_and_returns(alice_text, tmp_path):
+    cfg, corpus = _setup(alice_text, "train.max_steps=50", "train.steps_per_call=5")
+    run = RunDir.create(tmp_path / "run", cfg, corpus.vocab)
+    calls = iter(range(100))
+    result = fit(
+        cfg,
+        corpus.train_ids,
+        corpus.val_ids,
+        checkpointer=run,
+        should_stop=lambda: next(calls) >= 1,
+    )
+    assert result.interrupted and int(result.state.step) == 10
+    assert run.steps() == [10]
+    run.close()
