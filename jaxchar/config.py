@@ -65,6 +65,7 @@ class ModelConfig:
     cell: str = "lstm"
     unroll: int = 1  # timesteps per loop iteration of the scan (speed only)
     dtype: str = "float32"  # matrix products in this type; params and loss stay float32
+    impl: str = "fused"  # fused: hand-written backward (fast); scan: autodiff of nn.scan
 
     def __post_init__(self) -> None:
         _check(self.vocab_size >= 0, "model.vocab_size must not be negative")
@@ -77,6 +78,7 @@ class ModelConfig:
         _check(self.embed_dim >= 1, "model.embed_dim must be at least 1")
         _check(self.unroll >= 1, "model.unroll must be at least 1")
         _one_of("model", "dtype", self.dtype, ("float32", "bfloat16"))
+        _one_of("model", "impl", self.impl, ("fused", "scan"))
 
 
 @dataclass(frozen=True)

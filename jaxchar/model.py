@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxchar.config import ModelConfig
+from jaxchar.fused import lstm_layer
 
 Carry = tuple[tuple[jax.Array, jax.Array], ...]
 
@@ -60,11 +61,24 @@ class LSTMCell(nn.Module):
         return (c_new, h_new), h_new
 
 
+class _RecurrentKernel(nn.Module):
+    """Holds the recurrent kernel under the same name as the scanned LSTMCell does, so
+    that both implementations share one parameter tree (and checkpoints)."""
+
+    hidden: int
+
+    @nn.compact
+    def __call__(self):
+        shape = (self.hidden, 4 * self.hidden)
+        return self.param("recurrent_kernel", nn.initializers.orthogonal(), shape)
+
+
 class LSTMLayer(nn.Module):
     hidden: int
-    scalar_input: bool  # inputs are [batch, time] scalars, else [batch, time, features]
+    scalar_input: bool  # inputs are scalars per (batch, time), else feature vectors
     unroll: int = 1
     dtype: Any = jnp.float32
+    impl: str = "fused"
 
     @nn.compact
     def __call__(self, carry, inputs, mask=None):
@@ -73,6 +87,8 @@ class LSTMLayer(nn.Module):
             "input_kernel", nn.initializers.glorot_uniform(), (in_dim, 4 * self.hidden)
         )
         bias = self.param("bias", _forget_bias_init, (4 * self.hidden,))
+        if self.impl == "fused" and mask is None:
+            return self._fused(carry, inputs, w_in, bias)
         scan = nn.scan(
             LSTMCell,
             variable_broadcast="params",
@@ -87,6 +103,18 @@ class LSTMLayer(nn.Module):
         # one [batch*time, in] x [in, 4*hidden] product for all timesteps, outside the loop
         gx = jnp.dot(inputs.astype(self.dtype), w_in.astype(self.dtype)).astype(jnp.float32)
         return cell(carry, gx + bias, mask, None, None)
+
+    def _fused(self, carry, inputs, w_in, bias):
+        """Time-major: inputs [time, batch] or [time, batch, features] -> [time, batch, H]."""
+        w_h = _RecurrentKernel(self.hidden, name="cell")()
+        c0, h0 = carry
+        if self.scalar_input:
+            xs, args = inputs, (w_in[0], bias)
+        else:  # one product for all timesteps, outside the loop
+            gx = jnp.dot(inputs.astype(self.dtype), w_in.astype(self.dtype))
+            xs, args = gx.astype(jnp.float32) + bias, (None, None)
+        hs, c, h = lstm_layer(w_h, xs, c0, h0, *args, self.dtype)
+        return (c, h), hs
 
 
 def init_carry(cfg: ModelConfig, batch: int) -> Carry:
@@ -115,6 +143,11 @@ class CharLSTM(nn.Module):
         dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
         if carry is None:
             carry = init_carry(cfg, ids.shape[0])
+        # the fused layers work time-major end to end: no [batch, time, hidden] transposes
+        # between layers; the scan reference (and masked sampling) stays batch-major
+        time_major = cfg.impl == "fused" and mask is None
+        if time_major:
+            ids = ids.T  # [time, batch]
         scalar = cfg.encoding == "scaled"
         if scalar:  # the tutorial's feature: id / vocab_size, [batch, time]
             x = ids.astype(jnp.float32) / cfg.vocab_size
@@ -127,14 +160,16 @@ class CharLSTM(nn.Module):
         new_carry = []
         for layer in range(cfg.layers):
             layer_carry, x = LSTMLayer(
-                cfg.hidden, scalar and layer == 0, cfg.unroll, dtype, name=f"lstm_{layer}"
+                cfg.hidden, scalar and layer == 0, cfg.unroll, dtype, cfg.impl, name=f"lstm_{layer}"
             )(carry[layer], x, mask)
             new_carry.append(layer_carry)
             if last_only and layer == cfg.layers - 1:
-                x = x[:, -1]  # [batch, hidden]: the many-to-one head
+                x = x[-1] if time_major else x[:, -1]  # [batch, hidden]: many-to-one head
             x = nn.Dropout(cfg.dropout, deterministic=not train)(x)
-        logits = nn.Dense(cfg.vocab_size, name="head")(x)
-        return logits.astype(jnp.float32), tuple(new_carry)
+        logits = nn.Dense(cfg.vocab_size, name="head")(x).astype(jnp.float32)
+        if time_major and not last_only:
+            logits = logits.swapaxes(0, 1)  # [batch, time, vocab]
+        return logits, tuple(new_carry)
 
 
 def init_params(cfg: ModelConfig, key: jax.Array, seq_length: int = 1) -> dict:

@@ -1,0 +1,104 @@
+"""A whole LSTM layer as one function with a hand-written backward pass (speed only).
+
+Autodiff through the scanned cell does two products per step in its backward loop
+(dh = dz W^T and the dW accumulation) and keeps more than it needs. Here the forward loop
+stores only the gate activations and the cell states; the backward loop does one product per
+step and writes dz, and the weight gradient is one [hidden, batch*time] x [batch*time,
+4*hidden] product after the loop. Measured in benchmarks/bench_train.py; the nn.scan model in
+model.py is the reference that tests compare this against (values and gradients).
+
+Everything is time-major here: xs [time, batch, ...], hs [time, batch, hidden].
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+
+def _activate(z: jax.Array) -> jax.Array:
+    """[..., 4H] pre-activations -> (sigmoid i, sigmoid f, tanh g, sigmoid o), concatenated."""
+    i, f, g, o = jnp.split(z, 4, axis=-1)
+    sig = lambda v: 0.5 * jnp.tanh(0.5 * v) + 0.5  # one transcendental per gate
+    return jnp.concatenate([sig(i), sig(f), jnp.tanh(g), sig(o)], axis=-1)
+
+
+def _input(x_t, w_in, bias):
+    """The input contribution of one step: a scalar feature [B] times w_in [4H] plus bias,
+    or an already projected [B, 4H] (w_in is None)."""
+    return x_t if w_in is None else x_t[:, None] * w_in + bias
+
+
+def _forward(w_h, xs, c0, h0, w_in, bias, dtype):
+    def body(carry, x_t):
+        c, h = carry
+        z = _input(x_t, w_in, bias) + jnp.dot(h.astype(dtype), w_h.astype(dtype)).astype(
+            jnp.float32
+        )
+        a = _activate(z)
+        i, f, g, o = jnp.split(a, 4, axis=-1)
+        c = f * c + i * g
+        h = o * jnp.tanh(c)
+        return (c, h), (h, a, c)
+
+    (c, h), (hs, acts, cs) = jax.lax.scan(body, (c0, h0), xs)
+    return (hs, c, h), (acts, cs)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(6,))
+def lstm_layer(w_h, xs, c0, h0, w_in, bias, dtype=jnp.float32):
+    """Runs the layer over xs; returns (hs [T, B, H], final c, final h).
+
+    xs is [T, B] scalars (then w_in [4H] and bias [4H] project them inside the loop) or
+    [T, B, 4H] projected inputs with bias included (then w_in and bias are None)."""
+    return _forward(w_h, xs, c0, h0, w_in, bias, dtype)[0]
+
+
+def _fwd(w_h, xs, c0, h0, w_in, bias, dtype):
+    out, (acts, cs) = _forward(w_h, xs, c0, h0, w_in, bias, dtype)
+    return out, (w_h, xs, c0, h0, w_in, out[0], acts, cs)
+
+
+def _bwd(dtype, res, grads):
+    w_h, xs, c0, h0, w_in, hs, acts, cs = res
+    d_hs, d_c_last, d_h_last = grads
+    c_prev = jnp.concatenate([c0[None], cs[:-1]], axis=0)
+    h_prev = jnp.concatenate([h0[None], hs[:-1]], axis=0)
+    w_h_t = w_h.T.astype(dtype)
+
+    def body(carry, inputs):
+        dh_next, dc_next = carry
+        dh_out, a, c, cp = inputs
+        i, f, g, o = jnp.split(a, 4, axis=-1)
+        tc = jnp.tanh(c)
+        dh = dh_out + dh_next
+        dc = dc_next + dh * o * (1 - tc * tc)
+        dz = jnp.concatenate(
+            [
+                dc * g * i * (1 - i),
+                dc * cp * f * (1 - f),
+                dc * i * (1 - g * g),
+                dh * tc * o * (1 - o),
+            ],
+            axis=-1,
+        )  # [B, 4H]
+        dh_prev = jnp.dot(dz.astype(dtype), w_h_t).astype(jnp.float32)
+        return (dh_prev, dc * f), dz
+
+    (dh0, dc0), dz = jax.lax.scan(
+        body, (d_h_last, d_c_last), (d_hs, acts, cs, c_prev), reverse=True
+    )
+    steps, batch, gates = dz.shape
+    flat = dz.reshape(steps * batch, gates)  # [T*B, 4H]
+    d_w_h = jnp.dot(h_prev.reshape(steps * batch, -1).T.astype(dtype), flat.astype(dtype))
+    d_w_h = d_w_h.astype(jnp.float32)
+    if w_in is None:
+        return d_w_h, dz, dc0, dh0, None, None
+    d_w_in = jnp.dot(xs.reshape(steps * batch), flat)
+    d_xs = jnp.dot(dz, w_in)  # [T, B]
+    return d_w_h, d_xs, dc0, dh0, d_w_in, flat.sum(axis=0)
+
+
+lstm_layer.defvjp(_fwd, _bwd)
