@@ -61,13 +61,12 @@ def matmul_peak(batch: int, hidden: int, steps: int = 100, reps: int = 5) -> flo
 
 def jaxchar_runner(cfg, ids: np.ndarray):
     import jax
-    import jax.numpy as jnp
 
-    from jaxchar.train import create_state, make_optimizer, run_steps
+    from jaxchar.train import create_state, make_optimizer, run_steps, zero_totals
 
     tx = make_optimizer(cfg.train, 10_000)
     state = create_state(cfg, tx, jax.random.PRNGKey(0))
-    totals = (jnp.zeros(()), jnp.zeros(()))
+    totals = zero_totals()
     device_ids = jax.device_put(ids)
     k = cfg.train.steps_per_call
     box = {"state": state, "totals": totals, "step": 0}

@@ -93,6 +93,17 @@ class RunDir:
 
     @classmethod
     def create(cls, path: str | Path, cfg: Config, vocab: Vocab, overwrite: bool = False):
+        """A new run directory (one process; with several, see `prepare`)."""
+        path, monitor = cls.prepare(path, cfg, vocab, overwrite)
+        return cls(path, cfg, vocab, monitor)
+
+    @staticmethod
+    def prepare(
+        path: str | Path, cfg: Config, vocab: Vocab, overwrite: bool = False
+    ) -> tuple[Path, str]:
+        """Checks and lays out a new run directory with its run.json, without orbax: with
+        several processes, process 0 calls this, then every process calls `open` (orbax's
+        manager is collective)."""
         path = Path(path).absolute()
         if path.exists() and not path.is_dir():
             raise CheckpointError(f"{path} is a file: give a new folder as the run directory")
@@ -122,7 +133,7 @@ class RunDir:
             "monitor": monitor,
         }
         _write_json_atomic(path / RUN_FILE, info)
-        return cls(path, cfg, vocab, monitor)
+        return path, monitor
 
     @classmethod
     def open(cls, path: str | Path) -> RunDir:
@@ -159,8 +170,9 @@ class RunDir:
             force=True,
         )
         self.manager.wait_until_finished()
-        with open(self.path / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(metrics) + "\n")
+        if jax.process_index() == 0:  # orbax saves collectively; the log has one writer
+            with open(self.path / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(metrics) + "\n")
 
     # --- reading ------------------------------------------------------------------------
 

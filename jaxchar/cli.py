@@ -136,11 +136,30 @@ class _Progress:
             self.bar.close()
 
 
+def _start_devices(args: argparse.Namespace):
+    """jax.distributed first (before any other JAX call), then the data-parallel mesh:
+    all devices when there are several, none (plain single-device jit) otherwise."""
+    from jaxchar import distributed
+
+    if args.distributed:
+        distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    import jax
+
+    count = args.devices or jax.device_count()
+    if count == 1 and jax.process_count() == 1:
+        return None
+    return distributed.make_mesh(count)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    from jaxchar import distributed
     from jaxchar.checkpoint import RunDir
     from jaxchar.corpus import load_corpus, prepare, read_text, resolve_corpus
     from jaxchar.train import fit, with_vocab
 
+    mesh = _start_devices(args)
+    primary = distributed.is_primary()
+    args.quiet = args.quiet or not primary  # only process 0 prints
     if args.resume:
         run = RunDir.open(args.run_dir)
         cfg = run.cfg
@@ -164,8 +183,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = with_vocab(cfg, len(corpus.vocab))
         if args.run_dir is None:
             raise ConfigError("give --run-dir DIR: the folder where checkpoints are kept")
-        run = RunDir.create(args.run_dir, cfg, corpus.vocab, overwrite=args.overwrite)
-        _write_corpus_note(run.path, corpus_path)
+        if distributed.is_single_process():
+            run = RunDir.create(args.run_dir, cfg, corpus.vocab, overwrite=args.overwrite)
+        else:  # files by process 0, then orbax's collective manager on every process
+            if primary:
+                RunDir.prepare(args.run_dir, cfg, corpus.vocab, overwrite=args.overwrite)
+            distributed.barrier("jaxchar-run-dir")
+            run = RunDir.open(args.run_dir)
+        if primary:
+            _write_corpus_note(run.path, corpus_path)
     _info(corpus.summary(cfg.data.seq_length), args.quiet)
     stop = _StopFlag(args.quiet)
     stop.install()
@@ -179,6 +205,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             checkpointer=run,
             log=progress,
             should_stop=lambda: stop.stop,
+            mesh=mesh,
         )
     finally:
         progress.close()
@@ -357,6 +384,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int)
     g.add_argument("--learning-rate", type=float)
     g.add_argument("--seed", type=int)
+    g = t.add_argument_group("devices and hosts")
+    g.add_argument(
+        "--devices", type=int, help="data-parallel over the first N devices (default: all of them)"
+    )
+    g.add_argument(
+        "--distributed",
+        action="store_true",
+        help="call jax.distributed.initialize() first (automatic on Slurm, Kubernetes, Cloud TPU)",
+    )
+    g.add_argument("--coordinator", help="with --distributed: ADDRESS:PORT of process 0")
+    g.add_argument("--num-processes", type=int, help="with --distributed: processes in all")
+    g.add_argument("--process-id", type=int, help="with --distributed: this process' index")
     g = t.add_argument_group("any field")
     g.add_argument(
         "--set",
@@ -402,12 +441,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from jaxchar.checkpoint import CheckpointError
     from jaxchar.corpus import CorpusError
+    from jaxchar.distributed import DistributedError
     from jaxchar.train import TrainingError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, CorpusError, CheckpointError, TrainingError) as err:
+    except (ConfigError, CorpusError, CheckpointError, TrainingError, DistributedError) as err:
         if args.debug:
             raise
         _err(str(err))

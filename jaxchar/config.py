@@ -98,6 +98,7 @@ class TrainConfig:
     log_every: int = 100  # steps between host syncs for logging
     steps_per_call: int = 1  # train steps fused into one jitted call (lax.scan)
     eval_batches: int = 0  # cap on validation batches; 0 = the whole split
+    skip_nonfinite: bool = False  # drop an update whose loss or gradient is NaN/inf
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs must be at least 1")

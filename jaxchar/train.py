@@ -23,6 +23,7 @@ from flax import struct
 
 from jaxchar import data
 from jaxchar.config import Config, TrainConfig
+from jaxchar.distributed import Mesh, check_batch, replicate, shard_batch
 from jaxchar.model import apply, init_carry, init_params
 
 LN2 = math.log(2.0)
@@ -88,8 +89,17 @@ def train_step(state: TrainState, batch: dict, key, *, cfg: Config, tx) -> tuple
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     carry = jax.lax.stop_gradient(carry) if cfg.data.stateful else ()
+    grad_norm = optax.tree.norm(grads)
+    skipped = jnp.zeros((), bool)
+    if cfg.train.skip_nonfinite:  # keep the old params and optimizer state for this batch
+        skipped = ~(jnp.isfinite(loss) & jnp.isfinite(grad_norm))
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(skipped, o, n), new, old)
+        params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+        carry = keep(carry, state.carry) if cfg.data.stateful else ()
+        loss, weight = jnp.where(skipped, 0.0, loss), jnp.where(skipped, 0.0, weight)
     new_state = TrainState(state.step + 1, params, opt_state, carry)
-    return new_state, {"loss": loss, "weight": weight, "grad_norm": optax.tree.norm(grads)}
+    metrics = {"loss": loss, "weight": weight, "grad_norm": grad_norm, "skipped": skipped}
+    return new_state, metrics
 
 
 def eval_step(params, batch: dict, *, cfg: Config, carry=None) -> tuple[jax.Array, jax.Array, Any]:
@@ -121,10 +131,11 @@ def _keys(seed: int) -> tuple[jax.Array, jax.Array]:
     return jax.random.fold_in(root, 0), jax.random.fold_in(root, 1)  # data order, dropout
 
 
-@partial(jax.jit, static_argnames=("cfg", "tx", "n"), donate_argnums=(0, 1))
-def run_steps(state: TrainState, totals, ids, epoch, first, *, cfg: Config, tx, n: int):
+@partial(jax.jit, static_argnames=("cfg", "tx", "n", "mesh"), donate_argnums=(0, 1))
+def run_steps(state: TrainState, totals, ids, epoch, first, *, cfg: Config, tx, n: int, mesh=None):
     """n train steps of one epoch, starting at step `first` of it, in one dispatch.
-    totals: running (loss x weight, weight) sums of the epoch; returns per-step losses [n]."""
+    totals: the epoch's running sums (loss x weight, weight, skipped updates); returns the
+    per-step losses [n] (NaN where train.skip_nonfinite dropped the update)."""
     data_key, dropout_key = _keys(cfg.train.seed)
 
     def body(carry, i):
@@ -132,12 +143,17 @@ def run_steps(state: TrainState, totals, ids, epoch, first, *, cfg: Config, tx, 
         if cfg.data.stateful:  # streams restart at each epoch, and so does their state
             fresh = init_carry(cfg.model, cfg.train.batch_size)
             reset = jax.tree.map(lambda z, c: jnp.where(first + i == 0, z, c), fresh, state.carry)
-            state = state.replace(carry=reset)
-        batch = make_batch(ids, data_key, epoch, first + i, cfg)
+            state = state.replace(carry=shard_batch(reset, mesh))
+        # with a mesh, each device gathers and trains on its own rows of the global batch
+        batch = shard_batch(make_batch(ids, data_key, epoch, first + i, cfg), mesh)
         key = jax.random.fold_in(dropout_key, state.step)
         state, m = train_step(state, batch, key, cfg=cfg, tx=tx)
-        totals = (totals[0] + m["loss"] * m["weight"], totals[1] + m["weight"])
-        return (state, totals), m["loss"]
+        totals = (
+            totals[0] + m["loss"] * m["weight"],
+            totals[1] + m["weight"],
+            totals[2] + m["skipped"],
+        )
+        return (state, totals), jnp.where(m["skipped"], jnp.nan, m["loss"])
 
     (state, totals), losses = jax.lax.scan(body, (state, totals), jnp.arange(n))
     return state, totals, losses
@@ -203,6 +219,12 @@ class FitResult:
     state: TrainState
     history: list[dict] = field(default_factory=list)  # one entry per save
     interrupted: bool = False
+    skipped: int = 0  # updates dropped by train.skip_nonfinite
+
+
+def zero_totals() -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The epoch's running sums: loss x weight (nats), weight (chars), skipped updates."""
+    return jnp.zeros(()), jnp.zeros(()), jnp.zeros((), jnp.int32)
 
 
 def _finite(x: float) -> bool:
@@ -217,12 +239,15 @@ def fit(
     checkpointer: Checkpointer | None = None,
     log: Callable[[dict], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    mesh: Mesh | None = None,
 ) -> FitResult:
     """Trains `cfg.model` on the ids; saves through `checkpointer` at every epoch end (or
     every train.save_every_steps); resumes from the checkpointer's latest save if it has one.
 
     `log` receives dicts: {"event": "start" | "progress" | "save", ...}. `should_stop` is
-    polled between dispatches (signal handlers set it); the loop then saves and returns."""
+    polled between dispatches (signal handlers set it); the loop then saves and returns.
+    With a `mesh` (jaxchar.distributed.make_mesh) the global batch is split over its
+    devices and params are replicated; results match the single-device run."""
     log = log or (lambda event: None)
     should_stop = should_stop or (lambda: False)
     if cfg.model.vocab_size < 1:
@@ -238,13 +263,15 @@ def fit(
     tx = make_optimizer(t, total)
     schedule = make_schedule(t, total)
     init_key = jax.random.fold_in(jax.random.PRNGKey(t.seed), 2)
-    state = create_state(cfg, tx, init_key)
-    totals = (jnp.zeros(()), jnp.zeros(()))
+    if mesh is not None:
+        check_batch(t.batch_size, mesh)
+    state = replicate(create_state(cfg, tx, init_key), mesh)
+    totals = replicate(zero_totals(), mesh)
     if checkpointer is not None:
         restored = checkpointer.restore_latest({"state": state, "totals": totals})
         if restored is not None:
             state, totals = restored["state"], restored["totals"]
-    ids = jax.device_put(train_ids)
+    ids = replicate(train_ids, mesh) if mesh is not None else jax.device_put(train_ids)
     step = int(state.step)
     log({"event": "start", "step": step, "total_steps": total, "steps_per_epoch": spe})
     result = FitResult(state)
@@ -255,7 +282,9 @@ def fit(
         n = min(t.steps_per_call, spe - first, total - step)
         if t.save_every_steps:
             n = min(n, t.save_every_steps - step % t.save_every_steps)
-        state, totals, losses = run_steps(state, totals, ids, epoch, first, cfg=cfg, tx=tx, n=n)
+        state, totals, losses = run_steps(
+            state, totals, ids, epoch, first, cfg=cfg, tx=tx, n=n, mesh=mesh
+        )
         step += n
         epoch_end = step % spe == 0
         save_now = (
@@ -263,11 +292,15 @@ def fit(
         )
         stop = should_stop()
         if step // t.log_every > last_log // t.log_every or save_now or stop:
-            loss = float(losses[-1])
+            recent = np.asarray(losses)
+            if t.skip_nonfinite:  # skipped steps are NaN in `losses`: report the last kept one
+                kept = recent[~np.isnan(recent)]
+                recent = kept if len(kept) else np.zeros(1)
+            loss = float(recent[-1])
             if not _finite(loss):
                 raise TrainingError(
-                    f"the loss became {loss} at step {step}: lower train.learning_rate or set "
-                    "train.clip_norm; the last good checkpoint is kept"
+                    f"the loss became {loss} at step {step}: lower train.learning_rate, set "
+                    "train.clip_norm or train.skip_nonfinite; the last good checkpoint is kept"
                 )
             elapsed = time.perf_counter() - began
             log(
@@ -291,12 +324,15 @@ def fit(
             if not all(_finite(v) for v in metrics.values()):
                 raise TrainingError(f"non-finite metrics at step {step}: {metrics}; not saved")
             metrics.update(step=step, epoch=epoch + 1, epoch_done=bool(epoch_end))
+            if t.skip_nonfinite:
+                metrics["skipped_updates"] = int(totals[2])
+                result.skipped += int(totals[2])
             if checkpointer is not None:
                 checkpointer.save(step, {"state": state, "totals": totals}, metrics)
             result.history.append(metrics)
             log({"event": "save", **metrics})
             if epoch_end:
-                totals = (jnp.zeros(()), jnp.zeros(()))
+                totals = replicate(zero_totals(), mesh)
         if stop:
             result.interrupted = step < total
             break
@@ -304,6 +340,14 @@ def fit(
     return result
 
 
+ONEHOT_MAX_VOCAB = 1024  # [batch, time, vocab] inputs beyond this cost more than they give
+
+
 def with_vocab(cfg: Config, vocab_size: int) -> Config:
     """The config with model.vocab_size filled in (a new Config; the old one is untouched)."""
+    if cfg.model.encoding == "onehot" and vocab_size > ONEHOT_MAX_VOCAB:
+        raise TrainingError(
+            f"a vocabulary of {vocab_size} characters is too large for model.encoding = "
+            f"'onehot' (at most {ONEHOT_MAX_VOCAB}): use --set model.encoding=embed"
+        )
     return replace(cfg, model=replace(cfg.model, vocab_size=vocab_size))

@@ -1,0 +1,170 @@
+"""Generation speed: characters per second for 1,000 new characters, same run, same model.
+
+    python benchmarks/bench_generate.py [--length 1000] [--reps 3] [--batches 1 64]
+
+(a) the tutorial's method: Keras `predict` on the whole 100-character window for each new
+    character; (b) jaxchar window mode (the same computation, jitted as one lax.scan);
+(c) jaxchar stateful mode (prompt once, then one cell step per character); (d) a PyTorch
+stateful loop (nn.LSTM with its hidden state, one step per character, no_grad). All run
+the tutorial's small model (LSTM-256, scaled input, 45 characters) with random weights:
+speed does not depend on the weights. Batch 1 and batch 64 independent samples; compile
+time reported apart. Writes benchmarks/results/generate.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+import common  # noqa: E402
+
+VOCAB, HIDDEN, SEQ = 45, 256, 100
+
+
+def jaxchar_runner(mode: str, batch: int, length: int):
+    import jax
+
+    from jaxchar.config import ModelConfig
+    from jaxchar.model import init_params
+    from jaxchar.sampling import sample
+
+    cfg = ModelConfig(vocab_size=VOCAB, layers=1, hidden=HIDDEN, encoding="scaled")
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    prompt = jax.random.randint(jax.random.PRNGKey(1), (batch, SEQ), 0, VOCAB)
+    counter = iter(range(10**9))
+
+    def run():
+        key = jax.random.PRNGKey(next(counter))
+        out = sample(
+            params, key, prompt, cfg=cfg, length=length, temperature=0.0, mode=mode, seq_length=SEQ
+        )
+        out.block_until_ready()
+
+    return run
+
+
+def torch_runner(batch: int, length: int):
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    lstm = torch.nn.LSTM(1, HIDDEN, batch_first=True)
+    head = torch.nn.Linear(HIDDEN, VOCAB)
+    prompt = torch.randint(0, VOCAB, (batch, SEQ))
+
+    @torch.no_grad()
+    def run():
+        out, state = lstm((prompt.float() / VOCAB).unsqueeze(-1))
+        nxt = head(out[:, -1]).argmax(-1)
+        chars = []
+        for _ in range(length):
+            chars.append(nxt)
+            out, state = lstm((nxt.float() / VOCAB).view(batch, 1, 1), state)
+            nxt = head(out[:, -1]).argmax(-1)
+        torch.stack(chars, 1).numpy()
+
+    return run
+
+
+def keras_runner(batch: int, length: int):
+    os.environ.setdefault("KERAS_BACKEND", "jax")
+    import keras
+
+    model = keras.Sequential(
+        [
+            keras.Input((SEQ, 1)),
+            keras.layers.LSTM(HIDDEN),
+            keras.layers.Dropout(0.2),
+            keras.layers.Dense(VOCAB, activation="softmax"),
+        ]
+    )
+    rng = np.random.default_rng(0)
+    pattern = rng.integers(0, VOCAB, (batch, SEQ)).tolist()
+
+    def run():
+        window = [list(p) for p in pattern]
+        for _ in range(length):  # the tutorial's loop, batched over rows
+            x = np.reshape(window, (batch, SEQ, 1)) / float(VOCAB)
+            prediction = model.predict(x, verbose=0)
+            index = np.argmax(prediction, axis=-1)
+            for row, i in zip(window, index, strict=True):
+                row.append(int(i))
+                del row[0]
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--length", type=int, default=1000)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
+    parser.add_argument(
+        "--tutorial-length",
+        type=int,
+        default=200,
+        help="characters for the (slow) tutorial method; rates are per char",
+    )
+    args = parser.parse_args()
+
+    results, rows = {}, []
+    for batch in args.batches:
+        makers = [  # (name, builder, its arguments, characters per run)
+            (
+                "tutorial (keras predict)",
+                keras_runner,
+                (batch, args.tutorial_length),
+                args.tutorial_length,
+            ),
+            ("jaxchar window", jaxchar_runner, ("window", batch, args.length), args.length),
+            ("jaxchar stateful", jaxchar_runner, ("stateful", batch, args.length), args.length),
+            ("torch stateful loop", torch_runner, (batch, args.length), args.length),
+        ]
+        runners, lengths, compile_s = {}, {}, {}
+        for name, build, build_args, n in makers:
+            try:
+                fn = build(*build_args)
+            except ImportError as err:
+                print(f"skipping {name}: not installed ({err})", file=sys.stderr)
+                continue
+            compile_s[name] = common.timed(fn)
+            runners[name], lengths[name] = fn, n
+        times = common.interleave(runners, args.reps, warmup=1)
+        entry = {}
+        for name, samples in times.items():
+            med = statistics.median(samples)
+            entry[name] = {
+                **common.stats(samples),
+                "chars": lengths[name] * batch,
+                "chars_per_s": lengths[name] * batch / med,
+                "compile_s": compile_s[name],
+            }
+        base = entry.get("tutorial (keras predict)", {}).get("chars_per_s")
+        torch_rate = entry.get("torch stateful loop", {}).get("chars_per_s")
+        for name, e in entry.items():
+            e["vs_tutorial"] = e["chars_per_s"] / base if base else None
+            e["vs_torch"] = e["chars_per_s"] / torch_rate if torch_rate else None
+            rows.append(
+                [
+                    batch,
+                    name,
+                    f"{e['chars_per_s']:,.0f}",
+                    f"{e['compile_s']:.2f}",
+                    f"{e['vs_tutorial']:.0f}x" if base else "-",
+                    f"{e['vs_torch']:.2f}x" if torch_rate else "-",
+                ]
+            )
+        results[str(batch)] = entry
+    print(
+        common.table(rows, ["batch", "method", "chars/s", "compile s", "vs tutorial", "vs torch"])
+    )
+    path = common.save("generate", {"length": args.length, "reps": args.reps, "results": results})
+    print(f"written to {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,249 @@
+"""Interruption, damaged checkpoints, non-finite losses: nothing saved is lost."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from conftest import DATA
+
+from jaxchar.checkpoint import CheckpointError, RunDir, load_checkpoint
+from jaxchar.cli import main
+from jaxchar.config import Config, override
+from jaxchar.corpus import prepare
+from jaxchar.train import TrainingError, fit, with_vocab
+
+TINY = [
+    "--config",
+    "tiny",
+    "--set",
+    "train.save_every_steps=5",
+    "--set",
+    "train.steps_per_call=5",
+    "--set",
+    "train.log_every=5",
+]
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "alice.txt"
+    path.write_text((DATA / "wonderland.txt").read_text()[:20000])
+    return path
+
+
+def _train_cmd(text_file, run_dir, *extra):
+    return [
+        sys.executable,
+        "-m",
+        "jaxchar",
+        "train",
+        str(text_file),
+        "--run-dir",
+        str(run_dir),
+        *TINY,
+        *extra,
+    ]
+
+
+def _wait_for_save(run_dir: Path, proc, count=1, timeout=120):
+    began = time.time()
+    while time.time() - began < timeout:
+        lines = (
+            (run_dir / "metrics.jsonl").read_text().splitlines()
+            if (run_dir / "metrics.jsonl").exists()
+            else []
+        )
+        if len(lines) >= count:
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"training ended early: {proc.stderr.read()}")
+        time.sleep(0.2)
+    pytest.fail("no checkpoint appeared in time")
+
+
+def _params(run_dir, step):
+    return load_checkpoint(run_dir, step=step)[0]
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, text_file):
+    run = tmp_path_factory.mktemp("straight") / "run"
+    subprocess.run(_train_cmd(text_file, run, "--max-steps", "30", "--quiet"), check=True)
+    return run
+
+
+def test_sigint_saves_and_says_how_to_resume_then_resume_matches(tmp_path, text_file, straight_run):
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        _train_cmd(text_file, run, "--max-steps", "30", "--set", "train.steps_per_call=1"),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _wait_for_save(run, proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "--resume" in err and "Traceback" not in err
+    steps = RunDir.open(run).steps()
+    assert steps and max(steps) < 30
+    resumed = subprocess.run(
+        _train_cmd(text_file, run, "--resume", "--quiet"), capture_output=True, text=True
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    for x, y in zip(
+        jax.tree.leaves(_params(run, 30)), jax.tree.leaves(_params(straight_run, 30)), strict=True
+    ):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_kill_9_loses_only_unsaved_work_and_resume_is_exact(tmp_path, text_file, straight_run):
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        _train_cmd(text_file, run, "--max-steps", "30", "--quiet"),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _wait_for_save(run, proc, count=2)
+    proc.kill()  # SIGKILL: no handler runs
+    proc.wait()
+    assert RunDir.open(run).steps()  # what was saved is still readable
+    resumed = subprocess.run(
+        _train_cmd(text_file, run, "--resume", "--quiet"), capture_output=True, text=True
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    for x, y in zip(
+        jax.tree.leaves(_params(run, 30)), jax.tree.leaves(_params(straight_run, 30)), strict=True
+    ):
+        np.testing.assert_array_equal(x, y)
+
+
+def _small_setup(alice_text, *sets):
+    cfg = override(
+        Config(),
+        [
+            "model.hidden=16",
+            "model.encoding=embed",
+            "model.embed_dim=8",
+            "data.seq_length=16",
+            "train.batch_size=8",
+            "data.objective=sequence",
+            *sets,
+        ],
+    )
+    corpus = prepare(alice_text[:8000], cfg.data)
+    return with_vocab(cfg, len(corpus.vocab)), corpus
+
+
+def test_damaged_latest_checkpoint_is_skipped_on_resume_and_never_best(alice_text, tmp_path):
+    cfg, corpus = _small_setup(
+        alice_text, "train.max_steps=15", "train.save_every_steps=5", "train.keep_best=5"
+    )
+    run = RunDir.create(tmp_path / "run", cfg, corpus.vocab)
+    fit(cfg, corpus.train_ids, checkpointer=run)
+    run.close()
+    # damage step 15: truncate every array file of its params
+    damaged = 0
+    for f in (tmp_path / "run" / "checkpoints" / "15" / "params").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0 and f.name != "_METADATA":
+            f.write_bytes(f.read_bytes()[:7])
+            damaged += 1
+    assert damaged
+    reopened = RunDir.open(tmp_path / "run")
+    state_like = fit(override(cfg, ["train.max_steps=1"]), corpus.train_ids).state
+    from jaxchar.train import zero_totals
+
+    restored = reopened.restore_latest({"state": state_like, "totals": zero_totals()})
+    assert int(restored["state"].step) == 10  # fell back to the previous good save
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        reopened.load_params(15)
+
+
+def test_deleted_metadata_is_detected(alice_text, tmp_path, capsys):
+    cfg, corpus = _small_setup(alice_text, "train.max_steps=5", "train.save_every_steps=5")
+    run = RunDir.create(tmp_path / "run", cfg, corpus.vocab)
+    fit(cfg, corpus.train_ids, checkpointer=run)
+    run.close()
+    for f in (tmp_path / "run" / "checkpoints" / "5").rglob("*"):
+        if f.is_file() and "meta" in str(f.relative_to(tmp_path / "run" / "checkpoints" / "5")):
+            f.unlink()
+    assert main(["generate", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("jaxchar: error:") and "\n" not in err
+
+
+def test_unknown_format_version_is_refused(alice_text, tmp_path, capsys):
+    cfg, corpus = _small_setup(alice_text)
+    RunDir.create(tmp_path / "run", cfg, corpus.vocab).close()
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    info["format_version"] = 99
+    (tmp_path / "run" / "run.json").write_text(json.dumps(info))
+    assert main(["info", str(tmp_path / "run")]) == 2
+    assert "format version 99" in capsys.readouterr().err
+
+
+def test_nonfinite_loss_stops_and_is_never_saved(alice_text, tmp_path):
+    cfg, corpus = _small_setup(
+        alice_text, "train.max_steps=10", "train.save_every_steps=5", "train.learning_rate=3e38"
+    )
+    run = RunDir.create(tmp_path / "run", cfg, corpus.vocab)
+    with pytest.raises(TrainingError, match="loss became"):
+        fit(cfg, corpus.train_ids, checkpointer=run)
+    for step in run.steps():  # whatever was saved before the blow-up is finite
+        assert np.isfinite(run.meta(step)["metrics"]["train_loss"])
+
+
+def test_skip_nonfinite_drops_bad_updates(alice_text):
+    cfg, corpus = _small_setup(
+        alice_text, "train.max_steps=6", "train.skip_nonfinite=true", "train.steps_per_call=3"
+    )
+    ids = corpus.train_ids.copy()
+    result = fit(cfg, ids)
+    assert result.skipped == 0
+    # an absurd learning rate blows the weights up; the updates that would turn them
+    # into inf/NaN are dropped, so the params stay finite and the run survives
+    bad = override(cfg, ["train.learning_rate=3e38"])
+    result = fit(bad, ids)
+    assert result.skipped >= 1
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(result.state.params))
+
+
+def test_unwritable_run_dir_fails_before_training(tmp_path, text_file, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert (
+        main(["train", str(text_file), "--config", "tiny", "--run-dir", str(blocker / "run")]) == 2
+    )
+    assert "cannot write" in capsys.readouterr().err
+    assert blocker.read_text() == "x"
+
+
+def test_onehot_vocabulary_limit(tmp_path, capsys):
+    path = tmp_path / "wide.txt"
+    path.write_text("".join(chr(0x4E00 + i) for i in range(1500)) * 3)
+    code = main(
+        [
+            "train",
+            str(path),
+            "--config",
+            "tiny",
+            "--set",
+            "model.encoding=onehot",
+            "--run-dir",
+            str(tmp_path / "r"),
+        ]
+    )
+    assert code == 2 and "too large" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_env_is_not_read_by_the_library():
+    src = Path(__file__).resolve().parents[1] / "jaxchar"
+    for f in src.glob("*.py"):
+        if f.name != "cli.py":
+            assert "os.environ" not in f.read_text(), f.name
