@@ -152,6 +152,8 @@ class RunDir:
             "step": state.step,
             "carry": state.carry,
             "totals": tree["totals"],
+            # the root key: with the step it fixes every later batch and dropout mask
+            "rng": np.asarray(jax.random.key_data(jax.random.PRNGKey(self.cfg.train.seed))),
         }
         meta = {
             "format_version": FORMAT_VERSION,
@@ -207,6 +209,7 @@ class RunDir:
             "step": state.step,
             "carry": state.carry,
             "totals": target["totals"],
+            "rng": np.asarray(jax.random.key_data(jax.random.PRNGKey(self.cfg.train.seed))),
         }
         for step in reversed(self.steps()):
             try:
@@ -250,15 +253,52 @@ class RunDir:
         self.manager.wait_until_finished()
         self.manager.close()
 
+    def __enter__(self) -> RunDir:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 def load_checkpoint(run_dir: str | Path, step: int | None = None) -> tuple[dict, Config, Vocab]:
     """(params, config, vocab) of a run's best checkpoint (or of `step`); no corpus needed."""
-    run = RunDir.open(run_dir)
-    try:
+    with RunDir.open(run_dir) as run:
         params, _ = run.load_params(step)
-    finally:
-        run.close()
     return params, run.cfg, run.vocab
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path, step: int | None = None) -> Path:
+    """Writes params.npz (keys like "lstm_0/cell/recurrent_kernel"), config.json and
+    vocab.json: everything needed to use the model without jaxchar or orbax."""
+    params, cfg, vocab = load_checkpoint(run_dir, step)
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise CheckpointError(f"{out} exists and is not empty: choose a new folder")
+    out.mkdir(parents=True, exist_ok=True)
+    flat = {
+        "/".join(str(getattr(k, "key", k)) for k in path): np.asarray(leaf)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+    }
+    np.savez(out / "params.npz", **flat)
+    _write_json_atomic(out / "config.json", cfg.to_dict())
+    _write_json_atomic(out / "vocab.json", {"chars": list(vocab.chars)})
+    return out
+
+
+def load_export(out_dir: str | Path) -> tuple[dict, Config, Vocab]:
+    """Reads what export_run wrote (no pickle: allow_pickle stays off)."""
+    out = Path(out_dir)
+    params: dict = {}
+    with np.load(out / "params.npz", allow_pickle=False) as arrays:
+        for name in arrays.files:
+            node = params
+            *parents, leaf = name.split("/")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = jax.numpy.asarray(arrays[name])
+    cfg = from_dict(json.loads((out / "config.json").read_text(encoding="utf-8")))
+    vocab = Vocab.from_json((out / "vocab.json").read_text(encoding="utf-8"))
+    return params, cfg, vocab
 
 
 def param_count(params: dict) -> int:

@@ -196,6 +196,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     stop = _StopFlag(args.quiet)
     stop.install()
     progress = _Progress(args.quiet)
+    on_save = None
+    if cfg.train.sample_chars and distributed.is_single_process():
+        seed_ids = corpus.train_ids[: cfg.data.seq_length]
+        on_save = _TrainingSamples(run.path, cfg, run.vocab, seed_ids, args.quiet)
     began = time.perf_counter()
     try:
         result = fit(
@@ -206,6 +210,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             log=progress,
             should_stop=lambda: stop.stop,
             mesh=mesh,
+            on_save=on_save,
         )
     finally:
         progress.close()
@@ -222,6 +227,42 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
         return EXIT_INTERRUPTED
     return 0
+
+
+SAMPLE_TEMPERATURES = (0.2, 0.5, 1.0)  # the Keras example's "diversity" values
+
+
+class _TrainingSamples:
+    """At each save: a short sample per temperature from the opening of the text, shown on
+    stderr and appended to RUN/samples.txt, so progress can be read, not only measured."""
+
+    def __init__(self, run_path: Path, cfg: Config, vocab, seed_ids, quiet: bool):
+        self.path, self.cfg, self.vocab, self.quiet = run_path / "samples.txt", cfg, vocab, quiet
+        self.seed_ids = seed_ids
+
+    def __call__(self, params, metrics: dict) -> None:
+        import jax
+
+        from jaxchar.sampling import sample
+
+        mode = "window" if self.cfg.data.objective == "window" else "stateful"
+        lines = [f"--- step {metrics['step']} (epoch {metrics['epoch']}) ---"]
+        for i, temperature in enumerate(SAMPLE_TEMPERATURES):
+            ids = sample(
+                params,
+                jax.random.PRNGKey(metrics["step"] + i),
+                self.seed_ids,
+                cfg=self.cfg.model,
+                length=self.cfg.train.sample_chars,
+                temperature=temperature,
+                mode=mode,
+                seq_length=self.cfg.data.seq_length,
+            )
+            lines.append(f"[temperature {temperature}] {self.vocab.decode(ids)!r}")
+        text = "\n".join(lines)
+        _info(text, self.quiet)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(text + "\n")
 
 
 def _cache_dir() -> Path:
@@ -252,12 +293,10 @@ def _random_window(run, length: int, rng) -> str | None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import jax
     import numpy as np
 
     from jaxchar.checkpoint import RunDir
     from jaxchar.config import SampleConfig
-    from jaxchar.sampling import sample
 
     run = RunDir.open(args.run_dir)
     cfg = run.cfg
@@ -272,8 +311,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     if args.top_k is not None and not 1 <= args.top_k <= len(run.vocab):
         raise ConfigError(f"--top-k must be between 1 and the vocabulary size {len(run.vocab)}")
-    params, step = run.load_params(args.step)
-    run.close()
+    with run:
+        params, step = run.load_params(args.step)
     if args.prompt_file:
         from jaxchar.corpus import read_text
 
@@ -284,6 +323,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prompt = _random_window(run, cfg.data.seq_length, np.random.default_rng(args.seed))
         if prompt is None:
             prompt = run.vocab.chars[int(np.random.default_rng(args.seed).integers(len(run.vocab)))]
+    args.lowercase_prompt = cfg.data.lowercase
     if cfg.data.lowercase:
         prompt = prompt.lower()
     if not prompt:
@@ -296,51 +336,168 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if opts.mode != "auto"
         else ("window" if cfg.data.objective == "window" else "stateful")
     )
+    settings = {
+        "cfg": cfg.model,
+        "top_k": opts.top_k or None,
+        "top_p": opts.top_p if opts.top_p < 1 else None,
+        "mode": mode,
+        "seq_length": cfg.data.seq_length,
+    }
+    if args.interactive:
+        return _interactive(params, run.vocab, settings, opts, args)
     _info(f'checkpoint step {step}, {mode} mode; seed: "{prompt}"', args.quiet)
-    out = sample(
-        params,
-        jax.random.PRNGKey(args.seed),
-        prompt_ids,
-        cfg=cfg.model,
-        length=opts.length,
-        temperature=opts.temperature,
-        top_k=opts.top_k or None,
-        top_p=opts.top_p if opts.top_p < 1 else None,
-        num_samples=opts.num_samples,
-        mode=mode,
-        seq_length=cfg.data.seq_length,
+    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout  # noqa: SIM115
+    try:
+        _write_samples(params, run.vocab, prompt_ids, settings, opts, args.seed, out)
+    finally:
+        if args.output:
+            out.close()
+    return 0
+
+
+def _write_samples(params, vocab, prompt_ids, settings, opts, seed: int, out) -> None:
+    """One sample streams as it is made (jitted chunks); several are made as one batch."""
+    import jax
+    import numpy as np
+
+    from jaxchar.sampling import sample, sample_stream
+
+    key = jax.random.PRNGKey(seed)
+    common = {**settings, "length": opts.length, "temperature": opts.temperature}
+    if opts.num_samples == 1:
+        for chunk in sample_stream(params, key, prompt_ids, **common):
+            out.write(vocab.decode(np.asarray(chunk)))
+            out.flush()
+        out.write("\n")
+        return
+    rows = sample(params, key, prompt_ids, num_samples=opts.num_samples, **common)
+    for i, row in enumerate(np.asarray(rows)):
+        out.write(f"===== sample {i + 1} of {opts.num_samples} =====\n{vocab.decode(row)}\n")
+
+
+def _interactive(params, vocab, settings, opts, args) -> int:
+    """Read a prompt per line; `:temp T`, `:len N`, `:seed S` change settings; `:quit`."""
+    import dataclasses
+
+    seed = args.seed
+    interactive = sys.stdin.isatty()
+    if interactive:
+        _info("type a prompt and press Enter; :temp T, :len N, :seed S, :quit")
+    while True:
+        if interactive:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() in (":quit", ":q"):
+            return 0
+        text = line.rstrip("\n")
+        try:
+            if text.startswith(":"):
+                name, _, value = text[1:].partition(" ")
+                field = {"temp": "temperature", "len": "length"}.get(name)
+                if name == "seed":
+                    seed = int(value)
+                elif field:
+                    kind = float if field == "temperature" else int
+                    opts = dataclasses.replace(opts, **{field: kind(value)})
+                else:
+                    raise ConfigError(f"unknown command :{name} (:temp, :len, :seed, :quit)")
+                _info(f"temperature {opts.temperature}, length {opts.length}, seed {seed}")
+                continue
+            if args.lowercase_prompt:
+                text = text.lower()
+            ids = vocab.encode(text, unknown=args.unknown)
+            if len(ids) == 0:
+                raise ConfigError("the prompt is empty")
+            _write_samples(params, vocab, ids, settings, opts, seed, sys.stdout)
+            sys.stdout.flush()
+            seed += 1
+        except (ConfigError, ValueError) as err:  # one bad line does not end the session
+            _err(str(err))
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from jaxchar.checkpoint import RunDir
+    from jaxchar.corpus import normalize, read_text, strip_gutenberg
+    from jaxchar.train import LN2, evaluate
+
+    with RunDir.open(args.run_dir) as run:
+        params, step = run.load_params(args.step)
+    d = run.cfg.data
+    text = read_text(args.file, args.encoding or d.encoding, d.errors)
+    if d.strip_gutenberg:
+        text = strip_gutenberg(text)[0]
+    ids = run.vocab.encode(normalize(text, d.lowercase, d.remove_punctuation), args.unknown)
+    if len(ids) < d.seq_length + 1:
+        raise ConfigError(f"{args.file} has fewer than seq_length + 1 = {d.seq_length + 1} chars")
+    loss = evaluate(params, run.cfg, ids)
+    print(
+        f"{args.file}: {loss:.4f} nats/char, {loss / LN2:.4f} bits/char "
+        f"({len(ids)} characters, checkpoint step {step})"
     )
-    texts = [run.vocab.decode(row) for row in np.asarray(out)]
-    for i, text in enumerate(texts):
-        if len(texts) > 1:
-            print(f"===== sample {i + 1} of {len(texts)} =====")
-        print(text)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from jaxchar.checkpoint import export_run
+
+    out = export_run(args.run_dir, args.out, args.step)
+    _info(f"wrote {out}/params.npz, config.json, vocab.json")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ConfigError("plot needs matplotlib: pip install 'jaxchar[plot]'") from None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for run_dir in args.run_dirs:
+        path = Path(run_dir) / "metrics.jsonl"
+        if not path.is_file():
+            raise ConfigError(f"{run_dir} has no metrics.jsonl: is it a jaxchar run?")
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        name = Path(run_dir).name
+        for ax, x in zip(axes, ("step", "wall_s"), strict=True):
+            xs = [r.get(x, 0.0) for r in rows]
+            ax.plot(xs, [r["train_loss"] for r in rows], label=f"{name} train")
+            if any("val_loss" in r for r in rows):
+                ax.plot(xs, [r.get("val_loss") for r in rows], "--", label=f"{name} validation")
+            ax.set_xlabel("step" if x == "step" else "wall time (s)")
+            ax.set_ylabel("loss (nats/char)")
+            ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(args.output, dpi=110)
+    plt.close(fig)
+    _info(f"wrote {args.output}")
     return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
     from jaxchar.checkpoint import RunDir
 
-    run = RunDir.open(args.run_dir)
-    cfg = run.cfg
-    best = run.best_step()
-    print(f"run: {run.path}")
-    print(f"vocabulary ({len(run.vocab)}): {''.join(run.vocab.chars)!r}")
-    print(f"monitored: {run.monitor} (lower is better)")
-    for name, section in cfg.to_dict().items():
-        print(f"[{name}] " + ", ".join(f"{k}={v}" for k, v in section.items()))
-    print(f"{'step':>8} {'epoch':>6} {'train loss':>11} {'val loss':>9} {'bits/char':>9}")
-    for step in run.steps():
-        try:
-            m = run.meta(step)["metrics"]
-        except Exception:
-            print(f"{step:>8} (damaged: cannot be read)")
-            continue
-        val = f"{m['val_loss']:.4f}" if "val_loss" in m else "-"
-        bpc = m.get("val_bpc", m.get("train_bpc"))
-        mark = "  <- best, used by generate" if step == best else ""
-        print(f"{step:>8} {m['epoch']:>6} {m['train_loss']:>11.4f} {val:>9} {bpc:>9.3f}{mark}")
-    run.close()
+    with RunDir.open(args.run_dir) as run:
+        cfg = run.cfg
+        best = run.best_step()
+        print(f"run: {run.path}")
+        print(f"vocabulary ({len(run.vocab)}): {''.join(run.vocab.chars)!r}")
+        print(f"monitored: {run.monitor} (lower is better)")
+        for name, section in cfg.to_dict().items():
+            print(f"[{name}] " + ", ".join(f"{k}={v}" for k, v in section.items()))
+        print(f"{'step':>8} {'epoch':>6} {'train loss':>11} {'val loss':>9} {'bits/char':>9}")
+        for step in run.steps():
+            try:
+                m = run.meta(step)["metrics"]
+            except Exception:
+                print(f"{step:>8} (damaged: cannot be read)")
+                continue
+            val = f"{m['val_loss']:.4f}" if "val_loss" in m else "-"
+            bpc = m.get("val_bpc", m.get("train_bpc"))
+            mark = "  <- best, used by generate" if step == best else ""
+            print(f"{step:>8} {m['epoch']:>6} {m['train_loss']:>11.4f} {val:>9} {bpc:>9.3f}{mark}")
     return 0
 
 
@@ -428,8 +585,36 @@ def build_parser() -> argparse.ArgumentParser:
         default="error",
         help="prompt characters outside the vocabulary",
     )
+    gen.add_argument("--output", help="write the text to this file instead of stdout")
+    gen.add_argument(
+        "--interactive",
+        action="store_true",
+        help="read prompts from stdin, one per line; :temp T, :len N, :quit",
+    )
     _add_common(gen)
     gen.set_defaults(func=cmd_generate)
+
+    ev = sub.add_parser("evaluate", help="loss and bits/char of a checkpoint on any text")
+    ev.add_argument("run_dir")
+    ev.add_argument("file", help="a text file (normalized as the run's training text)")
+    ev.add_argument("--step", type=int, help="use this checkpoint instead of the best")
+    ev.add_argument("--encoding", help="text encoding of the file")
+    ev.add_argument("--unknown", choices=("error", "skip"), default="error")
+    _add_common(ev)
+    ev.set_defaults(func=cmd_evaluate)
+
+    ex = sub.add_parser("export", help="params as .npz plus config and vocabulary as JSON")
+    ex.add_argument("run_dir")
+    ex.add_argument("out", help="a new folder")
+    ex.add_argument("--step", type=int, help="use this checkpoint instead of the best")
+    _add_common(ex)
+    ex.set_defaults(func=cmd_export)
+
+    pl = sub.add_parser("plot", help="PNG of train/validation loss for one or more runs")
+    pl.add_argument("run_dirs", nargs="+")
+    pl.add_argument("--output", default="loss.png")
+    _add_common(pl)
+    pl.set_defaults(func=cmd_plot)
 
     info = sub.add_parser("info", help="show a run's config and kept checkpoints")
     info.add_argument("run_dir")

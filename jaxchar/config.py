@@ -99,6 +99,7 @@ class TrainConfig:
     steps_per_call: int = 1  # train steps fused into one jitted call (lax.scan)
     eval_batches: int = 0  # cap on validation batches; 0 = the whole split
     skip_nonfinite: bool = False  # drop an update whose loss or gradient is NaN/inf
+    sample_chars: int = 200  # sample this many characters at each save (0 = off)
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs must be at least 1")
@@ -115,6 +116,7 @@ class TrainConfig:
         _check(self.log_every >= 1, "train.log_every must be at least 1")
         _check(self.steps_per_call >= 1, "train.steps_per_call must be at least 1")
         _check(self.eval_batches >= 0, "train.eval_batches must not be negative")
+        _check(self.sample_chars >= 0, "train.sample_chars must not be negative")
 
 
 @dataclass(frozen=True)

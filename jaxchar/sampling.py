@@ -8,6 +8,7 @@ static. Temperature 0 means argmax, as in the tutorial.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from functools import partial
 
 import jax
@@ -50,6 +51,53 @@ def sample_logits(
     return jnp.where(temperature > 0, drawn, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
 
 
+def _start(params, prompt, cfg: ModelConfig, mode: str, seq_length: int):
+    """The generation state after reading the prompt [rows, P]: (carry, last logits) for
+    stateful mode, (window, mask) for window mode."""
+    rows = prompt.shape[0]
+    if mode == "stateful":
+        logits, carry = apply(params, cfg, prompt, init_carry(cfg, rows))
+        return carry, logits[:, -1]
+    if mode == "window":
+        tail = prompt[:, -seq_length:]
+        pad = seq_length - tail.shape[1]
+        window = jnp.pad(tail, ((0, 0), (pad, 0)))
+        return window, jnp.broadcast_to(jnp.arange(seq_length) >= pad, (rows, seq_length))
+    raise ValueError(f"mode must be 'stateful' or 'window', not {mode!r}")
+
+
+def _steps(params, state, keys, cfg: ModelConfig, mode: str, draw):
+    """One new character per key (keys [n, 2]): returns (state, ids [rows, n])."""
+    if mode == "stateful":
+
+        def body(state, k):
+            carry, last = state
+            nxt = draw(k, last)
+            last, carry = step(params, cfg, carry, nxt)
+            return (carry, last), nxt
+
+    else:
+
+        def body(state, k):
+            window, mask = state
+            logits, _ = apply(params, cfg, window, mask=mask, last_only=True)
+            nxt = draw(k, logits)
+            window = jnp.concatenate([window[:, 1:], nxt[:, None]], axis=1)
+            mask = jnp.concatenate([mask[:, 1:], jnp.ones_like(mask[:, :1])], axis=1)
+            return (window, mask), nxt
+
+    state, out = jax.lax.scan(body, state, keys)
+    return state, out.T
+
+
+def _rows(prompt, num_samples):
+    prompt = jnp.asarray(prompt, jnp.int32)
+    single = prompt.ndim == 1 and num_samples is None
+    if prompt.ndim == 1:
+        prompt = jnp.broadcast_to(prompt, (num_samples or 1, prompt.shape[0]))
+    return prompt, single
+
+
 @partial(
     jax.jit,
     static_argnames=("cfg", "length", "top_k", "num_samples", "mode", "seq_length"),
@@ -78,41 +126,54 @@ def sample(
     way, matching models trained on windows). A prompt shorter than the window is left-padded
     with masked positions that leave the LSTM state untouched.
     """
-    prompt = jnp.asarray(prompt, jnp.int32)
-    single = prompt.ndim == 1 and num_samples is None
-    if prompt.ndim == 1:
-        prompt = jnp.broadcast_to(prompt, (num_samples or 1, prompt.shape[0]))
-    rows = prompt.shape[0]
-    keys = jax.random.split(key, length)
+    prompt, single = _rows(prompt, num_samples)
     draw = partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
-
-    if mode == "stateful":
-        logits, carry = apply(params, cfg, prompt, init_carry(cfg, rows))
-
-        def body(state, k):
-            carry, last = state
-            nxt = draw(k, last)
-            last, carry = step(params, cfg, carry, nxt)
-            return (carry, last), nxt
-
-        _, out = jax.lax.scan(body, (carry, logits[:, -1]), keys)
-    elif mode == "window":
-        width = seq_length
-        tail = prompt[:, -width:]
-        pad = width - tail.shape[1]
-        window = jnp.pad(tail, ((0, 0), (pad, 0)))
-        mask = jnp.broadcast_to(jnp.arange(width) >= pad, (rows, width))
-
-        def body(state, k):
-            window, mask = state
-            logits, _ = apply(params, cfg, window, mask=mask, last_only=True)
-            nxt = draw(k, logits)
-            window = jnp.concatenate([window[:, 1:], nxt[:, None]], axis=1)
-            mask = jnp.concatenate([mask[:, 1:], jnp.ones((rows, 1), bool)], axis=1)
-            return (window, mask), nxt
-
-        _, out = jax.lax.scan(body, (window, mask), keys)
-    else:
-        raise ValueError(f"mode must be 'stateful' or 'window', not {mode!r}")
-    out = out.T  # [rows, length]
+    state = _start(params, prompt, cfg, mode, seq_length)
+    _, out = _steps(params, state, jax.random.split(key, length), cfg, mode, draw)
     return out[0] if single else out
+
+
+@partial(jax.jit, static_argnames=("cfg", "mode", "seq_length"))
+def _start_jit(params, prompt, *, cfg, mode, seq_length):
+    return _start(params, prompt, cfg, mode, seq_length)
+
+
+@partial(jax.jit, static_argnames=("cfg", "mode", "top_k"))
+def _chunk_jit(params, state, keys, temperature, top_p, *, cfg, mode, top_k):
+    draw = partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
+    return _steps(params, state, keys, cfg, mode, draw)
+
+
+def sample_stream(
+    params: dict,
+    key: jax.Array,
+    prompt: jax.Array,
+    *,
+    cfg: ModelConfig,
+    length: int,
+    temperature=1.0,
+    top_k: int | None = None,
+    top_p=None,
+    num_samples: int | None = None,
+    mode: str = "stateful",
+    seq_length: int = 100,
+    chunk: int = 64,
+) -> Iterator[jax.Array]:
+    """`sample`, delivered `chunk` characters at a time (each chunk one jitted lax.scan),
+    so that text can be shown as it is made. The concatenated chunks equal `sample`'s
+    output for the same arguments: the per-character keys are the same."""
+    prompt, single = _rows(prompt, num_samples)
+    state = _start_jit(params, prompt, cfg=cfg, mode=mode, seq_length=seq_length)
+    keys = jax.random.split(key, length)
+    for begin in range(0, length, chunk):
+        state, ids = _chunk_jit(
+            params,
+            state,
+            keys[begin : begin + chunk],
+            temperature,
+            top_p,
+            cfg=cfg,
+            mode=mode,
+            top_k=top_k,
+        )
+        yield ids[0] if single else ids

@@ -240,6 +240,7 @@ def fit(
     log: Callable[[dict], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     mesh: Mesh | None = None,
+    on_save: Callable[[Any, dict], None] | None = None,
 ) -> FitResult:
     """Trains `cfg.model` on the ids; saves through `checkpointer` at every epoch end (or
     every train.save_every_steps); resumes from the checkpointer's latest save if it has one.
@@ -247,7 +248,8 @@ def fit(
     `log` receives dicts: {"event": "start" | "progress" | "save", ...}. `should_stop` is
     polled between dispatches (signal handlers set it); the loop then saves and returns.
     With a `mesh` (jaxchar.distributed.make_mesh) the global batch is split over its
-    devices and params are replicated; results match the single-device run."""
+    devices and params are replicated; results match the single-device run. `on_save`
+    receives (params, metrics) after each save (the CLI prints samples there)."""
     log = log or (lambda event: None)
     should_stop = should_stop or (lambda: False)
     if cfg.model.vocab_size < 1:
@@ -323,7 +325,15 @@ def fit(
                 metrics["val_bpc"] = metrics["val_loss"] / LN2
             if not all(_finite(v) for v in metrics.values()):
                 raise TrainingError(f"non-finite metrics at step {step}: {metrics}; not saved")
-            metrics.update(step=step, epoch=epoch + 1, epoch_done=bool(epoch_end))
+            elapsed = time.perf_counter() - began
+            metrics.update(
+                step=step,
+                epoch=epoch + 1,
+                epoch_done=bool(epoch_end),
+                lr=float(schedule(step)),
+                chars_per_s=(step - began_step) * chars_per_step / max(elapsed, 1e-9),
+                wall_s=elapsed,
+            )
             if t.skip_nonfinite:
                 metrics["skipped_updates"] = int(totals[2])
                 result.skipped += int(totals[2])
@@ -331,6 +341,8 @@ def fit(
                 checkpointer.save(step, {"state": state, "totals": totals}, metrics)
             result.history.append(metrics)
             log({"event": "save", **metrics})
+            if on_save is not None:
+                on_save(state.params, metrics)
             if epoch_end:
                 totals = replicate(zero_totals(), mesh)
         if stop:

@@ -90,7 +90,8 @@ def test_sigint_saves_and_says_how_to_resume_then_resume_matches(tmp_path, text_
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "--resume" in err and "Traceback" not in err
-    steps = RunDir.open(run).steps()
+    with RunDir.open(run) as opened:
+        steps = opened.steps()
     assert steps and max(steps) < 30
     resumed = subprocess.run(
         _train_cmd(text_file, run, "--resume", "--quiet"), capture_output=True, text=True
@@ -112,7 +113,8 @@ def test_kill_9_loses_only_unsaved_work_and_resume_is_exact(tmp_path, text_file,
     _wait_for_save(run, proc, count=2)
     proc.kill()  # SIGKILL: no handler runs
     proc.wait()
-    assert RunDir.open(run).steps()  # what was saved is still readable
+    with RunDir.open(run) as opened:
+        assert opened.steps()  # what was saved is still readable
     resumed = subprocess.run(
         _train_cmd(text_file, run, "--resume", "--quiet"), capture_output=True, text=True
     )
@@ -162,6 +164,7 @@ def test_damaged_latest_checkpoint_is_skipped_on_resume_and_never_best(alice_tex
     assert int(restored["state"].step) == 10  # fell back to the previous good save
     with pytest.raises(CheckpointError, match="cannot be read"):
         reopened.load_params(15)
+    reopened.close()
 
 
 def test_deleted_metadata_is_detected(alice_text, tmp_path, capsys):
@@ -196,6 +199,7 @@ def test_nonfinite_loss_stops_and_is_never_saved(alice_text, tmp_path):
         fit(cfg, corpus.train_ids, checkpointer=run)
     for step in run.steps():  # whatever was saved before the blow-up is finite
         assert np.isfinite(run.meta(step)["metrics"]["train_loss"])
+    run.close()
 
 
 def test_skip_nonfinite_drops_bad_updates(alice_text):

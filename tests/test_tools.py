@@ -1,0 +1,183 @@
+"""Progress, metrics log, samples while training, streaming, interactive, export, evaluate,
+plot."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import DATA
+
+from jaxchar.checkpoint import load_checkpoint, load_export
+from jaxchar.cli import main
+from jaxchar.model import apply
+from jaxchar.sampling import sample, sample_stream
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "alice.txt"
+    path.write_text((DATA / "wonderland.txt").read_text()[:25000])
+    return path
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, text_file):
+    """A tiny run trained through the CLI, with its stderr (pytest's capture: not a TTY)."""
+    run = tmp_path_factory.mktemp("runs") / "tiny"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jaxchar",
+            "train",
+            str(text_file),
+            "--config",
+            "tiny",
+            "--run-dir",
+            str(run),
+            "--set",
+            "train.sample_chars=30",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return run, proc.stderr
+
+
+def test_progress_is_plain_lines_when_not_a_terminal(run):
+    _, err = run
+    lines = err.splitlines()
+    assert any(line.startswith("epoch 1 step 10/40 loss") and "chars/s" in line for line in lines)
+    assert "\r" not in err  # no progress-bar redraws in a log file
+
+
+def test_metrics_log_schema(run):
+    path, _ = run
+    rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [20, 40]
+    for r in rows:
+        for key in (
+            "step",
+            "epoch",
+            "train_loss",
+            "train_bpc",
+            "val_loss",
+            "val_bpc",
+            "lr",
+            "chars_per_s",
+            "wall_s",
+        ):
+            assert key in r, key
+        assert abs(r["train_bpc"] - r["train_loss"] / np.log(2)) < 1e-9
+        assert r["chars_per_s"] > 0 and r["wall_s"] > 0
+
+
+def test_samples_while_training_are_shown_and_saved(run):
+    path, err = run
+    saved = (path / "samples.txt").read_text()
+    assert saved.count("[temperature 0.2]") == 2 and "--- step 40" in saved
+    assert "[temperature 1.0]" in err
+
+
+def test_streamed_equals_batched_for_the_same_seed(run):
+    params, cfg, vocab = load_checkpoint(run[0])
+    prompt = jnp.asarray(vocab.encode("alice "))
+    kw = dict(cfg=cfg.model, length=45, temperature=0.9, top_p=0.95)
+    whole = sample(params, jax.random.PRNGKey(5), prompt, **kw)
+    parts = list(sample_stream(params, jax.random.PRNGKey(5), prompt, chunk=16, **kw))
+    assert [p.shape[0] for p in parts] == [16, 16, 13]
+    np.testing.assert_array_equal(np.concatenate(parts), whole)
+    window = dict(kw, mode="window", seq_length=cfg.data.seq_length)
+    np.testing.assert_array_equal(
+        np.concatenate(
+            list(sample_stream(params, jax.random.PRNGKey(1), prompt, chunk=7, **window))
+        ),
+        sample(params, jax.random.PRNGKey(1), prompt, **window),
+    )
+
+
+def test_generate_output_file_matches_stdout(run, tmp_path, capsys):
+    args = [
+        "generate",
+        str(run[0]),
+        "--prompt",
+        "alice",
+        "--length",
+        "50",
+        "--seed",
+        "2",
+        "--temperature",
+        "0.7",
+    ]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert main([*args, "--output", str(tmp_path / "out.txt")]) == 0
+    assert (tmp_path / "out.txt").read_text() == printed
+    assert capsys.readouterr().out == ""
+
+
+def test_interactive_mode_through_stdin(run):
+    script = "alice was\n:temp 0.5\n:len 20\n:bogus\nthe \n:quit\n"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jaxchar",
+            "generate",
+            str(run[0]),
+            "--interactive",
+            "--length",
+            "30",
+            "--temperature",
+            "0",
+        ],
+        input=script,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    outputs = proc.stdout.splitlines()
+    assert [len(line) for line in outputs] == [30, 20]
+    assert "unknown command :bogus" in proc.stderr and "temperature 0.5" in proc.stderr
+
+
+def test_export_round_trip_gives_the_same_logits(run, tmp_path):
+    assert main(["export", str(run[0]), str(tmp_path / "exp")]) == 0
+    params, cfg, vocab = load_checkpoint(run[0])
+    params2, cfg2, vocab2 = load_export(tmp_path / "exp")
+    assert cfg2 == cfg and vocab2 == vocab
+    ids = jnp.asarray(vocab.encode("alice was beginning"))[None]
+    np.testing.assert_array_equal(
+        apply(params, cfg.model, ids)[0], apply(params2, cfg2.model, ids)[0]
+    )
+    assert main(["export", str(run[0]), str(tmp_path / "exp")]) == 2  # never overwrites
+
+
+def test_evaluate_reports_loss_and_bits(run, text_file, capsys):
+    assert main(["evaluate", str(run[0]), str(text_file)]) == 0
+    out = capsys.readouterr().out
+    nats = float(out.split(": ")[1].split(" nats")[0])
+    bits = float(out.split(", ")[1].split(" bits")[0])
+    assert 0.5 < nats < 5 and abs(bits - nats / np.log(2)) < 1e-3
+
+
+def test_plot_writes_a_png(run, tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "loss.png"
+    assert main(["plot", str(run[0]), str(run[0]), "--output", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
+
+
+@pytest.mark.parametrize("sub", ["evaluate", "export", "plot"])
+def test_more_help_exits_zero(sub):
+    proc = subprocess.run(
+        [sys.executable, "-m", "jaxchar", sub, "--help"], capture_output=True, text=True
+    )
+    assert proc.returncode == 0 and "usage" in proc.stdout
