@@ -3,7 +3,7 @@
     python benchmarks/bench_quality.py --config fast [--budget-s 300]
     python benchmarks/bench_quality.py --config small --budget-s 1800 --save-every 200
 
-Trains `--config` on ../shared/data/wonderland.txt (lowercased, Gutenberg header stripped,
+Trains `--config` on ../shared/data/wonderland.txt (or --corpus; lowercased, header stripped,
 the last 10% held out so that a validation loss can be reported beside the training loss),
 saving metrics every epoch (or every --save-every steps), and records the first time the
 training loss reaches the tutorial's figure for that model (small 1.9435; stacked and fast
@@ -31,6 +31,7 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=300.0)
     parser.add_argument("--save-every", type=int, default=0)
     parser.add_argument("--set", action="append", default=[])
+    parser.add_argument("--corpus", default="wonderland.txt", help="a file in ../shared/data")
     args = parser.parse_args()
 
     from jaxchar.cli import resolve_config_path
@@ -42,7 +43,7 @@ def main() -> None:
     if args.save_every:
         sets.append(f"train.save_every_steps={args.save_every}")
     cfg = override(load_config(resolve_config_path(args.config)), sets)
-    corpus = load_corpus(common.DATA / "wonderland.txt", cfg.data)
+    corpus = load_corpus(common.DATA / args.corpus, cfg.data)
     cfg = with_vocab(cfg, len(corpus.vocab))
     target = TARGETS.get(args.config, DEFAULT_TARGET)
     began = time.perf_counter()
@@ -73,6 +74,7 @@ def main() -> None:
     best_val = min(curve, key=lambda p: p["val_loss"])
     result = {
         "config": args.config,
+        "corpus": args.corpus,
         "sets": sets,
         "target_train_loss": target,
         "budget_s": args.budget_s,

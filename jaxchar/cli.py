@@ -67,6 +67,12 @@ def build_config(args: argparse.Namespace) -> Config:
         sets.append(f"data.lowercase={args.lowercase}")
     if args.remove_punctuation:
         sets.append("data.remove_punctuation=true")
+    if args.skip_nonfinite:
+        sets.append("train.skip_nonfinite=true")
+    if args.dtype:
+        sets.append(f"model.dtype={args.dtype}")
+    if args.shard_params:
+        sets.append("train.shard_params=true")
     return override(cfg, sets + list(args.set or []))
 
 
@@ -116,7 +122,9 @@ class _Progress:
             )
             if self.bar is not None:
                 self.bar.n = event["step"]
-                self.bar.set_postfix_str(f"loss {event['loss']:.4f}")
+                self.bar.set_postfix_str(
+                    f"loss {event['loss']:.4f}, {event['chars_per_s']:,.0f} chars/s"
+                )
             else:
                 _info(text)
         elif kind == "save":
@@ -196,10 +204,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     stop = _StopFlag(args.quiet)
     stop.install()
     progress = _Progress(args.quiet)
-    on_save = None
+    hooks = []
     if cfg.train.sample_chars and distributed.is_single_process():
         seed_ids = corpus.train_ids[: cfg.data.seq_length]
-        on_save = _TrainingSamples(run.path, cfg, run.vocab, seed_ids, args.quiet)
+        hooks.append(_TrainingSamples(run.path, cfg, run.vocab, seed_ids, args.quiet))
+    if args.tensorboard and primary:
+        hooks.append(_TensorBoard(run.path / "tensorboard"))
+
+    def on_save(params, metrics: dict) -> None:
+        for hook in hooks:
+            hook(params, metrics)
+
     began = time.perf_counter()
     try:
         result = fit(
@@ -263,6 +278,25 @@ class _TrainingSamples:
         _info(text, self.quiet)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(text + "\n")
+
+
+class _TensorBoard:
+    """--tensorboard: the saved metrics as TensorBoard scalars in RUN/tensorboard."""
+
+    def __init__(self, folder: Path):
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError:
+            raise ConfigError(
+                "--tensorboard needs tensorboardX: pip install 'jaxchar[tensorboard]'"
+            ) from None
+        self.writer = SummaryWriter(str(folder))
+
+    def __call__(self, params, metrics: dict) -> None:
+        for name, value in metrics.items():
+            if isinstance(value, float) and name != "wall_s":
+                self.writer.add_scalar(name, value, metrics["step"], walltime=None)
+        self.writer.flush()
 
 
 def _cache_dir() -> Path:
@@ -527,6 +561,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run in --run-dir")
     t.add_argument("--print-config", action="store_true", help="print the resolved config, exit")
+    t.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also write TensorBoard event files to RUN/tensorboard",
+    )
     g = t.add_argument_group("data")
     g.add_argument("--val-fraction", type=float, help="share of the text held out (from its end)")
     g.add_argument("--seq-length", type=int, help="characters of context")
@@ -541,6 +580,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int)
     g.add_argument("--learning-rate", type=float)
     g.add_argument("--seed", type=int)
+    g.add_argument(
+        "--skip-nonfinite",
+        action="store_true",
+        help="drop an update whose loss is NaN/inf instead of stopping",
+    )
+    g.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        help="matrix products in this type (params and loss stay float32)",
+    )
     g = t.add_argument_group("devices and hosts")
     g.add_argument(
         "--devices", type=int, help="data-parallel over the first N devices (default: all of them)"
@@ -553,6 +602,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--coordinator", help="with --distributed: ADDRESS:PORT of process 0")
     g.add_argument("--num-processes", type=int, help="with --distributed: processes in all")
     g.add_argument("--process-id", type=int, help="with --distributed: this process' index")
+    g.add_argument(
+        "--shard-params",
+        action="store_true",
+        help="split params and optimizer state over the devices (FSDP-style)",
+    )
     g = t.add_argument_group("any field")
     g.add_argument(
         "--set",

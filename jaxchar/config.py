@@ -100,6 +100,7 @@ class TrainConfig:
     eval_batches: int = 0  # cap on validation batches; 0 = the whole split
     skip_nonfinite: bool = False  # drop an update whose loss or gradient is NaN/inf
     sample_chars: int = 200  # sample this many characters at each save (0 = off)
+    shard_params: bool = False  # with several devices: split params and optimizer state (FSDP)
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs must be at least 1")

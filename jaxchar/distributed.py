@@ -93,6 +93,38 @@ def replicate(tree: Any, mesh: Mesh | None) -> Any:
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(spec, np.asarray(x)), tree)
 
 
+MIN_SHARDED_SIZE = 1024  # smaller arrays (biases, scalars) stay replicated
+
+
+def param_spec(shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:
+    """FSDP-style: split an array's leading axis along `data` when it divides evenly and the
+    array is large enough to matter; replicate the rest."""
+    n = mesh.devices.size
+    if len(shape) >= 1 and shape[0] % n == 0 and int(np.prod(shape)) >= MIN_SHARDED_SIZE:
+        return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+    return replicated(mesh)
+
+
+def shard_params(tree: Any, mesh: Mesh | None) -> Any:
+    """Inside jit: keep params (or optimizer state) split as param_spec says."""
+    if mesh is None:
+        return tree
+    return jax.tree.map(
+        lambda x: jax.lax.with_sharding_constraint(x, param_spec(x.shape, mesh)), tree
+    )
+
+
+def place_sharded(tree: Any, mesh: Mesh) -> Any:
+    """Outside jit: puts host or device arrays on the mesh split as param_spec says (each
+    process supplies only the pieces its devices hold)."""
+
+    def put(x):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, param_spec(x.shape, mesh), lambda i: x[i])
+
+    return jax.tree.map(put, tree)
+
+
 def is_single_process() -> bool:
     return jax.process_count() == 1
 

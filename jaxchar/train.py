@@ -23,7 +23,14 @@ from flax import struct
 
 from jaxchar import data
 from jaxchar.config import Config, TrainConfig
-from jaxchar.distributed import Mesh, check_batch, replicate, shard_batch
+from jaxchar.distributed import (
+    Mesh,
+    check_batch,
+    place_sharded,
+    replicate,
+    shard_batch,
+    shard_params,
+)
 from jaxchar.model import apply, init_carry, init_params
 
 LN2 = math.log(2.0)
@@ -148,6 +155,11 @@ def run_steps(state: TrainState, totals, ids, epoch, first, *, cfg: Config, tx, 
         batch = shard_batch(make_batch(ids, data_key, epoch, first + i, cfg), mesh)
         key = jax.random.fold_in(dropout_key, state.step)
         state, m = train_step(state, batch, key, cfg=cfg, tx=tx)
+        if cfg.train.shard_params and mesh is not None:  # FSDP: stay split between steps
+            state = state.replace(
+                params=shard_params(state.params, mesh),
+                opt_state=shard_params(state.opt_state, mesh),
+            )
         totals = (
             totals[0] + m["loss"] * m["weight"],
             totals[1] + m["weight"],
@@ -267,7 +279,14 @@ def fit(
     init_key = jax.random.fold_in(jax.random.PRNGKey(t.seed), 2)
     if mesh is not None:
         check_batch(t.batch_size, mesh)
-    state = replicate(create_state(cfg, tx, init_key), mesh)
+    state = create_state(cfg, tx, init_key)
+    if mesh is not None and t.shard_params:
+        state = replicate(state.replace(params=None, opt_state=None), mesh).replace(
+            params=place_sharded(state.params, mesh),
+            opt_state=place_sharded(state.opt_state, mesh),
+        )
+    else:
+        state = replicate(state, mesh)
     totals = replicate(zero_totals(), mesh)
     if checkpointer is not None:
         restored = checkpointer.restore_latest({"state": state, "totals": totals})

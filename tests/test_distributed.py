@@ -49,6 +49,13 @@ def test_checkpoints_move_between_device_counts(four_devices):
         assert four_devices[name + "_maxdiff"] < 1e-5
 
 
+def test_sharded_params_match_and_stay_split(four_devices):
+    for a, b in zip(four_devices["one"], four_devices["fsdp"], strict=True):
+        assert abs(a - b) < 1e-5
+    assert "data" in four_devices["fsdp_sharding"]
+    assert four_devices["fsdp_shard_rows"] == 16 // 4  # [hidden=16, 64] split by rows
+
+
 def test_batch_must_divide_over_devices(four_devices):
     assert "multiple of 4" in four_devices["error"] and "8" in four_devices["error"]
 

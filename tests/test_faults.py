@@ -67,6 +67,18 @@ def _wait_for_save(run_dir: Path, proc, count=1, timeout=120):
     pytest.fail("no checkpoint appeared in time")
 
 
+def _resume_and_compare(text_file, run, straight_run):
+    """--resume the run to its end; its params must equal the uninterrupted run's."""
+    resumed = subprocess.run(
+        _train_cmd(text_file, run, "--resume", "--quiet"), capture_output=True, text=True
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    for x, y in zip(
+        jax.tree.leaves(_params(run, 30)), jax.tree.leaves(_params(straight_run, 30)), strict=True
+    ):
+        np.testing.assert_array_equal(x, y)
+
+
 def _params(run_dir, step):
     return load_checkpoint(run_dir, step=step)[0]
 
@@ -78,7 +90,10 @@ def straight_run(tmp_path_factory, text_file):
     return run
 
 
-def test_sigint_saves_and_says_how_to_resume_then_resume_matches(tmp_path, text_file, straight_run):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_saves_and_says_how_to_resume_then_resume_matches(
+    signum, tmp_path, text_file, straight_run
+):
     run = tmp_path / "run"
     proc = subprocess.Popen(
         _train_cmd(text_file, run, "--max-steps", "30", "--set", "train.steps_per_call=1"),
@@ -86,21 +101,14 @@ def test_sigint_saves_and_says_how_to_resume_then_resume_matches(tmp_path, text_
         text=True,
     )
     _wait_for_save(run, proc)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "--resume" in err and "Traceback" not in err
     with RunDir.open(run) as opened:
         steps = opened.steps()
     assert steps and max(steps) < 30
-    resumed = subprocess.run(
-        _train_cmd(text_file, run, "--resume", "--quiet"), capture_output=True, text=True
-    )
-    assert resumed.returncode == 0, resumed.stderr
-    for x, y in zip(
-        jax.tree.leaves(_params(run, 30)), jax.tree.leaves(_params(straight_run, 30)), strict=True
-    ):
-        np.testing.assert_array_equal(x, y)
+    _resume_and_compare(text_file, run, straight_run)
 
 
 def test_kill_9_loses_only_unsaved_work_and_resume_is_exact(tmp_path, text_file, straight_run):
@@ -115,14 +123,7 @@ def test_kill_9_loses_only_unsaved_work_and_resume_is_exact(tmp_path, text_file,
     proc.wait()
     with RunDir.open(run) as opened:
         assert opened.steps()  # what was saved is still readable
-    resumed = subprocess.run(
-        _train_cmd(text_file, run, "--resume", "--quiet"), capture_output=True, text=True
-    )
-    assert resumed.returncode == 0, resumed.stderr
-    for x, y in zip(
-        jax.tree.leaves(_params(run, 30)), jax.tree.leaves(_params(straight_run, 30)), strict=True
-    ):
-        np.testing.assert_array_equal(x, y)
+    _resume_and_compare(text_file, run, straight_run)
 
 
 def _small_setup(alice_text, *sets):

@@ -41,6 +41,7 @@ def run(tmp_path_factory, text_file):
             str(run),
             "--set",
             "train.sample_chars=30",
+            "--tensorboard",
         ],
         capture_output=True,
         text=True,
@@ -76,6 +77,15 @@ def test_metrics_log_schema(run):
             assert key in r, key
         assert abs(r["train_bpc"] - r["train_loss"] / np.log(2)) < 1e-9
         assert r["chars_per_s"] > 0 and r["wall_s"] > 0
+
+
+def test_tensorboard_event_file_holds_the_metrics(run):
+    path, _ = run
+    events = list((path / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) == 1
+    data = events[0].read_bytes()
+    for tag in (b"train_loss", b"val_loss", b"val_bpc", b"lr"):
+        assert tag in data
 
 
 def test_samples_while_training_are_shown_and_saved(run):

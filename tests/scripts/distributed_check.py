@@ -56,6 +56,11 @@ for name, first, second in (("4to1", make_mesh(4), None), ("1to4", None, make_me
             jax.tree.leaves(res.state.params), jax.tree.leaves(one.state.params), strict=True
         )
     )
+fsdp = fit(override(cfg, ["train.shard_params=true"]), corpus.train_ids, mesh=make_mesh(4))
+out["fsdp"] = [h["train_loss"] for h in fsdp.history]
+kernel = fsdp.state.params["lstm_0"]["cell"]["recurrent_kernel"]
+out["fsdp_sharding"] = str(kernel.sharding.spec)
+out["fsdp_shard_rows"] = kernel.addressable_shards[0].data.shape[0]
 try:
     fit(override(cfg, ["train.batch_size=6"]), corpus.train_ids, mesh=make_mesh(4))
 except DistributedError as e:
