@@ -55,6 +55,10 @@ def build_config(args: argparse.Namespace) -> Config:
         "val_fraction": "data.val_fraction",
         "seq_length": "data.seq_length",
         "encoding": "data.encoding",
+        "layers": "model.layers",
+        "hidden": "model.hidden",
+        "dropout": "model.dropout",
+        "input_encoding": "model.encoding",
         "errors": "data.errors",
     }
     for flag, key in flag_fields.items():
@@ -574,6 +578,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep-gutenberg-header", action="store_true", help="do not strip it")
     g.add_argument("--lowercase", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--remove-punctuation", action="store_true")
+    g = t.add_argument_group("model")
+    g.add_argument("--layers", type=int, help="LSTM layers")
+    g.add_argument("--hidden", type=int, help="units per LSTM layer")
+    g.add_argument("--dropout", type=float, help="dropout after each LSTM layer")
+    g.add_argument(
+        "--input-encoding",
+        choices=("scaled", "onehot", "embed"),
+        help="scaled: id / vocab (the tutorial); onehot; embed (learned)",
+    )
     g = t.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int)
     g.add_argument("--max-steps", type=int, help="stop after this many steps in all")

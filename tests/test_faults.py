@@ -252,3 +252,21 @@ def test_env_is_not_read_by_the_library():
     for f in src.glob("*.py"):
         if f.name != "cli.py":
             assert "os.environ" not in f.read_text(), f.name
+
+
+def test_second_interrupt_quits_at_once_and_keeps_saved_work(tmp_path, text_file):
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        _train_cmd(text_file, run, "--max-steps", "100000", "--set", "train.steps_per_call=1"),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _wait_for_save(run, proc)
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err
+    with RunDir.open(run) as opened:  # what was saved before is intact
+        step = opened.best_step()
+        assert step is not None
+        opened.load_params(step)

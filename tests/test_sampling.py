@@ -72,6 +72,15 @@ def _greedy_reference(params, prompt, length):
     return out
 
 
+@settings(max_examples=8, deadline=None)
+@given(st.lists(st.integers(0, 12), min_size=1, max_size=6), st.integers(1, 6))
+def test_greedy_equals_step_by_step_reference_for_any_prompt(params, prompt, length):
+    got = sample(
+        params, jax.random.PRNGKey(0), jnp.array(prompt), cfg=CFG, length=length, temperature=0.0
+    )
+    assert np.asarray(got).tolist() == _greedy_reference(params, prompt, length)
+
+
 def test_argmax_generation_equals_naive_reference(params):
     prompt = [3, 1, 4, 1, 5]
     got = sample(
