@@ -42,13 +42,21 @@ def sample_logits(
     """One id per row of logits [..., vocab]: argmax when temperature is 0, else a draw
     from softmax(logits / temperature) restricted by top-k, then top-p."""
     logits = logits.astype(jnp.float32)
-    scaled = logits / jnp.maximum(temperature, 1e-6)
-    if top_k:
-        scaled = top_k_filter(scaled, top_k)
-    if top_p is not None:
-        scaled = top_p_filter(scaled, top_p)
-    drawn = jax.random.categorical(key, scaled, axis=-1)
-    return jnp.where(temperature > 0, drawn, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+
+    def draw():
+        scaled = logits / jnp.maximum(temperature, 1e-6)
+        if top_k:
+            scaled = top_k_filter(scaled, top_k)
+        if top_p is not None:
+            scaled = top_p_filter(scaled, top_p)
+        return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+
+    def greedy():
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    # a cond, not a where: at temperature 0 the random draw (most of a step's cost at batch
+    # 64, measured in benchmarks/bench_generate.py) is skipped, while temperature stays traced
+    return jax.lax.cond(jnp.asarray(temperature) > 0, draw, greedy)
 
 
 def _start(params, prompt, cfg: ModelConfig, mode: str, seq_length: int):
