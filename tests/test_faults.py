@@ -270,3 +270,25 @@ def test_second_interrupt_quits_at_once_and_keeps_saved_work(tmp_path, text_file
         step = opened.best_step()
         assert step is not None
         opened.load_params(step)
+
+
+def test_half_written_checkpoint_is_ignored(alice_text, tmp_path):
+    """What a kill during a save leaves behind: orbax writes each step into a temporary
+    folder and renames it when complete, so a killed save is a *.orbax-checkpoint-tmp-*
+    folder. It must never count as a checkpoint, and resume continues from the last one."""
+    cfg, corpus = _small_setup(alice_text, "train.max_steps=10", "train.save_every_steps=5")
+    with RunDir.create(tmp_path / "run", cfg, corpus.vocab) as run:
+        fit(cfg, corpus.train_ids, checkpointer=run)
+    partial = tmp_path / "run" / "checkpoints" / "15.orbax-checkpoint-tmp-1234567"
+    (partial / "params").mkdir(parents=True)
+    (partial / "params" / "half.bin").write_bytes(b"\x00" * 17)
+    longer = override(cfg, ["train.max_steps=20"])
+    with RunDir.open(tmp_path / "run") as run:
+        assert run.steps() == [5, 10]
+        result = fit(longer, corpus.train_ids, checkpointer=run)
+        assert int(result.state.step) == 20 and 20 in run.steps() and 15 in run.steps()
+    straight = fit(longer, corpus.train_ids)
+    for x, y in zip(
+        jax.tree.leaves(result.state.params), jax.tree.leaves(straight.state.params), strict=True
+    ):
+        np.testing.assert_array_equal(x, y)
