@@ -299,7 +299,3 @@ def load_export(out_dir: str | Path) -> tuple[dict, Config, Vocab]:
     cfg = from_dict(json.loads((out / "config.json").read_text(encoding="utf-8")))
     vocab = Vocab.from_json((out / "vocab.json").read_text(encoding="utf-8"))
     return params, cfg, vocab
-
-
-def param_count(params: dict) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,8 +163,6 @@ def _field_types(cls: type) -> dict[str, type]:
 
 def _coerce(where: str, value: Any, kind: type) -> Any:
     """Checks (and for ints given to float fields, widens) one value against its type."""
-    if isinstance(kind, types.UnionType):  # not used by the sections today
-        raise ConfigError(f"{where}: unsupported field type {kind}")
     if kind is bool:
         _check(isinstance(value, bool), f"{where} must be true or false, not {value!r}")
     elif kind is int:
