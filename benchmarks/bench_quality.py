@@ -70,6 +70,8 @@ def main() -> None:
         corpus.val_ids,
         log=log,
         should_stop=lambda: time.perf_counter() - began > args.budget_s,
+        train_spans=corpus.train_spans,
+        val_spans=corpus.val_spans,
     )
     best_val = min(curve, key=lambda p: p["val_loss"])
     result = {

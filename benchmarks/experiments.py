@@ -94,6 +94,8 @@ def run_one(name: str, budget: float) -> dict:
         corpus.train_ids,
         corpus.val_ids,
         should_stop=lambda: time.perf_counter() - began > budget,
+        train_spans=corpus.train_spans,
+        val_spans=corpus.val_spans,
     )
     wall = time.perf_counter() - began
     best = min(result.history, key=lambda m: m["val_loss"])

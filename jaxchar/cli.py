@@ -230,6 +230,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             should_stop=lambda: stop.stop,
             mesh=mesh,
             on_save=on_save,
+            train_spans=corpus.train_spans,
+            val_spans=corpus.val_spans,
         )
     finally:
         progress.close()
@@ -455,7 +457,7 @@ def _interactive(params, vocab, settings, opts, args) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from jaxchar.checkpoint import RunDir
-    from jaxchar.corpus import normalize, read_text, strip_gutenberg
+    from jaxchar.corpus import normalize, read_text, sentence_spans, strip_gutenberg
     from jaxchar.train import LN2, evaluate
 
     with RunDir.open(args.run_dir) as run:
@@ -467,7 +469,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     ids = run.vocab.encode(normalize(text, d.lowercase, d.remove_punctuation), args.unknown)
     if len(ids) < d.seq_length + 1:
         raise ConfigError(f"{args.file} has fewer than seq_length + 1 = {d.seq_length + 1} chars")
-    loss = evaluate(params, run.cfg, ids)
+    spans = None
+    if d.objective == "sentences":
+        spans = sentence_spans(ids, run.vocab, d.seq_length)
+        if not len(spans):
+            raise ConfigError(f"{args.file} has no sentence of two or more characters to score")
+    loss = evaluate(params, run.cfg, ids, spans)
     print(
         f"{args.file}: {loss:.4f} nats/char, {loss / LN2:.4f} bits/char "
         f"({len(ids)} characters, checkpoint step {step})"

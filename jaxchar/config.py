@@ -38,13 +38,15 @@ class DataConfig:
     errors: str = "strict"  # or "replace" / "ignore" for files with bad bytes
     val_fraction: float = 0.0  # share of the text, taken from its end, held out
     seq_length: int = 100  # characters of context per window
-    objective: str = "window"  # window: many-to-one (tutorial); sequence: many-to-many
+    # window: many-to-one (tutorial); sequence: many-to-many over chunks;
+    # sentences: many-to-many over sentences, right-padded to seq_length and masked
+    objective: str = "window"
     stateful: bool = False  # sequence objective: carry the LSTM state across batches
 
     def __post_init__(self) -> None:
         _check(0.0 <= self.val_fraction < 1.0, "data.val_fraction must be in [0, 1)")
         _check(self.seq_length >= 1, "data.seq_length must be at least 1")
-        _one_of("data", "objective", self.objective, ("window", "sequence"))
+        _one_of("data", "objective", self.objective, ("window", "sequence", "sentences"))
         _one_of("data", "errors", self.errors, ("strict", "replace", "ignore"))
         _check(
             not self.stateful or self.objective == "sequence",
@@ -61,7 +63,7 @@ class ModelConfig:
     input_dropout: float = 0.0  # on the input features (tutorial extension idea)
     encoding: str = "scaled"  # scaled: id / vocab (tutorial); onehot; embed
     embed_dim: int = 64
-    cell: str = "lstm"
+    cell: str = "lstm"  # or "gru" (Keras' GRU, reset after the recurrent product)
     unroll: int = 1  # timesteps per loop iteration of the scan (speed only)
     dtype: str = "float32"  # matrix products in this type; params and loss stay float32
     impl: str = "fused"  # fused: hand-written backward (fast); scan: autodiff of nn.scan
@@ -73,7 +75,7 @@ class ModelConfig:
         _check(0.0 <= self.dropout < 1.0, "model.dropout must be in [0, 1)")
         _check(0.0 <= self.input_dropout < 1.0, "model.input_dropout must be in [0, 1)")
         _one_of("model", "encoding", self.encoding, ("scaled", "onehot", "embed"))
-        _one_of("model", "cell", self.cell, ("lstm",))
+        _one_of("model", "cell", self.cell, ("lstm", "gru"))
         _check(self.embed_dim >= 1, "model.embed_dim must be at least 1")
         _check(self.unroll >= 1, "model.unroll must be at least 1")
         _one_of("model", "dtype", self.dtype, ("float32", "bfloat16"))

@@ -184,15 +184,51 @@ class Vocab:
         return cls(tuple(chars))
 
 
+SENTENCE_ENDS = ".!?"
+
+
+def sentence_spans(ids: np.ndarray, vocab: Vocab, seq_length: int) -> np.ndarray:
+    """The text cut into sentences for sentence-padded training: [n, 2] int32 (start, stop).
+
+    A sentence ends after one of SENTENCE_ENDS followed by whitespace, or at a blank line;
+    the next one starts at the next non-space character (the whitespace in between stays
+    with the sentence before, which learns to end). A sentence longer than seq_length + 1
+    characters becomes pieces of seq_length + 1 that overlap by one, so every character but
+    a sentence's first is a target exactly once. Costs 8 bytes per sentence, not per char."""
+    ids = np.asarray(ids)
+    if len(ids) < 2:
+        return np.zeros((0, 2), np.int32)
+    chars = vocab.chars
+    is_end = np.array([c in SENTENCE_ENDS for c in chars])[ids]
+    is_space = np.array([c.isspace() for c in chars])[ids]
+    is_newline = np.array([c == "\n" for c in chars])[ids]
+    boundary = (is_end[:-1] & is_space[1:]) | (is_newline[:-1] & is_newline[1:])
+    solid = np.flatnonzero(~is_space)  # positions a sentence may start at
+    if not len(solid):
+        return np.zeros((0, 2), np.int32)
+    after = np.searchsorted(solid, np.flatnonzero(boundary) + 1)
+    starts = np.unique(np.r_[solid[0], solid[after[after < len(solid)]]])
+    stops = np.r_[starts[1:], len(ids)]
+    starts, stops = starts[stops - starts >= 2], stops[stops - starts >= 2]
+    pieces = -(-(stops - starts - 1) // seq_length)  # ceil((length - 1) / seq_length)
+    first = np.repeat(np.cumsum(pieces) - pieces, pieces)
+    piece_starts = np.repeat(starts, pieces) + (np.arange(pieces.sum()) - first) * seq_length
+    piece_stops = np.minimum(piece_starts + seq_length + 1, np.repeat(stops, pieces))
+    return np.stack([piece_starts, piece_stops], axis=1).astype(np.int32)
+
+
 @dataclass(frozen=True)
 class Corpus:
-    """The prepared text: vocabulary, train and validation ids, and what was done to it."""
+    """The prepared text: vocabulary, train and validation ids, and what was done to it.
+    With data.objective = "sentences", also the sentence spans of each split."""
 
     vocab: Vocab
     train_ids: np.ndarray
     val_ids: np.ndarray
     total_chars: int
     stripped_header: bool
+    train_spans: np.ndarray | None = None
+    val_spans: np.ndarray | None = None
 
     def summary(self, seq_length: int) -> str:
         patterns = max(len(self.train_ids) - seq_length, 0)
@@ -228,7 +264,15 @@ def prepare(text: str, cfg: DataConfig, vocab: Vocab | None = None) -> Corpus:
             f"the held-out part has {len(val_ids)} characters, fewer than seq_length + 1: "
             "raise data.val_fraction or lower data.seq_length"
         )
-    return Corpus(vocab, train_ids, val_ids, len(text), stripped)
+    spans = (None, None)
+    if cfg.objective == "sentences":
+        spans = tuple(sentence_spans(part, vocab, cfg.seq_length) for part in (train_ids, val_ids))
+        if not len(spans[0]):
+            raise CorpusError(
+                "the text has no sentence of two or more characters: use "
+                "data.objective = 'sequence' for it"
+            )
+    return Corpus(vocab, train_ids, val_ids, len(text), stripped, *spans)
 
 
 def load_corpus(path: str | Path, cfg: DataConfig) -> Corpus:

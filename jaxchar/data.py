@@ -119,3 +119,27 @@ def stream_batch(ids, step, batch: int, seq_length: int) -> dict[str, jax.Array]
     chunk = gather_windows(ids, offsets, seq_length + 1)
     weights = jnp.ones((batch, seq_length), jnp.float32)
     return {"inputs": chunk[:, :-1], "targets": chunk[:, 1:], "weights": weights}
+
+
+def span_batch(ids, spans, items, valid, seq_length: int) -> dict[str, jax.Array]:
+    """Sentence-padded many-to-many rows: row b holds the span spans[items[b]] from its
+    first character, right-padded with id 0; padded targets and invalid rows weigh 0."""
+    start, stop = spans[items, 0], spans[items, 1]
+    real = jnp.arange(seq_length + 1) < (stop - start)[:, None]  # [batch, T + 1]
+    chunk = jnp.where(real, gather_windows(ids, start, seq_length + 1), 0)
+    weights = real[:, 1:] & valid[:, None]
+    return {
+        "inputs": chunk[:, :-1],
+        "targets": chunk[:, 1:],
+        "weights": weights.astype(jnp.float32),
+    }
+
+
+def sentence_batch(
+    ids, spans, key, epoch, step, batch: int, seq_length: int
+) -> dict[str, jax.Array]:
+    """A shuffled batch of sentences (corpus.sentence_spans), each starting from a fresh
+    state. The model is causal and the padding sits at the right, so padded positions cannot
+    change any real position's output: the zero weights mask them out of the loss."""
+    items, valid = shuffled_positions(key, epoch, step, batch, spans.shape[0])
+    return span_batch(ids, spans, items, valid, seq_length)

@@ -5,6 +5,10 @@ last_only, the tutorial's many-to-one head). The carry is one (c, h) pair per la
 [batch, hidden]. Gate order and initialisation follow Keras' LSTM (i, f, g, o; Glorot input
 kernel, orthogonal recurrent kernel, forget-gate bias 1) so the tutorial's models match.
 
+`model.cell = "gru"` swaps in Keras' GRU (gates z, r, n; reset applied after the recurrent
+product, a separate recurrent bias). Its carry keeps the same (c, h) shape so that stateful
+training, sampling and checkpoints need no second code path: c simply mirrors h.
+
 No file, flag, log or clock here: everything is a pure function of params and inputs.
 """
 
@@ -61,6 +65,31 @@ class LSTMCell(nn.Module):
         return (c_new, h_new), h_new
 
 
+class GRUCell(nn.Module):
+    """One GRU timestep, Keras' formulation (reset_after): x as in LSTMCell, 3*hidden wide."""
+
+    hidden: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, carry, x, mask, w_in, bias):
+        _, h = carry
+        shape = (self.hidden, 3 * self.hidden)
+        w_h = self.param("recurrent_kernel", nn.initializers.orthogonal(), shape)
+        b_h = self.param("recurrent_bias", nn.initializers.zeros, (3 * self.hidden,))
+        if w_in is not None:
+            x = x[:, None] * w_in + bias
+        hz = jnp.dot(h.astype(self.dtype), w_h.astype(self.dtype)).astype(jnp.float32) + b_h
+        xz, xr, xn = jnp.split(x.astype(jnp.float32), 3, axis=-1)
+        rz, rr, rn = jnp.split(hz, 3, axis=-1)
+        z = 0.5 * jnp.tanh(0.5 * (xz + rz)) + 0.5
+        r = 0.5 * jnp.tanh(0.5 * (xr + rr)) + 0.5
+        h_new = z * h + (1.0 - z) * jnp.tanh(xn + r * rn)
+        if mask is not None:
+            h_new = jnp.where(mask[:, None], h_new, h)
+        return (h_new, h_new), h_new
+
+
 class _RecurrentKernel(nn.Module):
     """Holds the recurrent kernel under the same name as the scanned LSTMCell does, so
     that both implementations share one parameter tree (and checkpoints)."""
@@ -79,18 +108,19 @@ class LSTMLayer(nn.Module):
     unroll: int = 1
     dtype: Any = jnp.float32
     impl: str = "fused"
+    cell_type: str = "lstm"  # or "gru" (always the nn.scan path)
 
     @nn.compact
     def __call__(self, carry, inputs, mask=None):
+        lstm = self.cell_type == "lstm"
+        width = (4 if lstm else 3) * self.hidden
         in_dim = 1 if self.scalar_input else inputs.shape[-1]
-        w_in = self.param(
-            "input_kernel", nn.initializers.glorot_uniform(), (in_dim, 4 * self.hidden)
-        )
-        bias = self.param("bias", _forget_bias_init, (4 * self.hidden,))
-        if self.impl == "fused" and mask is None:
+        w_in = self.param("input_kernel", nn.initializers.glorot_uniform(), (in_dim, width))
+        bias = self.param("bias", _forget_bias_init if lstm else nn.initializers.zeros, (width,))
+        if uses_fused(self.impl, self.cell_type, mask):
             return self._fused(carry, inputs, w_in, bias)
         scan = nn.scan(
-            LSTMCell,
+            LSTMCell if lstm else GRUCell,
             variable_broadcast="params",
             split_rngs={"params": False},
             in_axes=(1, 1, nn.broadcast, nn.broadcast),
@@ -115,6 +145,11 @@ class LSTMLayer(nn.Module):
             xs, args = gx.astype(jnp.float32) + bias, (None, None)
         hs, c, h = lstm_layer(w_h, xs, c0, h0, *args, self.dtype)
         return (c, h), hs
+
+
+def uses_fused(impl: str, cell: str, mask) -> bool:
+    """The fused, time-major layer serves unmasked LSTMs; everything else is the scan."""
+    return impl == "fused" and cell == "lstm" and mask is None
 
 
 def init_carry(cfg: ModelConfig, batch: int) -> Carry:
@@ -145,7 +180,7 @@ class CharLSTM(nn.Module):
             carry = init_carry(cfg, ids.shape[0])
         # the fused layers work time-major end to end: no [batch, time, hidden] transposes
         # between layers; the scan reference (and masked sampling) stays batch-major
-        time_major = cfg.impl == "fused" and mask is None
+        time_major = uses_fused(cfg.impl, cfg.cell, mask)
         if time_major:
             ids = ids.T  # [time, batch]
         scalar = cfg.encoding == "scaled"
@@ -160,7 +195,13 @@ class CharLSTM(nn.Module):
         new_carry = []
         for layer in range(cfg.layers):
             layer_carry, x = LSTMLayer(
-                cfg.hidden, scalar and layer == 0, cfg.unroll, dtype, cfg.impl, name=f"lstm_{layer}"
+                cfg.hidden,
+                scalar and layer == 0,
+                cfg.unroll,
+                dtype,
+                cfg.impl,
+                cfg.cell,
+                name=f"lstm_{layer}",
             )(carry[layer], x, mask)
             new_carry.append(layer_carry)
             if last_only and layer == cfg.layers - 1:

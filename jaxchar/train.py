@@ -115,8 +115,11 @@ def eval_step(params, batch: dict, *, cfg: Config, carry=None) -> tuple[jax.Arra
     return loss * weight, weight, carry
 
 
-def steps_per_epoch(cfg: Config, n_chars: int) -> int:
+def steps_per_epoch(cfg: Config, n_chars: int, n_spans: int = 0) -> int:
+    """Train steps in one epoch over n_chars characters (or n_spans sentence spans)."""
     d, b = cfg.data, cfg.train.batch_size
+    if d.objective == "sentences":
+        return data.steps_per_epoch(n_spans, b)
     if d.stateful:
         return data.stream_steps(n_chars, b, d.seq_length)
     if d.objective == "sequence":
@@ -124,8 +127,10 @@ def steps_per_epoch(cfg: Config, n_chars: int) -> int:
     return data.steps_per_epoch(data.window_count(n_chars, d.seq_length), b)
 
 
-def make_batch(ids, key, epoch, step, cfg: Config) -> dict:
+def make_batch(ids, key, epoch, step, cfg: Config, spans=None) -> dict:
     d, b = cfg.data, cfg.train.batch_size
+    if d.objective == "sentences":
+        return data.sentence_batch(ids, spans, key, epoch, step, b, d.seq_length)
     if d.stateful:
         return data.stream_batch(ids, step, b, d.seq_length)
     if d.objective == "sequence":
@@ -139,8 +144,11 @@ def _keys(seed: int) -> tuple[jax.Array, jax.Array]:
 
 
 @partial(jax.jit, static_argnames=("cfg", "tx", "n", "mesh"), donate_argnums=(0, 1))
-def run_steps(state: TrainState, totals, ids, epoch, first, *, cfg: Config, tx, n: int, mesh=None):
+def run_steps(
+    state: TrainState, totals, ids, epoch, first, spans=None, *, cfg: Config, tx, n: int, mesh=None
+):
     """n train steps of one epoch, starting at step `first` of it, in one dispatch.
+    spans: the sentence spans [n, 2] of the sentences objective, else None.
     totals: the epoch's running sums (loss x weight, weight, skipped updates); returns the
     per-step losses [n] (NaN where train.skip_nonfinite dropped the update)."""
     data_key, dropout_key = _keys(cfg.train.seed)
@@ -152,7 +160,7 @@ def run_steps(state: TrainState, totals, ids, epoch, first, *, cfg: Config, tx, 
             reset = jax.tree.map(lambda z, c: jnp.where(first + i == 0, z, c), fresh, state.carry)
             state = state.replace(carry=shard_batch(reset, mesh))
         # with a mesh, each device gathers and trains on its own rows of the global batch
-        batch = shard_batch(make_batch(ids, data_key, epoch, first + i, cfg), mesh)
+        batch = shard_batch(make_batch(ids, data_key, epoch, first + i, cfg, spans), mesh)
         key = jax.random.fold_in(dropout_key, state.step)
         state, m = train_step(state, batch, key, cfg=cfg, tx=tx)
         if cfg.train.shard_params and mesh is not None:  # FSDP: stay split between steps
@@ -172,9 +180,15 @@ def run_steps(state: TrainState, totals, ids, epoch, first, *, cfg: Config, tx, 
 
 
 @partial(jax.jit, static_argnames=("cfg", "n"))
-def _evaluate_jit(params, ids, *, cfg: Config, n: int):
+def _evaluate_jit(params, ids, spans, *, cfg: Config, n: int):
     d, b = cfg.data, cfg.train.batch_size
-    if d.objective == "window":
+    if d.objective == "sentences":  # every sentence once, in order, each from a fresh state
+
+        def batch_at(i, carry):
+            items = i * b + jnp.arange(b)
+            valid = items < spans.shape[0]
+            return data.span_batch(ids, spans, items % spans.shape[0], valid, d.seq_length), None
+    elif d.objective == "window":
         count = data.window_count(ids.shape[0], d.seq_length)
 
         def batch_at(i, carry):
@@ -191,7 +205,7 @@ def _evaluate_jit(params, ids, *, cfg: Config, n: int):
         total, weight, carry = acc
         batch, carry = batch_at(i, carry)
         loss, w, new_carry = eval_step(params, batch, cfg=cfg, carry=carry)
-        carry = new_carry if d.objective == "sequence" else carry
+        carry = new_carry if d.objective == "sequence" else None
         return (total + loss, weight + w, carry), None
 
     carry = init_carry(cfg.model, b) if d.objective == "sequence" else None
@@ -199,11 +213,16 @@ def _evaluate_jit(params, ids, *, cfg: Config, n: int):
     return total / jnp.maximum(weight, 1.0)
 
 
-def evaluate(params, cfg: Config, ids) -> float:
+def evaluate(params, cfg: Config, ids, spans=None) -> float:
     """Mean loss (nats/char) of the model on the ids, without dropout, over the whole text
-    (or the first train.eval_batches batches)."""
+    (or the first train.eval_batches batches). The sentences objective scores its sentence
+    `spans` (corpus.sentence_spans of these ids), each from a fresh state."""
     d, b = cfg.data, cfg.train.batch_size
-    if d.objective == "window":
+    if d.objective == "sentences":
+        if spans is None or not len(spans):
+            raise TrainingError("the sentences objective needs the text's sentence spans")
+        n = data.steps_per_epoch(len(spans), b)
+    elif d.objective == "window":
         n = data.steps_per_epoch(data.window_count(len(ids), d.seq_length), b)
     else:
         n = data.stream_steps(len(ids), b, d.seq_length)
@@ -215,7 +234,8 @@ def evaluate(params, cfg: Config, ids) -> float:
         n = min(n, cfg.train.eval_batches)
     if n < 1:
         raise TrainingError("the text is too short to evaluate: it needs seq_length + 1 chars")
-    return float(_evaluate_jit(params, jnp.asarray(ids), cfg=cfg, n=n))
+    spans = None if spans is None else jnp.asarray(spans)
+    return float(_evaluate_jit(params, jnp.asarray(ids), spans, cfg=cfg, n=n))
 
 
 class Checkpointer(Protocol):
@@ -253,6 +273,8 @@ def fit(
     should_stop: Callable[[], bool] | None = None,
     mesh: Mesh | None = None,
     on_save: Callable[[Any, dict], None] | None = None,
+    train_spans: np.ndarray | None = None,
+    val_spans: np.ndarray | None = None,
 ) -> FitResult:
     """Trains `cfg.model` on the ids; saves through `checkpointer` at every epoch end (or
     every train.save_every_steps); resumes from the checkpointer's latest save if it has one.
@@ -261,13 +283,17 @@ def fit(
     polled between dispatches (signal handlers set it); the loop then saves and returns.
     With a `mesh` (jaxchar.distributed.make_mesh) the global batch is split over its
     devices and params are replicated; results match the single-device run. `on_save`
-    receives (params, metrics) after each save (the CLI prints samples there)."""
+    receives (params, metrics) after each save (the CLI prints samples there). The
+    sentences objective needs the splits' sentence spans (Corpus.train_spans, val_spans)."""
     log = log or (lambda event: None)
     should_stop = should_stop or (lambda: False)
     if cfg.model.vocab_size < 1:
         raise TrainingError("cfg.model.vocab_size is not set: use the corpus' vocabulary size")
     t = cfg.train
-    spe = steps_per_epoch(cfg, len(train_ids))
+    sentences = cfg.data.objective == "sentences"
+    if sentences and train_spans is None:
+        raise TrainingError("data.objective = 'sentences' needs train_spans (Corpus.train_spans)")
+    spe = steps_per_epoch(cfg, len(train_ids), 0 if train_spans is None else len(train_spans))
     if spe < 1:
         raise TrainingError(
             f"{len(train_ids)} training characters make no full batch of {t.batch_size} "
@@ -293,10 +319,14 @@ def fit(
         if restored is not None:
             state, totals = restored["state"], restored["totals"]
     ids = replicate(train_ids, mesh) if mesh is not None else jax.device_put(train_ids)
+    spans = None
+    if sentences:
+        spans = replicate(train_spans, mesh) if mesh is not None else jax.device_put(train_spans)
     step = int(state.step)
     log({"event": "start", "step": step, "total_steps": total, "steps_per_epoch": spe})
     result = FitResult(state)
     began, began_step, last_log = time.perf_counter(), step, step
+    # (for sentences, an upper bound: padded positions are counted too)
     chars_per_step = t.batch_size * (1 if cfg.data.objective == "window" else cfg.data.seq_length)
     while step < total:
         epoch, first = divmod(step, spe)
@@ -304,7 +334,7 @@ def fit(
         if t.save_every_steps:
             n = min(n, t.save_every_steps - step % t.save_every_steps)
         state, totals, losses = run_steps(
-            state, totals, ids, epoch, first, cfg=cfg, tx=tx, n=n, mesh=mesh
+            state, totals, ids, epoch, first, spans, cfg=cfg, tx=tx, n=n, mesh=mesh
         )
         step += n
         epoch_end = step % spe == 0
@@ -340,7 +370,7 @@ def fit(
             train_loss = float(totals[0] / jnp.maximum(totals[1], 1.0))
             metrics = {"train_loss": train_loss, "train_bpc": train_loss / LN2}
             if val_ids is not None and len(val_ids):
-                metrics["val_loss"] = evaluate(state.params, cfg, val_ids)
+                metrics["val_loss"] = evaluate(state.params, cfg, val_ids, val_spans)
                 metrics["val_bpc"] = metrics["val_loss"] / LN2
             if not all(_finite(v) for v in metrics.values()):
                 raise TrainingError(f"non-finite metrics at step {step}: {metrics}; not saved")

@@ -32,10 +32,16 @@ def lstm_forward(params, cfg, ids):
         c = np.zeros((batch, cfg.hidden))
         outs = []
         for t in range(time):
-            z = x[:, t] @ w_in + h @ w_h + b
-            i, f, g, o = np.split(z, 4, axis=-1)
-            c = sigmoid(f) * c + sigmoid(i) * np.tanh(g)
-            h = sigmoid(o) * np.tanh(c)
+            if cfg.cell == "gru":  # Keras' GRU with reset_after
+                xz, xr, xn = np.split(x[:, t] @ w_in + b, 3, axis=-1)
+                hh = h @ w_h + np.asarray(lp["cell"]["recurrent_bias"], np.float64)
+                rz, rr, rn = np.split(hh, 3, axis=-1)
+                z, r = sigmoid(xz + rz), sigmoid(xr + rr)
+                h = z * h + (1 - z) * np.tanh(xn + r * rn)
+            else:
+                i, f, g, o = np.split(x[:, t] @ w_in + h @ w_h + b, 4, axis=-1)
+                c = sigmoid(f) * c + sigmoid(i) * np.tanh(g)
+                h = sigmoid(o) * np.tanh(c)
             outs.append(h)
         x = np.stack(outs, axis=1)
     head = p["head"]

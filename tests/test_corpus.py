@@ -14,8 +14,60 @@ from jaxchar.corpus import (
     prepare,
     read_text,
     resolve_corpus,
+    sentence_spans,
     strip_gutenberg,
 )
+
+
+def _naive_spans(text: str, seq: int) -> list[tuple[int, int]]:
+    """Sentence pieces by a plain character loop (the reference for sentence_spans)."""
+    n, starts = len(text), set()
+
+    def next_solid(q):
+        while q < n and text[q].isspace():
+            q += 1
+        return q
+
+    if next_solid(0) < n:
+        starts.add(next_solid(0))
+    for p in range(n - 1):
+        ends = text[p] in ".!?" and text[p + 1].isspace()
+        if (ends or text[p : p + 2] == "\n\n") and next_solid(p + 1) < n:
+            starts.add(next_solid(p + 1))
+    starts = sorted(starts)
+    spans = []
+    for k, s in enumerate(starts):
+        e = starts[k + 1] if k + 1 < len(starts) else n
+        a = s
+        while a < e - 1:
+            spans.append((a, min(a + seq + 1, e)))
+            a += seq
+    return spans
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.text(alphabet="ab .!?\n", max_size=60), st.integers(1, 8))
+def test_sentence_spans_equal_a_character_loop(text, seq):
+    vocab = Vocab.from_text(text + "x")
+    got = sentence_spans(vocab.encode(text), vocab, seq)
+    assert got.dtype == np.int32 and got.shape[-1] == 2
+    assert [tuple(r) for r in got.tolist()] == _naive_spans(text, seq)
+
+
+def test_sentence_spans_of_alice_cover_every_character_once(alice_text):
+    cfg = DataConfig(objective="sentences", seq_length=50, val_fraction=0.1)
+    corpus = prepare(alice_text, cfg)
+    text = corpus.vocab.decode(corpus.train_ids)
+    spans = corpus.train_spans
+    assert [tuple(r) for r in spans.tolist()] == _naive_spans(text, 50)
+    assert (spans[:, 1] - spans[:, 0] <= 51).all() and len(corpus.val_spans) > 100
+    first = text[spans[1, 0] : spans[1, 1]]
+    assert not first[0].isspace()
+    # targets: every position after a span's start, once; the rest are sentence starts
+    targets = np.zeros(len(text), int)
+    for a, b in spans:
+        targets[a + 1 : b] += 1
+    assert targets.max() == 1 and targets.sum() > 0.97 * len(text)
 
 
 def test_vocab_round_trip_with_non_ascii():

@@ -74,3 +74,31 @@ def test_stream_batches_continue_each_other():
     stream_len = (n - 1) // batch
     np.testing.assert_array_equal(np.asarray(a["inputs"])[:, 0], np.arange(batch) * stream_len)
     assert data.stream_steps(n, batch, seq) == stream_len // seq
+
+
+def test_sentence_batch_equals_naive_padded_slices():
+    rng = np.random.default_rng(1)
+    ids = np.arange(1, 401, dtype=np.int32)  # unique ids: a row's first id names its span
+    starts = np.sort(rng.choice(390, size=40, replace=False))
+    stops = np.minimum(starts + rng.integers(2, 12, size=40), 400)
+    spans = np.stack([starts, stops], 1).astype(np.int32)
+    seq, batch = 8, 16
+    steps = data.steps_per_epoch(len(spans), batch)
+    seen = []
+    for step in range(steps):
+        b = data.sentence_batch(
+            jnp.asarray(ids), jnp.asarray(spans), jax.random.PRNGKey(0), 0, step, batch, seq
+        )
+        for row in range(batch):
+            if b["weights"][row].sum() == 0:
+                continue  # the padded tail of the last batch
+            a = int(b["inputs"][row, 0])
+            s = spans[list(starts).index(a - 1)]
+            piece = ids[s[0] : min(s[1], s[0] + seq + 1)]
+            want = np.zeros(seq + 1, np.int32)
+            want[: len(piece)] = piece
+            np.testing.assert_array_equal(b["inputs"][row], want[:-1])
+            np.testing.assert_array_equal(b["targets"][row], want[1:])
+            np.testing.assert_array_equal(b["weights"][row], np.arange(1, seq + 1) < len(piece))
+            seen.append(s.tolist())
+    assert sorted(seen) == sorted(spans.tolist())  # every sentence once per epoch

@@ -41,6 +41,23 @@ def test_scanned_model_equals_numpy_reference_and_step_loop(encoding, unroll):
     np.testing.assert_allclose(jnp.stack(steps, 1), logits, rtol=2e-4, atol=2e-5)
 
 
+@pytest.mark.parametrize("encoding", ["scaled", "embed"])
+def test_gru_equals_numpy_reference_and_step_loop(encoding):
+    cfg = _cfg(encoding=encoding, cell="gru")
+    params = init_params(cfg, jax.random.PRNGKey(1))
+    assert params["lstm_0"]["input_kernel"].shape[-1] == 3 * cfg.hidden
+    ids = jax.random.randint(jax.random.PRNGKey(2), (4, 9), 0, 11)
+    logits, carry = apply(params, cfg, ids)
+    np.testing.assert_allclose(logits, lstm_forward(params, cfg, ids), rtol=2e-4, atol=2e-5)
+    c, h = carry[-1]
+    np.testing.assert_array_equal(c, h)  # the GRU's carry mirrors h in the c slot
+    carry, steps = init_carry(cfg, 4), []
+    for t in range(9):
+        out, carry = step(params, cfg, carry, ids[:, t])
+        steps.append(out)
+    np.testing.assert_allclose(jnp.stack(steps, 1), logits, rtol=2e-4, atol=2e-5)
+
+
 def test_keras_initialisation():
     cfg = _cfg(layers=1, hidden=6)
     params = init_params(cfg, jax.random.PRNGKey(0))

@@ -1,13 +1,16 @@
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxchar import data
 from jaxchar.checkpoint import CheckpointError, RunDir, load_checkpoint
 from jaxchar.config import Config, override
 from jaxchar.corpus import prepare
-from jaxchar.train import fit, with_vocab
+from jaxchar.model import init_params
+from jaxchar.train import fit, loss_fn, with_vocab
 
 
 def _setup(alice_text, *sets, chars=20000):
@@ -31,12 +34,14 @@ def _setup(alice_text, *sets, chars=20000):
     return with_vocab(cfg, len(corpus.vocab)), corpus
 
 
-@pytest.mark.parametrize("objective", ["window", "sequence", "stateful"])
+@pytest.mark.parametrize("objective", ["window", "sequence", "stateful", "sentences", "gru"])
 def test_loss_falls(alice_text, objective):
     sets = {
         "window": [],
         "sequence": ["data.objective=sequence"],
         "stateful": ["data.objective=sequence", "data.stateful=true"],
+        "sentences": ["data.objective=sentences"],
+        "gru": ["data.objective=sequence", "model.cell=gru"],
     }[objective]
     cfg, corpus = _setup(
         alice_text,
@@ -45,10 +50,34 @@ def test_loss_falls(alice_text, objective):
         "train.save_every_steps=20",
         *sets,
     )
-    hist = fit(cfg, corpus.train_ids, corpus.val_ids).history
+    spans = dict(train_spans=corpus.train_spans, val_spans=corpus.val_spans)
+    hist = fit(cfg, corpus.train_ids, corpus.val_ids, **spans).history
     assert len(hist) == 3
     assert hist[-1]["val_loss"] < hist[0]["val_loss"] - 0.1
     assert hist[-1]["train_loss"] < 3.2 and hist[-1]["val_loss"] < 3.2  # ln(vocab) is ~3.6
+
+
+def test_sentence_padding_is_masked_out_of_loss_and_gradients(alice_text):
+    cfg, corpus = _setup(alice_text, "data.objective=sentences", "model.layers=2")
+    spans = jnp.asarray(corpus.train_spans)
+    batch = data.sentence_batch(
+        jnp.asarray(corpus.train_ids), spans, jax.random.PRNGKey(0), 0, 0, 16, 16
+    )
+    pad = batch["weights"] == 0
+    assert pad.any() and not pad.all()  # short sentences are padded in this batch
+    noisy = dict(
+        batch,
+        inputs=jnp.where(pad, 7, batch["inputs"]),
+        targets=jnp.where(pad, 3, batch["targets"]),
+    )
+    params = init_params(cfg.model, jax.random.PRNGKey(1))
+    grad = jax.value_and_grad(loss_fn, has_aux=True)
+    (want, (w1, _)), g1 = grad(params, cfg, batch, None, train=False)
+    (got, (w2, _)), g2 = grad(params, cfg, noisy, None, train=False)
+    assert float(w1) == float(w2) == float(batch["weights"].sum())
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    for x, y in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
 
 
 def test_training_is_deterministic_for_a_seed(alice_text):
