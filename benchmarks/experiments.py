@@ -50,7 +50,14 @@ EXPERIMENTS: dict[str, tuple[str, list[str], str]] = {
         ["data.objective=sequence", "data.stateful=true", "train.batch_size=32"],
         "sequence objective, state carried across batches (stateful LSTM)",
     ),
+    "sentences": (
+        "small",
+        ["data.objective=sentences", "train.batch_size=32"],
+        "sentence-padded rows (many-to-many, padding masked out of the loss)",
+    ),
+    "gru": ("small", ["model.cell=gru"], "GRU cells instead of LSTM (the scan path)"),
     "fast": ("fast", [], "jaxchar's default: embed, 2x256, sequence, cosine, clipping"),
+    "fast-gru": ("fast", ["model.cell=gru"], "the fast config with GRU cells"),
 }
 
 

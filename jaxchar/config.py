@@ -97,7 +97,7 @@ class TrainConfig:
     keep_best: int = 3  # best checkpoints kept by the monitored loss (plus the latest)
     save_every_steps: int = 0  # 0 = save at the end of every epoch
     log_every: int = 100  # steps between host syncs for logging
-    steps_per_call: int = 1  # train steps fused into one jitted call (lax.scan)
+    steps_per_call: int = 10  # train steps fused into one jitted call (lax.scan)
     eval_batches: int = 0  # cap on validation batches; 0 = the whole split
     skip_nonfinite: bool = False  # drop an update whose loss or gradient is NaN/inf
     sample_chars: int = 200  # sample this many characters at each save (0 = off)
