@@ -28,9 +28,13 @@ MB = 1 << 20
 
 
 def build_corpus(size_mb: int, folder: Path) -> Path:
+    """size_mb of text from the shared corpora, repeated. Alice's Gutenberg header and
+    footer are removed first: left in, the loader would keep only the first copy's body."""
+    from jaxchar.corpus import strip_gutenberg
+
     path = folder / f"corpus_{size_mb}mb.txt"
     sources = [common.DATA / "tinyshakespeare.txt", common.DATA / "wonderland.txt"]
-    pieces = [p.read_text(encoding="utf-8") for p in sources]
+    pieces = [strip_gutenberg(p.read_text(encoding="utf-8"))[0] for p in sources]
     with open(path, "w", encoding="utf-8") as f:
         written, i = 0, 0
         while written < size_mb * MB:
@@ -55,6 +59,8 @@ def child_jaxchar(path: str, steps: int) -> dict:
     cfg = override(load_config(resolve_config_path("small")), [f"train.max_steps={steps}"])
     corpus = load_corpus(path, cfg.data)
     cfg = with_vocab(cfg, len(corpus.vocab))
+    if corpus.total_chars < 0.99 * os.path.getsize(path):
+        raise SystemExit(f"only {corpus.total_chars} of {os.path.getsize(path)} bytes loaded")
     fit(cfg, corpus.train_ids)
     return {"baseline_mb": baseline, "peak_mb": peak_rss_mb(), "chars": corpus.total_chars}
 
