@@ -205,6 +205,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         if primary:
             _write_corpus_note(run.path, corpus_path)
     _info(corpus.summary(cfg.data.seq_length), args.quiet)
+    if cfg.model.impl == "cudnn":
+        from jaxchar import cudnn
+
+        if not cudnn.available():
+            _info(
+                "note: model.impl = 'cudnn' needs an NVIDIA GPU; using the fused layer", args.quiet
+            )
     stop = _StopFlag(args.quiet)
     stop.install()
     progress = _Progress(args.quiet)

@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxchar import cudnn
 from jaxchar.config import ModelConfig
 from jaxchar.fused import lstm_layer
 
@@ -117,8 +118,11 @@ class LSTMLayer(nn.Module):
         in_dim = 1 if self.scalar_input else inputs.shape[-1]
         w_in = self.param("input_kernel", nn.initializers.glorot_uniform(), (in_dim, width))
         bias = self.param("bias", _forget_bias_init if lstm else nn.initializers.zeros, (width,))
-        if uses_fused(self.impl, self.cell_type, mask):
+        path = layer_path(self.impl, self.cell_type, mask)
+        if path == "fused":
             return self._fused(carry, inputs, w_in, bias)
+        if path == "cudnn":
+            return self._cudnn(carry, inputs, w_in, bias)
         scan = nn.scan(
             LSTMCell if lstm else GRUCell,
             variable_broadcast="params",
@@ -146,10 +150,23 @@ class LSTMLayer(nn.Module):
         hs, c, h = lstm_layer(w_h, xs, c0, h0, *args, self.dtype)
         return (c, h), hs
 
+    def _cudnn(self, carry, inputs, w_in, bias):
+        """Batch-major, like the scan: inputs [batch, time] or [batch, time, features]."""
+        w_h = _RecurrentKernel(self.hidden, name="cell")()
+        x = inputs[..., None] if self.scalar_input else inputs
+        hs, c, h = cudnn.lstm_layer(x, carry[0], carry[1], w_in, w_h, bias)
+        return (c, h), hs
 
-def uses_fused(impl: str, cell: str, mask) -> bool:
-    """The fused, time-major layer serves unmasked LSTMs; everything else is the scan."""
-    return impl == "fused" and cell == "lstm" and mask is None
+
+def layer_path(impl: str, cell: str, mask) -> str:
+    """Which implementation runs a layer: GRUs and masked inputs (left-padded sampling
+    windows) take the nn.scan reference; `cudnn` is cuDNN where a GPU offers it and the
+    fused layer elsewhere; `fused` is the time-major layer with a hand-written backward."""
+    if cell != "lstm" or mask is not None or impl == "scan":
+        return "scan"
+    if impl == "cudnn" and cudnn.available():
+        return "cudnn"
+    return "fused"
 
 
 def init_carry(cfg: ModelConfig, batch: int) -> Carry:
@@ -180,7 +197,7 @@ class CharLSTM(nn.Module):
             carry = init_carry(cfg, ids.shape[0])
         # the fused layers work time-major end to end: no [batch, time, hidden] transposes
         # between layers; the scan reference (and masked sampling) stays batch-major
-        time_major = uses_fused(cfg.impl, cfg.cell, mask)
+        time_major = layer_path(cfg.impl, cfg.cell, mask) == "fused"
         if time_major:
             ids = ids.T  # [time, batch]
         scalar = cfg.encoding == "scaled"

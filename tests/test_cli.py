@@ -206,3 +206,15 @@ def test_gru_on_padded_sentences_trains_evaluates_and_generates(tmp_path, small_
     assert main(["generate", str(run), "--length", "40", "--prompt", "alice "]) == 0
     got = capsys.readouterr()
     assert len(got.out.rstrip("\n")) == 40 and "stateful mode" in got.err
+
+
+def test_cudnn_impl_trains_on_the_fused_layer_without_a_gpu(tmp_path, small_text, capsys):
+    import jax
+
+    run = tmp_path / "cudnn"
+    args = ["train", str(small_text), "--config", "tiny", "--run-dir", str(run)]
+    assert main([*args, "--set", "model.impl=cudnn", "--max-steps", "4"]) == 0
+    err = capsys.readouterr().err
+    assert ("using the fused layer" in err) == (jax.default_backend() != "gpu")
+    assert main(["generate", str(run), "--length", "20", "--prompt", "alice "]) == 0
+    assert len(capsys.readouterr().out.rstrip("\n")) == 20

@@ -47,6 +47,7 @@ def test_config_is_frozen():
         ({"model": {"layers": 0}}, "layers"),
         ({"data": {"lowercase": 1}}, "true or false"),
         ({"data": {"objective": "both"}}, "not one of"),
+        ({"model": {"impl": "cudnn", "dtype": "bfloat16"}}, "cudnn.*float32"),
     ],
 )
 def test_bad_values_are_refused_with_the_key_named(values, words):

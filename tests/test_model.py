@@ -99,10 +99,11 @@ def test_bfloat16_compute_stays_close():
     np.testing.assert_allclose(half, full, atol=0.05)
 
 
+@pytest.mark.parametrize("impl", ["fused", "cudnn"])  # cudnn: cuDNN on a GPU, else fused
 @pytest.mark.parametrize("encoding", ["scaled", "embed"])
 @pytest.mark.parametrize("last_only", [True, False])
-def test_fused_layer_matches_the_scan_reference_in_values_and_gradients(encoding, last_only):
-    fused = _cfg(encoding=encoding, impl="fused", dropout=0.0)
+def test_fast_layers_match_the_scan_reference_in_values_and_gradients(impl, encoding, last_only):
+    fused = _cfg(encoding=encoding, impl=impl, dropout=0.0)
     scan = _cfg(encoding=encoding, impl="scan", dropout=0.0)
     params = init_params(scan, jax.random.PRNGKey(3))
     ids = jax.random.randint(jax.random.PRNGKey(4), (5, 7), 0, 11)
@@ -117,8 +118,42 @@ def test_fused_layer_matches_the_scan_reference_in_values_and_gradients(encoding
 
     for p in (params, init_params(fused, jax.random.PRNGKey(3))):  # the same tree either way
         assert jax.tree.structure(p) == jax.tree.structure(params)
-    want, want_grad = jax.value_and_grad(loss)(params, scan)
-    got, got_grad = jax.value_and_grad(loss)(params, fused)
+    with jax.default_matmul_precision("float32"):  # no TF32 on GPUs, for either side
+        want, want_grad = jax.value_and_grad(loss)(params, scan)
+        got, got_grad = jax.value_and_grad(loss)(params, fused)
     np.testing.assert_allclose(got, want, rtol=1e-5)
     for g, w in zip(jax.tree.leaves(got_grad), jax.tree.leaves(want_grad), strict=True):
         np.testing.assert_allclose(g, w, rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("in_dim", [1, 6])
+def test_cudnn_weight_packing_matches_jax_reference_lstm(in_dim):
+    # cuDNN itself needs a GPU; its weight layout is checked here against
+    # jax.experimental.rnn's own unpacking and reference LSTM, which run anywhere
+    from jax.experimental import rnn
+
+    from jaxchar.cudnn import pack_weights
+    from jaxchar.model import LSTMLayer
+
+    hidden, batch, steps = 5, 3, 4
+    keys = jax.random.split(jax.random.PRNGKey(5), 4)
+    x = jax.random.normal(keys[0], (batch, steps, in_dim))
+    carry = (
+        jax.random.normal(keys[1], (batch, hidden)),
+        jax.random.normal(keys[2], (batch, hidden)),
+    )
+    layer = LSTMLayer(hidden, scalar_input=False, impl="scan")
+    variables = layer.init(keys[3], carry, x)
+    p = variables["params"]
+    p = {**p, "bias": jax.random.normal(keys[3], p["bias"].shape)}  # not just 0s and 1s
+    (c, h), hs = layer.apply({"params": p}, carry, x)
+    packed = pack_weights(p["input_kernel"], p["cell"]["recurrent_kernel"], p["bias"])
+    assert packed.shape == (rnn.get_num_params_in_lstm(in_dim, hidden, 1, False),)
+    w_ih, w_hh, b_ih, b_hh = rnn.unpack_lstm_weights(packed, in_dim, hidden, 1, False)
+    ref_hs, ref_h, ref_c = rnn.lstm_ref(
+        x, carry[1][None], carry[0][None], w_ih, w_hh, b_ih, b_hh,
+        jnp.full((batch,), steps, jnp.int32), in_dim, hidden, 1, 0.0, False,
+    )  # fmt: skip
+    np.testing.assert_allclose(hs, ref_hs, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(h, ref_h[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(c, ref_c[0], rtol=1e-5, atol=1e-6)
