@@ -8,7 +8,8 @@
 stateful loop (nn.LSTM with its hidden state, one step per character, no_grad). All run
 the tutorial's small model (LSTM-256, scaled input, 45 characters) with random weights:
 speed does not depend on the weights. Batch 1 and batch 64 independent samples; compile
-time reported apart. Writes benchmarks/results/generate.json.
+time reported apart. On a GPU the PyTorch loop runs on CUDA. Writes
+benchmarks/results/generate.json (generate_gpu.json on a GPU).
 """
 
 from __future__ import annotations
@@ -52,9 +53,10 @@ def torch_runner(batch: int, length: int):
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
-    lstm = torch.nn.LSTM(1, HIDDEN, batch_first=True)
-    head = torch.nn.Linear(HIDDEN, VOCAB)
-    prompt = torch.randint(0, VOCAB, (batch, SEQ))
+    device = common.torch_device()
+    lstm = torch.nn.LSTM(1, HIDDEN, batch_first=True).to(device)
+    head = torch.nn.Linear(HIDDEN, VOCAB).to(device)
+    prompt = torch.randint(0, VOCAB, (batch, SEQ)).to(device)
 
     @torch.no_grad()
     def run():
@@ -65,7 +67,7 @@ def torch_runner(batch: int, length: int):
             chars.append(nxt)
             out, state = lstm((nxt.float() / VOCAB).view(batch, 1, 1), state)
             nxt = head(out[:, -1]).argmax(-1)
-        torch.stack(chars, 1).numpy()
+        torch.stack(chars, 1).cpu().numpy()
 
     return run
 

@@ -8,7 +8,12 @@ and compile time is reported apart. jaxchar is timed per call of `steps_per_call
 and reported per step. A peer that is not installed is skipped and said so. The matrix-
 multiply peak is measured in the same run at the recurrence's shapes ([batch, hidden] x
 [hidden, 4 hidden] inside a jitted loop), and each tool's achieved FLOP/s is given as a share
-of it. Writes benchmarks/results/train.json.
+of it. The epoch column is the median step times the config's steps per epoch on Alice
+(1,129 for `small`, as in the tutorial).
+
+On a GPU the PyTorch peer runs on CUDA (cuDNN's nn.LSTM) and jaxchar runs twice: with the
+config's layer (`fused`) and with `model.impl = "cudnn"`. Writes benchmarks/results/train.json
+(train_gpu.json on a GPU).
 """
 
 from __future__ import annotations
@@ -17,7 +22,6 @@ import argparse
 import dataclasses
 import os
 import sys
-import time
 
 import numpy as np
 
@@ -59,6 +63,15 @@ def matmul_peak(batch: int, hidden: int, steps: int = 100, reps: int = 5) -> flo
     return 2 * batch * hidden * 4 * hidden * steps / best
 
 
+def jaxchar_cudnn_runner(cfg, ids: np.ndarray):
+    from jaxchar import cudnn
+
+    if not cudnn.available() or cfg.model.impl == "cudnn":
+        raise ImportError("cuDNN needs an NVIDIA GPU" if not cudnn.available() else "same run")
+    model = dataclasses.replace(cfg.model, impl="cudnn")
+    return jaxchar_runner(dataclasses.replace(cfg, model=model), ids)
+
+
 def jaxchar_runner(cfg, ids: np.ndarray):
     import jax
 
@@ -85,6 +98,7 @@ def torch_runner(cfg, ids: np.ndarray):
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
+    device = common.torch_device()
     m, d, b = cfg.model, cfg.data, cfg.train.batch_size
     v, t = m.vocab_size, d.seq_length
 
@@ -115,7 +129,7 @@ def torch_runner(cfg, ids: np.ndarray):
                 out = out[:, -1]
             return self.head(self.drop(out))
 
-    net = Net()
+    net = Net().to(device)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3, eps=1e-7)
     rng = np.random.default_rng(0)
 
@@ -124,7 +138,7 @@ def torch_runner(cfg, ids: np.ndarray):
         chunk = np.stack([ids[o : o + t + 1] for o in offs]).astype(np.int64)
         x = torch.from_numpy(chunk[:, :-1])
         y = torch.from_numpy(chunk[:, -1] if d.objective == "window" else chunk[:, 1:])
-        return x, y
+        return x.to(device), y.to(device)
 
     def run():
         x, y = batch()
@@ -186,7 +200,7 @@ def main() -> None:
     from jaxchar.cli import resolve_config_path
     from jaxchar.config import load_config, override
     from jaxchar.corpus import load_corpus
-    from jaxchar.train import with_vocab
+    from jaxchar.train import steps_per_epoch, with_vocab
 
     results, rows = {}, []
     for name in args.configs:
@@ -197,18 +211,29 @@ def main() -> None:
         flops = model_flops(cfg, b)
         chars = b * (1 if cfg.data.objective == "window" else cfg.data.seq_length)
         peak = matmul_peak(b, cfg.model.hidden)
-        makers = {"jaxchar": jaxchar_runner, "torch": torch_runner, "keras": keras_runner}
+        makers = {
+            "jaxchar": jaxchar_runner,
+            "jaxchar cudnn": jaxchar_cudnn_runner,
+            "torch": torch_runner,
+            "keras": keras_runner,
+        }
+        spe = steps_per_epoch(cfg, len(corpus.train_ids))
         runners, per_call, compile_s = {}, {}, {}
-        for tool in ["jaxchar", *args.peers]:
+        for tool in ["jaxchar", "jaxchar cudnn", *args.peers]:
             try:
                 fn, k = makers[tool](cfg, corpus.train_ids)
             except ImportError as err:
-                print(f"[{name}] skipping {tool}: not installed ({err})", file=sys.stderr)
+                print(f"[{name}] skipping {tool}: not available ({err})", file=sys.stderr)
                 continue
             compile_s[tool] = common.timed(fn)  # first call: tracing and compilation
             runners[tool], per_call[tool] = fn, k
         times = common.interleave(runners, args.reps, warmup=1)
-        entry = {"config": dataclasses.asdict(cfg), "model_flops": flops, "peak_flops": peak}
+        entry = {
+            "config": dataclasses.asdict(cfg),
+            "model_flops": flops,
+            "peak_flops": peak,
+            "steps_per_epoch": spe,
+        }
         for tool, samples in times.items():
             per_step = [s / per_call[tool] for s in samples]
             st = common.stats(per_step)
@@ -218,6 +243,7 @@ def main() -> None:
                 flops_per_s=flops / st["median"],
                 share_of_peak=flops / st["median"] / peak,
                 steps_per_call=per_call[tool],
+                epoch_s=st["median"] * spe,
             )
             entry[tool] = st
         jax_med = entry["jaxchar"]["median"]
@@ -232,6 +258,7 @@ def main() -> None:
                     f"{e['min'] * 1e3:.1f}",
                     f"{e['max'] * 1e3:.1f}",
                     f"{e['chars_per_s']:,.0f}",
+                    f"{e['epoch_s']:,.1f}",
                     f"{e['share_of_peak'] * 100:.0f}%",
                     f"{e['compile_s']:.1f}",
                     f"{e['speedup_jaxchar_vs']:.2f}x",
@@ -250,6 +277,7 @@ def main() -> None:
         "min",
         "max",
         "chars/s",
+        "epoch s",
         "of peak",
         "compile s",
         "jaxchar speedup",
@@ -260,5 +288,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    time.sleep(0)
     main()

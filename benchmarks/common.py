@@ -28,6 +28,14 @@ def machine() -> dict:
     }
 
 
+def torch_device() -> str:
+    """CUDA when both JAX and PyTorch see a GPU, so that a peer runs where jaxchar does."""
+    import jax
+    import torch
+
+    return "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+
+
 def interleave(runners: dict[str, Callable[[], None]], reps: int, warmup: int = 2) -> dict:
     """Times each runner `reps` times, A B C A B C ..., after `warmup` untimed rounds
     (compilation happens there). Returns {name: [seconds, ...]}."""
@@ -59,8 +67,13 @@ def timed(fn: Callable[[], object]) -> float:
 
 
 def save(name: str, payload: dict) -> Path:
+    """Writes results/<name>.json, or <name>_gpu.json (_tpu) when JAX runs on an
+    accelerator, so that accelerator figures never replace the CPU ones."""
+    import jax
+
+    backend = jax.default_backend()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+    path = RESULTS / (f"{name}.json" if backend == "cpu" else f"{name}_{backend}.json")
     path.write_text(json.dumps({"machine": machine(), **payload}, indent=2) + "\n")
     return path
 

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The accelerator checks and benchmarks in one run, for a machine with an NVIDIA GPU that
+# already has jax (CUDA), flax, optax, orbax-checkpoint and torch installed.
+#   JAXCHAR_DATA=/path/to/shared/data bash benchmarks/gpu_check.sh
+# 1. facts: GPU, driver, JAX version and devices;
+# 2. the model tests on the GPU: the cuDNN layer (model.impl = "cudnn") and the fused layer
+#    against the nn.scan reference, values and gradients;
+# 3. bench_train on small, stacked and fast: jaxchar fused, jaxchar cudnn and PyTorch's
+#    cuDNN nn.LSTM, interleaved; the epoch column answers "small epoch under 5 s";
+# 4. bench_generate at batch 1 and 64 (the PyTorch loop on CUDA).
+# Results land in benchmarks/results/*_gpu.json and, where $OUT is set, are copied there.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export JAXCHAR_DATA="${JAXCHAR_DATA:-$PWD/../shared/data}"
+status=0
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || status=1
+python3 -c "import jax, flax, optax; print('jax', jax.__version__, jax.devices())" || exit 1
+JAX_PLATFORMS=cuda python3 -m pytest -q -p no:cacheprovider tests/test_model.py || status=1
+python3 benchmarks/bench_train.py --configs small stacked fast --reps 20 --peers torch || status=1
+python3 benchmarks/bench_generate.py --batches 1 64 --reps 5 || status=1
+if [ -n "${OUT:-}" ]; then cp benchmarks/results/*_gpu.json "$OUT"/ 2>/dev/null; fi
+exit $status
