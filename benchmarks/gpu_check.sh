@@ -9,6 +9,9 @@
 #    cuDNN nn.LSTM, interleaved; the epoch column answers "small epoch under 5 s";
 # 4. bench_generate at batch 1 and 64 (the PyTorch loop on CUDA).
 # Results land in benchmarks/results/*_gpu.json and, where $OUT is set, are copied there.
+# Where ../shared/data does not travel with the checkout, copy the corpora into an ignored
+# folder first (mkdir -p .gpudata && cp ../shared/data/*.txt .gpudata/ && echo /.gpudata/ >>
+# .git/info/exclude), take that folder along, and run with JAXCHAR_DATA=.gpudata.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
