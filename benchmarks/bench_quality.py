@@ -1,7 +1,7 @@
 """Time to quality on Alice: wall-clock time until the tutorial's training losses are reached.
 
     python benchmarks/bench_quality.py --config fast [--budget-s 300]
-    python benchmarks/bench_quality.py --config small --budget-s 5400 --stop-at-target
+    python benchmarks/bench_quality.py --config small --budget-s 7800 --stop-at-target
 
 Trains `--config` on ../shared/data/wonderland.txt (or --corpus; lowercased, header stripped,
 the last 10% held out so that a validation loss can be reported beside the training loss),

@@ -67,7 +67,11 @@ def jaxchar_cudnn_runner(cfg, ids: np.ndarray):
     from jaxchar import cudnn
 
     if not cudnn.available() or cfg.model.impl == "cudnn":
-        raise ImportError("cuDNN needs an NVIDIA GPU" if not cudnn.available() else "same run")
+        raise ImportError(
+            "cuDNN needs an NVIDIA GPU"
+            if not cudnn.available()
+            else "the config already uses cudnn"
+        )
     model = dataclasses.replace(cfg.model, impl="cudnn")
     return jaxchar_runner(dataclasses.replace(cfg, model=model), ids)
 

@@ -1,6 +1,6 @@
 """One LSTM layer through cuDNN, by JAX's own RNN support (jax.experimental.rnn), for GPUs.
 
-A lax.scan recurrence on a GPU is bound by the latency of ~100 small kernels per step;
+A lax.scan recurrence on a GPU is bound by kernel latency (~100 dependent steps a window);
 cuDNN runs the whole layer (forward and backward) as its own persistent kernels. The layer
 keeps jaxchar's parameters (input_kernel [in, 4H], recurrent_kernel [H, 4H], bias [4H],
 gates i, f, g, o as in Keras and cuDNN) and packs them into cuDNN's flat weight vector on
