@@ -18,3 +18,94 @@ def test_memory_corpus_is_loaded_whole(tmp_path):
     size = path.stat().st_size
     assert size == 2 * bench_memory.MB
     assert load_corpus(path, DataConfig()).total_chars == size
+
+
+import re  # noqa: E402
+import subprocess  # noqa: E402
+
+import profile_step  # noqa: E402
+
+# a compiled module in XLA's text form, cut down: a while loop whose body has a product
+# fusion, a gate fusion and an in-place update, plus a copy outside the loop
+HLO = """HloModule m
+
+%fused_dot (p0: f32[8,4], p1: f32[4,16]) -> f32[8,16] {
+  %p0 = f32[8,4]{1,0} parameter(0)
+  %p1 = f32[4,16]{1,0} parameter(1)
+  ROOT %dot.1 = f32[8,16]{1,0} dot(%p0, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%fused_gates (p0.1: f32[8,16]) -> f32[8,16] {
+  %p0.1 = f32[8,16]{1,0} parameter(0)
+  %tanh.1 = f32[8,16]{1,0} tanh(%p0.1)
+  ROOT %multiply.1 = f32[8,16]{1,0} multiply(%tanh.1, %p0.1)
+}
+
+%fused_update (p0.2: f32[3,8,16], p1.2: f32[8,16], p2.2: s32[]) -> f32[3,8,16] {
+  %p0.2 = f32[3,8,16]{2,1,0} parameter(0)
+  %p1.2 = f32[8,16]{1,0} parameter(1)
+  %bitcast.1 = f32[1,8,16]{2,1,0} bitcast(%p1.2)
+  %p2.2 = s32[] parameter(2)
+  %c0 = s32[] constant(0)
+  ROOT %u.1 = f32[3,8,16]{2,1,0} dynamic-update-slice(%p0.2, %bitcast.1, %p2.2, %c0, %c0)
+}
+
+%body (arg: (s32[], f32[8,4], f32[3,8,16])) -> (s32[], f32[8,4], f32[3,8,16]) {
+  %arg = (s32[], f32[8,4]{1,0}, f32[3,8,16]{2,1,0}) parameter(0)
+  %gte.0 = s32[] get-tuple-element(%arg), index=0
+  %ynn_fusion = f32[8,16]{1,0} fusion(%gte.1, %w), kind=kCustom, calls=%fused_dot
+  %tanh_multiply_fusion = f32[8,16]{1,0} fusion(%ynn_fusion), kind=kLoop, calls=%fused_gates
+  %dus_fusion = f32[3,8,16]{2,1,0} fusion(%gte.2, %gates, %gte.0), kind=kLoop, calls=%fused_update
+  ROOT %tuple.1 = (s32[], f32[8,4]{1,0}, f32[3,8,16]{2,1,0}) tuple(%gte.0, %gte.1, %dus_fusion)
+}
+
+ENTRY %main (x: f32[8,4]) -> f32[3,8,16] {
+  %x = f32[8,4]{1,0} parameter(0)
+  %copy.3 = f32[8,4]{1,0} copy(%x)
+  %while.1 = (s32[], f32[8,4]{1,0}, f32[3,8,16]{2,1,0}) while(%init), condition=%cond, body=%body
+  %custom-call.2 = f32[8,16]{1,0} custom-call(%x), custom_call_target="__cublas$gemm"
+  ROOT %gte.9 = f32[3,8,16]{2,1,0} get-tuple-element(%while.1), index=2
+}
+"""
+
+
+def test_profile_classifies_operations_by_their_bodies():
+    kinds = profile_step.classify(HLO)
+    assert kinds["ynn_fusion"] == profile_step.MATMUL  # a fusion is what it calls
+    assert kinds["tanh_multiply_fusion"] == profile_step.ELEMENTWISE
+    assert kinds["dus_fusion"] == profile_step.MOVES
+    assert kinds["copy.3"] == profile_step.MOVES
+    assert kinds["custom-call.2"] == profile_step.MATMUL  # cuBLAS on a GPU
+    # a loop's own event spans its body's events: counting it too would count twice
+    assert "while.1" not in kinds and "tuple.1" not in kinds and "gte.9" not in kinds
+
+
+def test_profile_sums_events_per_operation_and_keeps_device_events_on_accelerators():
+    kinds = profile_step.classify(HLO)
+    events = [
+        {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/host:CPU"}},
+        {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/device:GPU:0"}},
+        {"ph": "X", "name": "ynn_fusion", "pid": 1, "dur": 5.0},
+        {"ph": "X", "name": "ynn_fusion", "pid": 1, "dur": 7.0},
+        {"ph": "X", "name": "while.1", "pid": 1, "dur": 100.0},
+        {"ph": "X", "name": "$python frame", "pid": 1, "dur": 100.0},
+        {"ph": "X", "name": "sm90_kernel", "pid": 2, "dur": 3.0, "args": {"hlo_op": "ynn_fusion"}},
+    ]
+    assert profile_step.aggregate(events, kinds, device_only=False) == {"ynn_fusion": [3, 15.0]}
+    assert profile_step.aggregate(events, kinds, device_only=True) == {"ynn_fusion": [1, 3.0]}
+
+
+def test_profile_runs_on_a_real_train_step():
+    # the events XLA writes must match the compiled program's instruction names, or every
+    # row of the table would be empty
+    out = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks/profile_step.py"), "train", "--config", "tiny"]
+        + ["--calls", "1", "--no-save"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    ).stdout
+    rows = dict(re.findall(r"^\s*(matrix products|elementwise fusions)\s+([\d,.]+)", out, re.M))
+    assert set(rows) == {"matrix products", "elementwise fusions"}, out
+    assert all(float(ms.replace(",", "")) > 0 for ms in rows.values()), out
