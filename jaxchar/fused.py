@@ -7,6 +7,12 @@ step and writes dz, and the weight gradient is one [hidden, batch*time] x [batch
 4*hidden] product after the loop. Measured in benchmarks/bench_train.py; the nn.scan model in
 model.py is the reference that tests compare this against (values and gradients).
 
+The input projection is done here too, as one product over all timesteps before the loop
+(vector inputs) or inside it (the tutorial's scalar input, where it is a broadcast multiply),
+so that its weight gradient is also one product over [batch*time] written by hand: left to
+autodiff, XLA transposed the whole [time, batch, 4*hidden] gradient in memory first (13 ms of
+the stacked model's step, measured with benchmarks/profile_step.py).
+
 Everything is time-major here: xs [time, batch, ...], hs [time, batch, hidden].
 """
 
@@ -31,7 +37,15 @@ def _input(x_t, w_in, bias):
     return x_t if w_in is None else x_t[:, None] * w_in + bias
 
 
+def _scalar(xs) -> bool:
+    return xs.ndim == 2  # [T, B] scalar features, else [T, B, F] vectors
+
+
 def _forward(w_h, xs, c0, h0, w_in, bias, dtype):
+    if not _scalar(xs):  # one [T*B, F] x [F, 4H] product for all timesteps, outside the loop
+        gx = jnp.dot(xs.astype(dtype), w_in.astype(dtype)).astype(jnp.float32)
+        xs, w_in, bias = gx + bias, None, None
+
     def body(carry, x_t):
         c, h = carry
         z = _input(x_t, w_in, bias) + jnp.dot(h.astype(dtype), w_h.astype(dtype)).astype(
@@ -51,8 +65,8 @@ def _forward(w_h, xs, c0, h0, w_in, bias, dtype):
 def lstm_layer(w_h, xs, c0, h0, w_in, bias, dtype=jnp.float32):
     """Runs the layer over xs; returns (hs [T, B, H], final c, final h).
 
-    xs is [T, B] scalars (then w_in [4H] and bias [4H] project them inside the loop) or
-    [T, B, 4H] projected inputs with bias included (then w_in and bias are None)."""
+    xs is [T, B] scalars (then w_in is [4H], applied inside the loop) or [T, B, F] vectors
+    (then w_in is [F, 4H], applied to all timesteps before it); bias is [4H]."""
     return _forward(w_h, xs, c0, h0, w_in, bias, dtype)[0]
 
 
@@ -92,12 +106,18 @@ def _bwd(dtype, res, grads):
     )
     steps, batch, gates = dz.shape
     flat = dz.reshape(steps * batch, gates)  # [T*B, 4H]
-    d_w_h = jnp.dot(h_prev.reshape(steps * batch, -1).T.astype(dtype), flat.astype(dtype))
-    d_w_h = d_w_h.astype(jnp.float32)
-    if w_in is None:
-        return d_w_h, dz, dc0, dh0, None, None
-    d_w_in = jnp.dot(xs.reshape(steps * batch), flat)
-    d_xs = jnp.dot(dz, w_in)  # [T, B]
+
+    def weight_grad(inputs):  # [T, B, K] -> [K, 4H]: one product over all T*B rows
+        rows = inputs.reshape(steps * batch, -1).T.astype(dtype)
+        return jnp.dot(rows, flat.astype(dtype)).astype(jnp.float32)
+
+    d_w_h = weight_grad(h_prev)
+    if _scalar(xs):
+        d_w_in = jnp.dot(xs.reshape(steps * batch), flat)
+        d_xs = jnp.dot(dz, w_in)  # [T, B]
+    else:
+        d_w_in = weight_grad(xs).astype(w_in.dtype)
+        d_xs = jnp.dot(dz.astype(dtype), w_in.T.astype(dtype)).astype(xs.dtype)  # [T, B, F]
     return d_w_h, d_xs, dc0, dh0, d_w_in, flat.sum(axis=0)
 
 

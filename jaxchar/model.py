@@ -142,12 +142,11 @@ class LSTMLayer(nn.Module):
         """Time-major: inputs [time, batch] or [time, batch, features] -> [time, batch, H]."""
         w_h = _RecurrentKernel(self.hidden, name="cell")()
         c0, h0 = carry
-        if self.scalar_input:
-            xs, args = inputs, (w_in[0], bias)
-        else:  # one product for all timesteps, outside the loop
-            gx = jnp.dot(inputs.astype(self.dtype), w_in.astype(self.dtype))
-            xs, args = gx.astype(jnp.float32) + bias, (None, None)
-        hs, c, h = lstm_layer(w_h, xs, c0, h0, *args, self.dtype)
+        # the layer projects vector inputs itself (one product before its loop), so that
+        # it can also write their weight gradient as one product
+        hs, c, h = lstm_layer(
+            w_h, inputs, c0, h0, w_in[0] if self.scalar_input else w_in, bias, self.dtype
+        )
         return (c, h), hs
 
     def _cudnn(self, carry, inputs, w_in, bias):
