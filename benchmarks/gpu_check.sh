@@ -7,7 +7,9 @@
 #    against the nn.scan reference, values and gradients;
 # 3. bench_train on small, stacked and fast: jaxchar fused, jaxchar cudnn and PyTorch's
 #    cuDNN nn.LSTM, interleaved; the epoch column answers "small epoch under 5 s";
-# 4. bench_generate at batch 1 and 64 (the PyTorch loop on CUDA).
+# 4. bench_generate at batch 1 and 64 (the PyTorch loop on CUDA);
+# 5. profile_step on the small config's train step and on sampling at batch 64: where the
+#    GPU's time goes, kernel by kernel.
 # Results land in benchmarks/results/*_gpu.json and, where $OUT is set, are copied there.
 # Where ../shared/data does not travel with the checkout, copy the corpora into an ignored
 # folder first (mkdir -p .gpudata && cp ../shared/data/*.txt .gpudata/ && echo /.gpudata/ >>
@@ -23,5 +25,7 @@ python3 -c "import jax, flax, optax; print('jax', jax.__version__, jax.devices()
 JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=highest python3 -m pytest -q -p no:cacheprovider tests/test_model.py || status=1
 python3 benchmarks/bench_train.py --configs small stacked fast --reps 20 --peers torch || status=1
 python3 benchmarks/bench_generate.py --batches 1 64 --reps 5 || status=1
+python3 benchmarks/profile_step.py train --config small || status=1
+python3 benchmarks/profile_step.py generate --batch 64 || status=1
 if [ -n "${OUT:-}" ]; then cp benchmarks/results/*_gpu.json "$OUT"/ 2>/dev/null; fi
 exit $status
