@@ -80,7 +80,7 @@ def classify(hlo_text: str) -> dict[str, str]:
     does work of its own (containers such as while loops are left out: their bodies' events
     are counted instead)."""
     bodies: dict[str, set[str]] = collections.defaultdict(set)
-    lines: list[tuple[str, str, str, str]] = []  # (computation, name, opcode, line)
+    lines: list[tuple[str, str, str]] = []  # (name, opcode, line)
     current = ""
     for line in hlo_text.splitlines():
         head = _HEAD.match(line)
@@ -90,9 +90,9 @@ def classify(hlo_text: str) -> dict[str, str]:
         m = _INSTR.match(line)
         if m:
             bodies[current].add(m.group(2))
-            lines.append((current, m.group(1), m.group(2), line))
+            lines.append((m.group(1), m.group(2), line))
     kinds = {}
-    for _, name, opcode, line in lines:
+    for name, opcode, line in lines:
         if opcode in CONTAINERS or opcode in IGNORED:
             continue
         if opcode == "fusion":
@@ -167,15 +167,16 @@ def _train_target(args):
 
 def _generate_target(args):
     import jax
+    from bench_generate import HIDDEN, SEQ, VOCAB
 
     from jaxchar.config import ModelConfig
     from jaxchar.model import init_params
     from jaxchar.sampling import sample
 
-    # the tutorial's small model, as in bench_generate.py
-    cfg = ModelConfig(vocab_size=45, layers=1, hidden=256, encoding="scaled")
+    # the tutorial's small model with random weights, as bench_generate.py measures it
+    cfg = ModelConfig(vocab_size=VOCAB, layers=1, hidden=HIDDEN, encoding="scaled")
     params = init_params(cfg, jax.random.PRNGKey(0))
-    prompt = jax.random.randint(jax.random.PRNGKey(1), (args.batch, 100), 0, 45)
+    prompt = jax.random.randint(jax.random.PRNGKey(1), (args.batch, SEQ), 0, VOCAB)
     key = jax.random.PRNGKey(2)
     compiled = sample.lower(
         params, key, prompt, cfg=cfg, length=args.length, temperature=0.0, mode="stateful"
@@ -184,7 +185,7 @@ def _generate_target(args):
     def run():
         compiled(params, key, prompt, temperature=0.0).block_until_ready()
 
-    what = {"batch": args.batch, "length": args.length, "prompt": 100}
+    what = {"batch": args.batch, "length": args.length, "prompt": SEQ}
     return compiled.as_text(), run, args.length, "character", what
 
 

@@ -116,7 +116,7 @@ def _bwd(dtype, res, grads):
         d_w_in = jnp.dot(xs.reshape(steps * batch), flat)
         d_xs = jnp.dot(dz, w_in)  # [T, B]
     else:
-        d_w_in = weight_grad(xs).astype(w_in.dtype)
+        d_w_in = weight_grad(xs)
         d_xs = jnp.dot(dz.astype(dtype), w_in.T.astype(dtype)).astype(xs.dtype)  # [T, B, F]
     return d_w_h, d_xs, dc0, dh0, d_w_in, flat.sum(axis=0)
 
