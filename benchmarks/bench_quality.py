@@ -65,6 +65,24 @@ def main() -> None:
         )
         if not reached and point["train_loss"] <= target:
             reached.update(point)
+        common.save(f"quality_{args.config}", summary(done=False))
+
+    def summary(done: bool) -> dict:
+        """The result so far: written after every evaluation, so that a run stopped before
+        its end (hours on a CPU for the tutorial's stacked model) still leaves its curve."""
+        return {
+            "config": args.config,
+            "corpus": args.corpus,
+            "sets": sets,
+            "target_train_loss": target,
+            "budget_s": args.budget_s,
+            "stop_at_target": args.stop_at_target,
+            "complete": done,
+            "reached": reached or None,
+            "final": curve[-1],
+            "best_val": min(curve, key=lambda p: p["val_loss"]),
+            "curve": curve,
+        }
 
     fit(
         cfg,
@@ -77,19 +95,8 @@ def main() -> None:
         train_spans=corpus.train_spans,
         val_spans=corpus.val_spans,
     )
-    best_val = min(curve, key=lambda p: p["val_loss"])
-    result = {
-        "config": args.config,
-        "corpus": args.corpus,
-        "sets": sets,
-        "target_train_loss": target,
-        "budget_s": args.budget_s,
-        "stop_at_target": args.stop_at_target,
-        "reached": reached or None,
-        "final": curve[-1],
-        "best_val": best_val,
-        "curve": curve,
-    }
+    result = summary(done=True)
+    best_val = result["best_val"]
     path = common.save(f"quality_{args.config}", result)
     final = curve[-1]
     print(

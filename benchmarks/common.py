@@ -11,7 +11,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(os.environ.get("JAXCHAR_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 DATA = Path(os.environ.get("JAXCHAR_DATA") or Path(__file__).resolve().parents[2] / "shared/data")
 
 
@@ -74,7 +74,9 @@ def save(name: str, payload: dict) -> Path:
     backend = jax.default_backend()
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / (f"{name}.json" if backend == "cpu" else f"{name}_{backend}.json")
-    path.write_text(json.dumps({"machine": machine(), **payload}, indent=2) + "\n")
+    partial = path.with_suffix(".json.partial")  # replaced whole: never a half-written file
+    partial.write_text(json.dumps({"machine": machine(), **payload}, indent=2) + "\n")
+    partial.replace(path)
     return path
 
 

@@ -109,3 +109,27 @@ def test_profile_runs_on_a_real_train_step():
     rows = dict(re.findall(r"^\s*(matrix products|elementwise fusions)\s+([\d,.]+)", out, re.M))
     assert set(rows) == {"matrix products", "elementwise fusions"}, out
     assert all(float(ms.replace(",", "")) > 0 for ms in rows.values()), out
+
+
+def test_quality_run_writes_its_curve_as_it_goes(tmp_path):
+    # the result file is rewritten after every evaluation (a run of hours can be stopped and
+    # still leave its curve); the last write marks it complete
+    import json
+    import os
+
+    out = tmp_path / "results"
+    subprocess.run(
+        [sys.executable, str(REPO / "benchmarks/bench_quality.py"), "--config", "tiny"]
+        + ["--set", "train.max_steps=4", "--save-every", "2", "--budget-s", "600"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+        env={**os.environ, "JAXCHAR_BENCH_RESULTS": str(out)},
+    )
+    assert [p.name for p in out.iterdir()] == ["quality_tiny.json"]  # no partial file left
+    result = json.loads((out / "quality_tiny.json").read_text())
+    assert result["complete"] is True
+    assert [p["step"] for p in result["curve"]] == [2, 4]
+    assert result["final"] == result["curve"][-1]
+    assert result["best_val"] == min(result["curve"], key=lambda p: p["val_loss"])
