@@ -11,7 +11,9 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-RESULTS = Path(os.environ.get("JAXCHAR_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
+RESULTS = Path(
+    os.environ.get("JAXCHAR_BENCH_RESULTS") or Path(__file__).resolve().parent / "results"
+)
 DATA = Path(os.environ.get("JAXCHAR_DATA") or Path(__file__).resolve().parents[2] / "shared/data")
 
 
