@@ -43,6 +43,9 @@ def test_temperature_zero_is_argmax_and_draws_follow_softmax():
     np.testing.assert_allclose(freq, [0.1, 0.6, 0.3], atol=0.015)
 
 
+_draw = jax.jit(sample_logits, static_argnames="top_k")  # compiled per top_k, not per call
+
+
 @settings(max_examples=30, deadline=None)
 @given(
     st.floats(0.0, 5.0),
@@ -52,23 +55,28 @@ def test_temperature_zero_is_argmax_and_draws_follow_softmax():
 )
 def test_sampler_never_leaves_the_vocabulary(temperature, top_k, top_p, seed):
     logits = jax.random.normal(jax.random.PRNGKey(seed), (4, 13)) * 5
-    out = np.asarray(sample_logits(jax.random.PRNGKey(seed + 1), logits, temperature, top_k, top_p))
+    out = np.asarray(_draw(jax.random.PRNGKey(seed + 1), logits, temperature, top_k, top_p))
     assert ((out >= 0) & (out < 13)).all()
     if top_k:  # only among the k largest
         ranks = np.argsort(np.argsort(-np.asarray(logits), axis=-1), axis=-1)
         assert (ranks[np.arange(4), out] < top_k).all()
 
 
+_cell_step = jax.jit(
+    step, static_argnames="cfg"
+)  # one cell step compiled once: the loop stays Python
+
+
 def _greedy_reference(params, prompt, length):
     """Step by step in Python: run the prompt, then argmax and feed back."""
     carry = init_carry(CFG, 1)
     for c in prompt:
-        logits, carry = step(params, CFG, carry, jnp.array([c]))
+        logits, carry = _cell_step(params, CFG, carry, jnp.array([c]))
     out = []
     for _ in range(length):
-        nxt = int(jnp.argmax(logits[0]))
+        nxt = int(np.argmax(np.asarray(logits[0])))
         out.append(nxt)
-        logits, carry = step(params, CFG, carry, jnp.array([nxt]))
+        logits, carry = _cell_step(params, CFG, carry, jnp.array([nxt]))
     return out
 
 
