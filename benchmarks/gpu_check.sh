@@ -21,8 +21,9 @@ export JAXCHAR_DATA="${JAXCHAR_DATA:-$PWD/../shared/data}"
 status=0
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || status=1
 python3 -c "import jax, flax, optax; print('jax', jax.__version__, jax.devices())" || exit 1
-# float32 products (no TF32), so that the tolerances written for the CPU hold
-JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=highest python3 -m pytest -q -p no:cacheprovider tests/test_model.py || status=1
+# float32 products (no TF32), so that the tolerances written for the CPU hold; one process
+# (-o addopts="": pytest-xdist need not be installed there)
+JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=highest python3 -m pytest -q -o addopts="" -p no:cacheprovider tests/test_model.py || status=1
 python3 benchmarks/bench_train.py --configs small stacked fast --reps 20 --peers torch || status=1
 python3 benchmarks/bench_generate.py --batches 1 64 --reps 5 || status=1
 python3 benchmarks/profile_step.py train --config small || status=1
