@@ -10,20 +10,69 @@ training loss reaches the tutorial's figure for that model (small 1.9435; stacke
 1.2219 nats/char) and the validation loss then. Stops at the end of the config's schedule,
 when the budget runs out, or (with --stop-at-target) once the target is reached.
 Writes benchmarks/results/quality_<config>.json.
+
+With --run-dir DIR the run keeps checkpoints (and its curve and counted time) in DIR, so a run
+of many hours (the stacked model: ~10 h here) can span several sittings: run the same command
+again and it continues from the last save, with the same batches and losses as an
+uninterrupted run. SIGINT/SIGTERM save and stop; SIGUSR1 pauses the run (SIGCONT continues
+it) without counting the paused time, so that other work can use the cores meanwhile. The
+time reported ("wall_s") is the running time summed over sittings, pauses left out.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import signal
 import sys
 import time
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
 import common  # noqa: E402
 
 TARGETS = {"small": 1.9435, "stacked": 1.2219}
 DEFAULT_TARGET = 1.2219
+STATE_FILE = "bench_quality.json"  # in --run-dir: the curve and counted time at the last save
+
+
+class Clock:
+    """Running time: this sitting's wall time less its SIGUSR1 pauses, plus earlier
+    sittings' time (`offset`)."""
+
+    def __init__(self, offset: float = 0.0):
+        self.offset, self.began, self.paused = offset, time.perf_counter(), 0.0
+
+    def __call__(self) -> float:
+        return self.offset + time.perf_counter() - self.began - self.paused
+
+    def pause(self, signum, frame) -> None:
+        stopped = time.perf_counter()
+        os.kill(os.getpid(), signal.SIGSTOP)  # returns once someone sends SIGCONT
+        self.paused += time.perf_counter() - stopped
+        print(f"paused {time.perf_counter() - stopped:.0f} s (not counted)", file=sys.stderr)
+
+
+def open_run(run_dir: Path, cfg, vocab) -> tuple:
+    """The run directory and the bench state saved there (None for a new run)."""
+    from jaxchar.checkpoint import RunDir
+
+    if not (run_dir / "run.json").is_file():
+        return RunDir.create(run_dir, cfg, vocab), None
+    run = RunDir.open(run_dir)
+    if run.cfg.to_dict() != cfg.to_dict() or run.vocab != vocab:
+        sys.exit(f"{run_dir} holds a run with another config or text: give a new --run-dir")
+    state_path = run_dir / STATE_FILE
+    state = json.loads(state_path.read_text()) if state_path.is_file() else None
+    steps = run.steps()
+    if steps and (state is None or state["step"] != steps[-1]):
+        print(
+            f"note: {run_dir}'s last checkpoint (step {steps[-1]}) is not the one its "
+            f"{STATE_FILE} describes; the time before it is counted from there",
+            file=sys.stderr,
+        )
+    return run, state
 
 
 def main() -> None:
@@ -34,6 +83,9 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[])
     parser.add_argument("--stop-at-target", action="store_true")
     parser.add_argument("--corpus", default="wonderland.txt", help="a file in ../shared/data")
+    parser.add_argument(
+        "--run-dir", help="keep checkpoints here; the same command again continues the run"
+    )
     args = parser.parse_args()
 
     from jaxchar.cli import resolve_config_path
@@ -48,14 +100,47 @@ def main() -> None:
     corpus = load_corpus(common.DATA / args.corpus, cfg.data)
     cfg = with_vocab(cfg, len(corpus.vocab))
     target = TARGETS.get(args.config, DEFAULT_TARGET)
-    began = time.perf_counter()
-    curve, reached = [], {}
+    run, state = (None, None)
+    if args.run_dir:
+        run, state = open_run(Path(args.run_dir).absolute(), cfg, corpus.vocab)
+    state = state or {"step": 0, "counted_s": 0.0, "curve": [], "reached": {}, "sittings": 0}
+    # a stop mid-epoch left a point for a part of an epoch: the next full one replaces it
+    curve = [p for p in state["curve"] if not p.get("partial")]
+    reached, sittings = state["reached"] or {}, state["sittings"] + 1
+    clock = Clock(state["counted_s"])
+    if state["step"]:
+        print(f"continuing from step {state['step']} ({state['counted_s']:.0f} s)", file=sys.stderr)
+    signal.signal(signal.SIGUSR1, clock.pause)
+    stop = {"signal": False, "at": None}  # `at`: the running time when the loop was told
+
+    def on_signal(signum, frame) -> None:
+        stop["signal"] = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+    def should_stop() -> bool:
+        now = clock()
+        if stop["signal"] or now > args.budget_s or bool(reached and args.stop_at_target):
+            stop["at"] = stop["at"] or now  # the stop's own save and evaluation are not counted
+            return True
+        return False
+
+    every, total = cfg.train.save_every_steps, {}
 
     def log(event: dict) -> None:
+        if event["event"] == "start":
+            total["steps"] = event["total_steps"]
         if event["event"] != "save":
             return
         point = {k: event[k] for k in ("step", "epoch", "train_loss", "val_loss")}
-        point["wall_s"] = time.perf_counter() - began
+        step = event["step"]
+        scheduled = (
+            event["epoch_done"] or step == total["steps"] or bool(every and step % every == 0)
+        )
+        point["wall_s"] = clock() if scheduled or stop["at"] is None else stop["at"]
+        if not scheduled:
+            point["partial"] = True  # a stop mid-epoch: training loss over part of an epoch
         curve.append(point)
         print(
             f"{point['wall_s']:7.1f} s  step {point['step']:6d}  train {point['train_loss']:.4f}"
@@ -63,8 +148,12 @@ def main() -> None:
             file=sys.stderr,
             flush=True,
         )
-        if not reached and point["train_loss"] <= target:
+        if not reached and point["train_loss"] <= target and scheduled:
             reached.update(point)
+        if run is not None:
+            saved = {"step": point["step"], "counted_s": point["wall_s"], "curve": curve}
+            saved.update(reached=reached, sittings=sittings)
+            common.write_json(run.path / STATE_FILE, saved)
         common.save(f"quality_{args.config}", summary(done=False))
 
     def summary(done: bool) -> dict:
@@ -78,24 +167,31 @@ def main() -> None:
             "budget_s": args.budget_s,
             "stop_at_target": args.stop_at_target,
             "complete": done,
+            "sittings": sittings,
+            "paused_s_this_sitting": round(clock.paused, 1),
             "reached": reached or None,
             "final": curve[-1],
             "best_val": min(curve, key=lambda p: p["val_loss"]),
             "curve": curve,
         }
 
-    fit(
-        cfg,
-        corpus.train_ids,
-        corpus.val_ids,
-        log=log,
-        should_stop=lambda: (
-            time.perf_counter() - began > args.budget_s or bool(reached and args.stop_at_target)
-        ),
-        train_spans=corpus.train_spans,
-        val_spans=corpus.val_spans,
-    )
-    result = summary(done=True)
+    try:
+        fit(
+            cfg,
+            corpus.train_ids,
+            corpus.val_ids,
+            checkpointer=run,
+            log=log,
+            should_stop=should_stop,
+            train_spans=corpus.train_spans,
+            val_spans=corpus.val_spans,
+        )
+    finally:
+        if run is not None:
+            run.close()
+    if not curve:
+        sys.exit("stopped before the first evaluation: nothing to report")
+    result = summary(done=not stop["signal"])
     best_val = result["best_val"]
     path = common.save(f"quality_{args.config}", result)
     final = curve[-1]
@@ -128,6 +224,9 @@ def main() -> None:
         )
     )
     print(f"written to {path}", file=sys.stderr)
+    if stop["signal"]:
+        again = "the same command" + ("" if args.run_dir else " with --run-dir")
+        print(f"stopped by a signal: {again} continues the run", file=sys.stderr)
 
 
 if __name__ == "__main__":

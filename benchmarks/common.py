@@ -76,10 +76,15 @@ def save(name: str, payload: dict) -> Path:
     backend = jax.default_backend()
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / (f"{name}.json" if backend == "cpu" else f"{name}_{backend}.json")
-    partial = path.with_suffix(".json.partial")  # replaced whole: never a half-written file
-    partial.write_text(json.dumps({"machine": machine(), **payload}, indent=2) + "\n")
-    partial.replace(path)
+    write_json(path, {"machine": machine(), **payload})
     return path
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """Replaces `path` whole (through a temporary file): never a half-written file."""
+    partial = path.with_suffix(".json.partial")
+    partial.write_text(json.dumps(payload, indent=2) + "\n")
+    partial.replace(path)
 
 
 def table(rows: list[list], header: list[str]) -> str:

@@ -1,7 +1,12 @@
 """The benchmarks' own inputs: what they measure must be the work they claim to measure."""
 
+import json
+import os
+import re
+import subprocess
 import sys
 
+import pytest
 from conftest import REPO
 
 from jaxchar.config import DataConfig
@@ -19,9 +24,6 @@ def test_memory_corpus_is_loaded_whole(tmp_path):
     assert size == 2 * bench_memory.MB
     assert load_corpus(path, DataConfig()).total_chars == size
 
-
-import re  # noqa: E402
-import subprocess  # noqa: E402
 
 import profile_step  # noqa: E402
 
@@ -111,25 +113,48 @@ def test_profile_runs_on_a_real_train_step():
     assert all(float(ms.replace(",", "")) > 0 for ms in rows.values()), out
 
 
-def test_quality_run_writes_its_curve_as_it_goes(tmp_path):
-    # the result file is rewritten after every evaluation (a run of hours can be stopped and
-    # still leave its curve); the last write marks it complete
-    import json
-    import os
-
-    out = tmp_path / "results"
-    subprocess.run(
-        [sys.executable, str(REPO / "benchmarks/bench_quality.py"), "--config", "tiny"]
-        + ["--set", "train.max_steps=4", "--save-every", "2", "--budget-s", "600"],
+def _bench_quality(out, *args):
+    return subprocess.run(
+        [sys.executable, str(REPO / "benchmarks/bench_quality.py"), "--config", "tiny", *args],
         capture_output=True,
         text=True,
         timeout=300,
-        check=True,
         env={**os.environ, "JAXCHAR_BENCH_RESULTS": str(out)},
     )
-    assert [p.name for p in out.iterdir()] == ["quality_tiny.json"]  # no partial file left
-    result = json.loads((out / "quality_tiny.json").read_text())
-    assert result["complete"] is True
-    assert [p["step"] for p in result["curve"]] == [2, 4]
-    assert result["final"] == result["curve"][-1]
-    assert result["best_val"] == min(result["curve"], key=lambda p: p["val_loss"])
+
+
+def _quality(out, *args):
+    sets = ["--set", "train.max_steps=4", "--set", "train.steps_per_call=1", "--save-every", "2"]
+    done = _bench_quality(out, *sets, *args)
+    assert done.returncode == 0, done.stderr
+    return json.loads((out / "quality_tiny.json").read_text()), done.stderr
+
+
+def test_quality_run_writes_its_curve_as_it_goes_and_continues_where_it_stopped(tmp_path):
+    # the result file is rewritten after every evaluation (a run of hours can be stopped and
+    # still leave its curve); the last write marks it complete
+    whole, _ = _quality(tmp_path / "whole", "--budget-s", "600")
+    assert [p.name for p in (tmp_path / "whole").iterdir()] == ["quality_tiny.json"]
+    assert whole["complete"] is True and whole["sittings"] == 1
+    assert [p["step"] for p in whole["curve"]] == [2, 4]
+    assert whole["final"] == whole["curve"][-1]
+    assert whole["best_val"] == min(whole["curve"], key=lambda p: p["val_loss"])
+
+    # with --run-dir, a run stopped mid-way (here by its budget, after one step: a point
+    # for part of an interval) continues from its checkpoint when run again, with the
+    # losses of the uninterrupted run and its time counted on
+    run_dir = tmp_path / "run"
+    first, _ = _quality(tmp_path / "parts", "--run-dir", str(run_dir), "--budget-s", "0")
+    assert [(p["step"], p.get("partial")) for p in first["curve"]] == [(1, True)]
+    second, log = _quality(tmp_path / "parts", "--run-dir", str(run_dir), "--budget-s", "600")
+    assert "continuing from step 1" in log
+    assert second["complete"] is True and second["sittings"] == 2
+    assert [p["step"] for p in second["curve"]] == [2, 4]  # the partial point is replaced
+    for a, b in zip(second["curve"], whole["curve"], strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-6)
+    assert second["curve"][0]["wall_s"] >= first["curve"][0]["wall_s"]
+    # a run directory is kept for one config
+    other = _bench_quality(tmp_path / "other", "--run-dir", str(run_dir), "--budget-s", "0")
+    assert other.returncode != 0 and "another config" in other.stderr
+    assert "Traceback" not in other.stderr
