@@ -59,6 +59,8 @@ def open_run(run_dir: Path, cfg, vocab) -> tuple:
     from jaxchar.checkpoint import RunDir
 
     if not (run_dir / "run.json").is_file():
+        if run_dir.is_dir() and any(run_dir.iterdir()):
+            sys.exit(f"{run_dir} holds files but no run: give a new or empty --run-dir")
         return RunDir.create(run_dir, cfg, vocab), None
     run = RunDir.open(run_dir)
     if run.cfg.to_dict() != cfg.to_dict() or run.vocab != vocab:
@@ -102,7 +104,12 @@ def main() -> None:
     target = TARGETS.get(args.config, DEFAULT_TARGET)
     run, state = (None, None)
     if args.run_dir:
-        run, state = open_run(Path(args.run_dir).absolute(), cfg, corpus.vocab)
+        from jaxchar.checkpoint import CheckpointError
+
+        try:
+            run, state = open_run(Path(args.run_dir).absolute(), cfg, corpus.vocab)
+        except (CheckpointError, ValueError, KeyError) as err:  # JSON errors are ValueErrors
+            sys.exit(f"{args.run_dir}: {err}; give another --run-dir")
     state = state or {"step": 0, "counted_s": 0.0, "curve": [], "reached": {}, "sittings": 0}
     # a stop mid-epoch left a point for a part of an epoch: the next full one replaces it
     curve = [p for p in state["curve"] if not p.get("partial")]

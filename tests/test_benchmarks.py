@@ -158,3 +158,12 @@ def test_quality_run_writes_its_curve_as_it_goes_and_continues_where_it_stopped(
     other = _bench_quality(tmp_path / "other", "--run-dir", str(run_dir), "--budget-s", "0")
     assert other.returncode != 0 and "another config" in other.stderr
     assert "Traceback" not in other.stderr
+    # a folder that is not a run is left alone
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine/notes.txt").write_text("keep me")
+    not_a_run = _bench_quality(
+        tmp_path / "x", "--run-dir", str(tmp_path / "mine"), "--budget-s", "0"
+    )
+    assert not_a_run.returncode != 0 and "holds files but no run" in not_a_run.stderr
+    assert len(not_a_run.stderr.strip().splitlines()) == 1, not_a_run.stderr
+    assert (tmp_path / "mine/notes.txt").read_text() == "keep me"
