@@ -50,15 +50,16 @@ class Clock:
     def pause(self, signum, frame) -> None:
         stopped = time.perf_counter()
         os.kill(os.getpid(), signal.SIGSTOP)  # returns once someone sends SIGCONT
-        self.paused += time.perf_counter() - stopped
-        print(f"paused {time.perf_counter() - stopped:.0f} s (not counted)", file=sys.stderr)
+        paused = time.perf_counter() - stopped
+        self.paused += paused
+        print(f"paused {paused:.0f} s (not counted)", file=sys.stderr)
 
 
 def open_run(run_dir: Path, cfg, vocab) -> tuple:
     """The run directory and the bench state saved there (None for a new run)."""
-    from jaxchar.checkpoint import RunDir
+    from jaxchar.checkpoint import RUN_FILE, RunDir
 
-    if not (run_dir / "run.json").is_file():
+    if not (run_dir / RUN_FILE).is_file():
         if run_dir.is_dir() and any(run_dir.iterdir()):
             sys.exit(f"{run_dir} holds files but no run: give a new or empty --run-dir")
         return RunDir.create(run_dir, cfg, vocab), None
