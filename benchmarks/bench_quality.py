@@ -4,12 +4,13 @@
     python benchmarks/bench_quality.py --config small --budget-s 7800 --stop-at-target
 
 Trains `--config` on ../shared/data/wonderland.txt (or --corpus; lowercased, header stripped,
-the last 10% held out so that a validation loss can be reported beside the training loss),
+the last 10% held out so that a validation loss can be reported beside the training loss,
+unless `--set data.val_fraction=0`),
 saving metrics every epoch (or every --save-every steps), and records the first time the
 training loss reaches the tutorial's figure for that model (small 1.9435; stacked and fast
 1.2219 nats/char) and the validation loss then. Stops at the end of the config's schedule,
 when the budget runs out, or (with --stop-at-target) once the target is reached.
-Writes benchmarks/results/quality_<config>.json.
+Writes benchmarks/results/quality_<config>.json (quality_<name>.json with --name).
 
 With --run-dir DIR the run keeps checkpoints (and its curve and counted time) in DIR, so a run
 of many hours (the stacked model: ~10 h here) can span several sittings: run the same command
@@ -55,6 +56,10 @@ class Clock:
         print(f"paused {paused:.0f} s (not counted)", file=sys.stderr)
 
 
+def fmt(loss: float | None) -> str:
+    return "-" if loss is None else f"{loss:.4f}"
+
+
 def open_run(run_dir: Path, cfg, vocab) -> tuple:
     """The run directory and the bench state saved there (None for a new run)."""
     from jaxchar.checkpoint import RUN_FILE, RunDir
@@ -89,7 +94,9 @@ def main() -> None:
     parser.add_argument(
         "--run-dir", help="keep checkpoints here; the same command again continues the run"
     )
+    parser.add_argument("--name", help="results file quality_<name>.json (default: the config)")
     args = parser.parse_args()
+    name = f"quality_{args.name or args.config}"
 
     from jaxchar.cli import resolve_config_path
     from jaxchar.config import load_config, override
@@ -141,7 +148,7 @@ def main() -> None:
             total["steps"] = event["total_steps"]
         if event["event"] != "save":
             return
-        point = {k: event[k] for k in ("step", "epoch", "train_loss", "val_loss")}
+        point = {k: event.get(k) for k in ("step", "epoch", "train_loss", "val_loss")}
         step = event["step"]
         scheduled = (
             event["epoch_done"] or step == total["steps"] or bool(every and step % every == 0)
@@ -152,7 +159,7 @@ def main() -> None:
         curve.append(point)
         print(
             f"{point['wall_s']:7.1f} s  step {point['step']:6d}  train {point['train_loss']:.4f}"
-            f"  val {point['val_loss']:.4f}",
+            f"  val {fmt(point['val_loss'])}",
             file=sys.stderr,
             flush=True,
         )
@@ -162,11 +169,12 @@ def main() -> None:
             saved = {"step": point["step"], "counted_s": point["wall_s"], "curve": curve}
             saved.update(reached=reached, sittings=sittings)
             common.write_json(run.path / STATE_FILE, saved)
-        common.save(f"quality_{args.config}", summary(done=False))
+        common.save(name, summary(done=False))
 
     def summary(done: bool) -> dict:
         """The result so far: written after every evaluation, so that a run stopped before
         its end (hours on a CPU for the tutorial's stacked model) still leaves its curve."""
+        scored = [p for p in curve if p["val_loss"] is not None]
         return {
             "config": args.config,
             "corpus": args.corpus,
@@ -179,7 +187,7 @@ def main() -> None:
             "paused_s_this_sitting": round(clock.paused, 1),
             "reached": reached or None,
             "final": curve[-1],
-            "best_val": min(curve, key=lambda p: p["val_loss"]),
+            "best_val": min(scored, key=lambda p: p["val_loss"]) if scored else None,
             "curve": curve,
         }
 
@@ -201,7 +209,7 @@ def main() -> None:
         sys.exit("stopped before the first evaluation: nothing to report")
     result = summary(done=not stop["signal"])
     best_val = result["best_val"]
-    path = common.save(f"quality_{args.config}", result)
+    path = common.save(name, result)
     final = curve[-1]
     print(
         common.table(
@@ -212,10 +220,12 @@ def main() -> None:
                     f"{reached['wall_s']:.0f} s (step {reached['step']})"
                     if reached
                     else "not reached",
-                    f"{reached['val_loss']:.4f}" if reached else "-",
+                    fmt(reached["val_loss"]) if reached else "-",
                     f"{final['train_loss']:.4f}",
-                    f"{final['val_loss']:.4f}",
-                    f"{best_val['val_loss']:.4f} at {best_val['wall_s']:.0f} s",
+                    fmt(final["val_loss"]),
+                    f"{best_val['val_loss']:.4f} at {best_val['wall_s']:.0f} s"
+                    if best_val
+                    else "-",
                     f"{final['wall_s']:.0f}",
                 ]
             ],

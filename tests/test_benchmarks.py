@@ -123,11 +123,23 @@ def _bench_quality(out, *args):
     )
 
 
-def _quality(out, *args):
+def _quality(out, *args, name="tiny"):
     sets = ["--set", "train.max_steps=4", "--set", "train.steps_per_call=1", "--save-every", "2"]
     done = _bench_quality(out, *sets, *args)
     assert done.returncode == 0, done.stderr
-    return json.loads((out / "quality_tiny.json").read_text()), done.stderr
+    return json.loads((out / f"quality_{name}.json").read_text()), done.stderr
+
+
+def test_quality_on_the_whole_text_as_the_tutorial_did(tmp_path):
+    # no held-out text: no validation loss anywhere, the table says so, and --name keeps
+    # the result beside the held-out run's instead of replacing it
+    sets = ["--set", "data.val_fraction=0", "--name", "tiny_whole", "--budget-s", "600"]
+    result, _ = _quality(tmp_path, *sets, name="tiny_whole")
+    assert [p.name for p in tmp_path.iterdir()] == ["quality_tiny_whole.json"]
+    assert "data.val_fraction=0" in result["sets"] and result["complete"] is True
+    assert [p["step"] for p in result["curve"]] == [2, 4]
+    assert all(p["val_loss"] is None and p["train_loss"] > 0 for p in result["curve"])
+    assert result["best_val"] is None
 
 
 def test_quality_run_writes_its_curve_as_it_goes_and_continues_where_it_stopped(tmp_path):
