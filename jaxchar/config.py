@@ -64,6 +64,9 @@ class ModelConfig:
     encoding: str = "scaled"  # scaled: id / vocab (tutorial); onehot; embed
     embed_dim: int = 64
     cell: str = "lstm"  # or "gru" (Keras' GRU, reset after the recurrent product)
+    # the gates' squashing function (Keras' recurrent_activation): sigmoid (Keras 2 and 3);
+    # hard_sigmoid = clip(0.2 x + 0.5, 0, 1), the default of Keras 1, which the tutorial ran
+    gate_activation: str = "sigmoid"
     unroll: int = 1  # timesteps per loop iteration of the scan (speed only)
     dtype: str = "float32"  # matrix products in this type; params and loss stay float32
     # fused: hand-written backward (fast on CPUs); scan: autodiff of nn.scan (the reference);
@@ -78,6 +81,7 @@ class ModelConfig:
         _check(0.0 <= self.input_dropout < 1.0, "model.input_dropout must be in [0, 1)")
         _one_of("model", "encoding", self.encoding, ("scaled", "onehot", "embed"))
         _one_of("model", "cell", self.cell, ("lstm", "gru"))
+        _one_of("model", "gate_activation", self.gate_activation, ("sigmoid", "hard_sigmoid"))
         _check(self.embed_dim >= 1, "model.embed_dim must be at least 1")
         _check(self.unroll >= 1, "model.unroll must be at least 1")
         _one_of("model", "dtype", self.dtype, ("float32", "bfloat16"))

@@ -24,11 +24,26 @@ import jax
 import jax.numpy as jnp
 
 
-def _activate(z: jax.Array) -> jax.Array:
-    """[..., 4H] pre-activations -> (sigmoid i, sigmoid f, tanh g, sigmoid o), concatenated."""
+def gate(v: jax.Array, kind: str = "sigmoid") -> jax.Array:
+    """The gates' squashing function. `sigmoid` is written as 0.5 * tanh(v / 2) + 0.5 (one
+    transcendental instead of exp plus divide); `hard_sigmoid` is Keras 1's piecewise-linear
+    clip(0.2 v + 0.5, 0, 1), the default of the Keras the tutorial ran."""
+    if kind == "hard_sigmoid":
+        return jnp.clip(0.2 * v + 0.5, 0.0, 1.0)
+    return 0.5 * jnp.tanh(0.5 * v) + 0.5
+
+
+def _gate_slope(a: jax.Array, kind: str) -> jax.Array:
+    """d gate / d v, written in terms of the gate's output a."""
+    if kind == "hard_sigmoid":  # 0.2 on the linear part, 0 where clipped
+        return jnp.where((a > 0.0) & (a < 1.0), 0.2, 0.0)
+    return a * (1 - a)
+
+
+def _activate(z: jax.Array, kind: str) -> jax.Array:
+    """[..., 4H] pre-activations -> (gate i, gate f, tanh g, gate o), concatenated."""
     i, f, g, o = jnp.split(z, 4, axis=-1)
-    sig = lambda v: 0.5 * jnp.tanh(0.5 * v) + 0.5  # one transcendental per gate
-    return jnp.concatenate([sig(i), sig(f), jnp.tanh(g), sig(o)], axis=-1)
+    return jnp.concatenate([gate(i, kind), gate(f, kind), jnp.tanh(g), gate(o, kind)], axis=-1)
 
 
 def _input(x_t, w_in, bias):
@@ -41,7 +56,7 @@ def _scalar(xs) -> bool:
     return xs.ndim == 2  # [T, B] scalar features, else [T, B, F] vectors
 
 
-def _forward(w_h, xs, c0, h0, w_in, bias, dtype):
+def _forward(w_h, xs, c0, h0, w_in, bias, dtype, kind):
     if not _scalar(xs):  # one [T*B, F] x [F, 4H] product for all timesteps, outside the loop
         gx = jnp.dot(xs.astype(dtype), w_in.astype(dtype)).astype(jnp.float32)
         xs, w_in, bias = gx + bias, None, None
@@ -51,7 +66,7 @@ def _forward(w_h, xs, c0, h0, w_in, bias, dtype):
         z = _input(x_t, w_in, bias) + jnp.dot(h.astype(dtype), w_h.astype(dtype)).astype(
             jnp.float32
         )
-        a = _activate(z)
+        a = _activate(z, kind)
         i, f, g, o = jnp.split(a, 4, axis=-1)
         c = f * c + i * g
         h = o * jnp.tanh(c)
@@ -61,21 +76,22 @@ def _forward(w_h, xs, c0, h0, w_in, bias, dtype):
     return (hs, c, h), (acts, cs)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(6,))
-def lstm_layer(w_h, xs, c0, h0, w_in, bias, dtype=jnp.float32):
+@partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def lstm_layer(w_h, xs, c0, h0, w_in, bias, dtype=jnp.float32, kind="sigmoid"):
     """Runs the layer over xs; returns (hs [T, B, H], final c, final h).
 
     xs is [T, B] scalars (then w_in is [4H], applied inside the loop) or [T, B, F] vectors
-    (then w_in is [F, 4H], applied to all timesteps before it); bias is [4H]."""
-    return _forward(w_h, xs, c0, h0, w_in, bias, dtype)[0]
+    (then w_in is [F, 4H], applied to all timesteps before it); bias is [4H]. `kind` is the
+    gates' activation (see `gate`)."""
+    return _forward(w_h, xs, c0, h0, w_in, bias, dtype, kind)[0]
 
 
-def _fwd(w_h, xs, c0, h0, w_in, bias, dtype):
-    out, (acts, cs) = _forward(w_h, xs, c0, h0, w_in, bias, dtype)
+def _fwd(w_h, xs, c0, h0, w_in, bias, dtype, kind):
+    out, (acts, cs) = _forward(w_h, xs, c0, h0, w_in, bias, dtype, kind)
     return out, (w_h, xs, c0, h0, w_in, out[0], acts, cs)
 
 
-def _bwd(dtype, res, grads):
+def _bwd(dtype, kind, res, grads):
     w_h, xs, c0, h0, w_in, hs, acts, cs = res
     d_hs, d_c_last, d_h_last = grads
     c_prev = jnp.concatenate([c0[None], cs[:-1]], axis=0)
@@ -91,10 +107,10 @@ def _bwd(dtype, res, grads):
         dc = dc_next + dh * o * (1 - tc * tc)
         dz = jnp.concatenate(
             [
-                dc * g * i * (1 - i),
-                dc * cp * f * (1 - f),
+                dc * g * _gate_slope(i, kind),
+                dc * cp * _gate_slope(f, kind),
                 dc * i * (1 - g * g),
-                dh * tc * o * (1 - o),
+                dh * tc * _gate_slope(o, kind),
             ],
             axis=-1,
         )  # [B, 4H]

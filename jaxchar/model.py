@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from jaxchar import cudnn
 from jaxchar.config import ModelConfig
-from jaxchar.fused import lstm_layer
+from jaxchar.fused import gate, lstm_layer
 
 Carry = tuple[tuple[jax.Array, jax.Array], ...]
 
@@ -33,11 +33,10 @@ def _forget_bias_init(key, shape, dtype=jnp.float32):
     return jnp.zeros(shape, dtype).at[hidden : 2 * hidden].set(1.0)
 
 
-def _gates(z: jax.Array, c: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _gates(z: jax.Array, c: jax.Array, kind: str) -> tuple[jax.Array, jax.Array]:
     """LSTM update from pre-activations z [batch, 4*hidden] and cell state c [batch, hidden]."""
     i, f, g, o = jnp.split(z.astype(jnp.float32), 4, axis=-1)
-    # sigmoid(x) = 0.5 * tanh(x / 2) + 0.5: one transcendental instead of exp plus divide
-    i, f, o = (0.5 * jnp.tanh(0.5 * v) + 0.5 for v in (i, f, o))
+    i, f, o = (gate(v, kind) for v in (i, f, o))
     c = f * c + i * jnp.tanh(g)
     return c, o * jnp.tanh(c)
 
@@ -49,6 +48,7 @@ class LSTMCell(nn.Module):
 
     hidden: int
     dtype: Any = jnp.float32
+    gate_activation: str = "sigmoid"
 
     @nn.compact
     def __call__(self, carry, x, mask, w_in, bias):
@@ -59,7 +59,7 @@ class LSTMCell(nn.Module):
         if w_in is not None:  # scalar input: [batch] * [4*hidden]
             x = x[:, None] * w_in + bias
         z = x + jnp.dot(h.astype(self.dtype), w_h.astype(self.dtype)).astype(jnp.float32)
-        c_new, h_new = _gates(z, c)
+        c_new, h_new = _gates(z, c, self.gate_activation)
         if mask is not None:  # padding positions leave the state as it was
             keep = mask[:, None]
             c_new, h_new = jnp.where(keep, c_new, c), jnp.where(keep, h_new, h)
@@ -71,6 +71,7 @@ class GRUCell(nn.Module):
 
     hidden: int
     dtype: Any = jnp.float32
+    gate_activation: str = "sigmoid"
 
     @nn.compact
     def __call__(self, carry, x, mask, w_in, bias):
@@ -83,8 +84,8 @@ class GRUCell(nn.Module):
         hz = jnp.dot(h.astype(self.dtype), w_h.astype(self.dtype)).astype(jnp.float32) + b_h
         xz, xr, xn = jnp.split(x.astype(jnp.float32), 3, axis=-1)
         rz, rr, rn = jnp.split(hz, 3, axis=-1)
-        z = 0.5 * jnp.tanh(0.5 * (xz + rz)) + 0.5
-        r = 0.5 * jnp.tanh(0.5 * (xr + rr)) + 0.5
+        z = gate(xz + rz, self.gate_activation)
+        r = gate(xr + rr, self.gate_activation)
         h_new = z * h + (1.0 - z) * jnp.tanh(xn + r * rn)
         if mask is not None:
             h_new = jnp.where(mask[:, None], h_new, h)
@@ -110,6 +111,7 @@ class LSTMLayer(nn.Module):
     dtype: Any = jnp.float32
     impl: str = "fused"
     cell_type: str = "lstm"  # or "gru" (always the nn.scan path)
+    gate_activation: str = "sigmoid"  # or "hard_sigmoid" (Keras 1)
 
     @nn.compact
     def __call__(self, carry, inputs, mask=None):
@@ -118,7 +120,7 @@ class LSTMLayer(nn.Module):
         in_dim = 1 if self.scalar_input else inputs.shape[-1]
         w_in = self.param("input_kernel", nn.initializers.glorot_uniform(), (in_dim, width))
         bias = self.param("bias", _forget_bias_init if lstm else nn.initializers.zeros, (width,))
-        path = layer_path(self.impl, self.cell_type, mask)
+        path = layer_path(self.impl, self.cell_type, mask, self.gate_activation)
         if path == "fused":
             return self._fused(carry, inputs, w_in, bias)
         if path == "cudnn":
@@ -131,7 +133,7 @@ class LSTMLayer(nn.Module):
             out_axes=1,
             unroll=self.unroll,
         )
-        cell = scan(self.hidden, self.dtype, name="cell")
+        cell = scan(self.hidden, self.dtype, self.gate_activation, name="cell")
         if self.scalar_input:
             return cell(carry, inputs, mask, w_in[0], bias)
         # one [batch*time, in] x [in, 4*hidden] product for all timesteps, outside the loop
@@ -144,9 +146,8 @@ class LSTMLayer(nn.Module):
         c0, h0 = carry
         # the layer projects vector inputs itself (one product before its loop), so that
         # it can also write their weight gradient as one product
-        hs, c, h = lstm_layer(
-            w_h, inputs, c0, h0, w_in[0] if self.scalar_input else w_in, bias, self.dtype
-        )
+        w_x = w_in[0] if self.scalar_input else w_in
+        hs, c, h = lstm_layer(w_h, inputs, c0, h0, w_x, bias, self.dtype, self.gate_activation)
         return (c, h), hs
 
     def _cudnn(self, carry, inputs, w_in, bias):
@@ -157,13 +158,14 @@ class LSTMLayer(nn.Module):
         return (c, h), hs
 
 
-def layer_path(impl: str, cell: str, mask) -> str:
+def layer_path(impl: str, cell: str, mask, gate_activation: str = "sigmoid") -> str:
     """Which implementation runs a layer: GRUs and masked inputs (left-padded sampling
-    windows) take the nn.scan reference; `cudnn` is cuDNN where a GPU offers it and the
-    fused layer elsewhere; `fused` is the time-major layer with a hand-written backward."""
+    windows) take the nn.scan reference; `cudnn` is cuDNN where a GPU offers it (and the
+    gates are cuDNN's sigmoid) and the fused layer elsewhere; `fused` is the time-major
+    layer with a hand-written backward."""
     if cell != "lstm" or mask is not None or impl == "scan":
         return "scan"
-    if impl == "cudnn" and cudnn.available():
+    if impl == "cudnn" and gate_activation == "sigmoid" and cudnn.available():
         return "cudnn"
     return "fused"
 
@@ -196,7 +198,7 @@ class CharLSTM(nn.Module):
             carry = init_carry(cfg, ids.shape[0])
         # the fused layers work time-major end to end: no [batch, time, hidden] transposes
         # between layers; the scan reference (and masked sampling) stays batch-major
-        time_major = layer_path(cfg.impl, cfg.cell, mask) == "fused"
+        time_major = layer_path(cfg.impl, cfg.cell, mask, cfg.gate_activation) == "fused"
         if time_major:
             ids = ids.T  # [time, batch]
         scalar = cfg.encoding == "scaled"
@@ -217,6 +219,7 @@ class CharLSTM(nn.Module):
                 dtype,
                 cfg.impl,
                 cfg.cell,
+                cfg.gate_activation,
                 name=f"lstm_{layer}",
             )(carry[layer], x, mask)
             new_carry.append(layer_carry)

@@ -126,6 +126,62 @@ def test_fast_layers_match_the_scan_reference_in_values_and_gradients(impl, enco
         np.testing.assert_allclose(g, w, rtol=2e-4, atol=2e-5)
 
 
+def cfg_hidden(layer) -> int:
+    return layer["cell"]["recurrent_kernel"].shape[0]
+
+
+def _spread_biases(params):
+    """Each gate's biases spread from -5 to 5, so that hard-sigmoid gates run into both
+    clips and their linear part."""
+    out = jax.tree.map(lambda v: v, params)
+    for name, layer in params.items():
+        if name.startswith("lstm_"):
+            gates = layer["bias"].shape[0] // cfg_hidden(layer)
+            spread = jnp.linspace(-5.0, 5.0, cfg_hidden(layer))
+            out[name] = {**layer, "bias": jnp.tile(spread, gates)}
+    return out
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("impl", ["fused", "scan"])
+def test_hard_sigmoid_gates_equal_numpy_reference_and_step_loop(cell, impl):
+    cfg = _cfg(cell=cell, impl=impl, gate_activation="hard_sigmoid")
+    params = _spread_biases(init_params(cfg, jax.random.PRNGKey(1)))
+    ids = jax.random.randint(jax.random.PRNGKey(2), (4, 9), 0, 11)
+    logits, _ = apply(params, cfg, ids)
+    want = lstm_forward(params, cfg, ids)
+    np.testing.assert_allclose(logits, want, rtol=2e-4, atol=2e-5)
+    soft = lstm_forward(params, ModelConfig(**{**cfg.__dict__, "gate_activation": "sigmoid"}), ids)
+    assert np.abs(want - soft).max() > 1e-2  # the option changes the model
+    carry, steps = init_carry(cfg, 4), []
+    for t in range(9):
+        out, carry = step(params, cfg, carry, ids[:, t])
+        steps.append(out)
+    np.testing.assert_allclose(jnp.stack(steps, 1), logits, rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("encoding", ["scaled", "embed"])
+def test_hard_sigmoid_fused_gradients_match_the_scan_reference(encoding):
+    fused = _cfg(encoding=encoding, dropout=0.0, gate_activation="hard_sigmoid")
+    scan = ModelConfig(**{**fused.__dict__, "impl": "scan"})
+    params = _spread_biases(init_params(scan, jax.random.PRNGKey(3)))
+    ids = jax.random.randint(jax.random.PRNGKey(4), (5, 7), 0, 11)
+
+    def loss(p, cfg):
+        logits, ((c, h), _) = apply(p, cfg, ids)
+        return jnp.sum(jnp.sin(logits)) + jnp.sum(c * h)
+
+    want, want_grad = jax.value_and_grad(loss)(params, scan)
+    got, got_grad = jax.value_and_grad(loss)(params, fused)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for g, w in zip(jax.tree.leaves(got_grad), jax.tree.leaves(want_grad), strict=True):
+        np.testing.assert_allclose(g, w, rtol=2e-4, atol=2e-5)
+    # the clipped gates pass no gradient: those bias entries get exactly zero
+    for name in ("lstm_0", "lstm_1"):
+        b = np.asarray(got_grad[name]["bias"])
+        assert (b == 0).any() and (b != 0).any()
+
+
 @pytest.mark.parametrize("in_dim", [1, 6])
 def test_cudnn_weight_packing_matches_jax_reference_lstm(in_dim):
     # cuDNN itself needs a GPU; its weight layout is checked here against
