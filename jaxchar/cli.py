@@ -208,7 +208,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     if cfg.model.impl == "cudnn":
         from jaxchar import cudnn
 
-        if not cudnn.available():
+        if cfg.model.gate_activation != "sigmoid":
+            _info(
+                "note: cuDNN's gates are sigmoids; model.gate_activation = "
+                f"'{cfg.model.gate_activation}' runs on the fused layer",
+                args.quiet,
+            )
+        elif not cudnn.available():
             _info(
                 "note: model.impl = 'cudnn' needs an NVIDIA GPU; using the fused layer", args.quiet
             )

@@ -218,3 +218,17 @@ def test_cudnn_impl_trains_on_the_fused_layer_without_a_gpu(tmp_path, small_text
     assert ("using the fused layer" in err) == (jax.default_backend() != "gpu")
     assert main(["generate", str(run), "--length", "20", "--prompt", "alice "]) == 0
     assert len(capsys.readouterr().out.rstrip("\n")) == 20
+
+
+def test_hard_sigmoid_gates_are_kept_in_the_checkpoint(tmp_path, small_text, capsys):
+    import jaxchar
+
+    run = tmp_path / "hard"
+    args = ["train", str(small_text), "--config", "tiny", "--run-dir", str(run)]
+    sets = ["--set", "model.gate_activation=hard_sigmoid", "--set", "model.impl=cudnn"]
+    assert main([*args, *sets, "--max-steps", "4"]) == 0
+    assert "cuDNN's gates are sigmoids" in capsys.readouterr().err
+    _, cfg, _ = jaxchar.load_checkpoint(run)
+    assert cfg.model.gate_activation == "hard_sigmoid"
+    assert main(["generate", str(run), "--length", "20", "--prompt", "alice "]) == 0
+    assert len(capsys.readouterr().out.rstrip("\n")) == 20
