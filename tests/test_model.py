@@ -26,19 +26,26 @@ def test_shapes(encoding):
     np.testing.assert_allclose(last, logits[:, -1], rtol=1e-5, atol=1e-6)
 
 
+def _matches_reference_and_step_loop(params, cfg, ids):
+    """The whole-sequence logits against the numpy loop and a character-by-character loop of
+    `step`; returns the logits and the final carry."""
+    logits, carry = apply(params, cfg, ids)
+    np.testing.assert_allclose(logits, lstm_forward(params, cfg, ids), rtol=2e-4, atol=2e-5)
+    stepped, steps = init_carry(cfg, ids.shape[0]), []
+    for t in range(ids.shape[1]):
+        out, stepped = step(params, cfg, stepped, ids[:, t])
+        steps.append(out)
+    np.testing.assert_allclose(jnp.stack(steps, 1), logits, rtol=2e-4, atol=2e-5)
+    return logits, carry
+
+
 @pytest.mark.parametrize("encoding", ["scaled", "onehot", "embed"])
 @pytest.mark.parametrize("unroll", [1, 4])
 def test_scanned_model_equals_numpy_reference_and_step_loop(encoding, unroll):
     cfg = _cfg(encoding=encoding, unroll=unroll)
     params = init_params(cfg, jax.random.PRNGKey(1))
     ids = jax.random.randint(jax.random.PRNGKey(2), (4, 9), 0, 11)
-    logits, _ = apply(params, cfg, ids)
-    np.testing.assert_allclose(logits, lstm_forward(params, cfg, ids), rtol=2e-4, atol=2e-5)
-    carry, steps = init_carry(cfg, 4), []
-    for t in range(9):
-        out, carry = step(params, cfg, carry, ids[:, t])
-        steps.append(out)
-    np.testing.assert_allclose(jnp.stack(steps, 1), logits, rtol=2e-4, atol=2e-5)
+    _matches_reference_and_step_loop(params, cfg, ids)
 
 
 @pytest.mark.parametrize("encoding", ["scaled", "embed"])
@@ -47,15 +54,9 @@ def test_gru_equals_numpy_reference_and_step_loop(encoding):
     params = init_params(cfg, jax.random.PRNGKey(1))
     assert params["lstm_0"]["input_kernel"].shape[-1] == 3 * cfg.hidden
     ids = jax.random.randint(jax.random.PRNGKey(2), (4, 9), 0, 11)
-    logits, carry = apply(params, cfg, ids)
-    np.testing.assert_allclose(logits, lstm_forward(params, cfg, ids), rtol=2e-4, atol=2e-5)
+    _, carry = _matches_reference_and_step_loop(params, cfg, ids)
     c, h = carry[-1]
     np.testing.assert_array_equal(c, h)  # the GRU's carry mirrors h in the c slot
-    carry, steps = init_carry(cfg, 4), []
-    for t in range(9):
-        out, carry = step(params, cfg, carry, ids[:, t])
-        steps.append(out)
-    np.testing.assert_allclose(jnp.stack(steps, 1), logits, rtol=2e-4, atol=2e-5)
 
 
 def test_keras_initialisation():
@@ -126,7 +127,7 @@ def test_fast_layers_match_the_scan_reference_in_values_and_gradients(impl, enco
         np.testing.assert_allclose(g, w, rtol=2e-4, atol=2e-5)
 
 
-def cfg_hidden(layer) -> int:
+def _hidden(layer) -> int:
     return layer["cell"]["recurrent_kernel"].shape[0]
 
 
@@ -136,8 +137,8 @@ def _spread_biases(params):
     out = jax.tree.map(lambda v: v, params)
     for name, layer in params.items():
         if name.startswith("lstm_"):
-            gates = layer["bias"].shape[0] // cfg_hidden(layer)
-            spread = jnp.linspace(-5.0, 5.0, cfg_hidden(layer))
+            gates = layer["bias"].shape[0] // _hidden(layer)
+            spread = jnp.linspace(-5.0, 5.0, _hidden(layer))
             out[name] = {**layer, "bias": jnp.tile(spread, gates)}
     return out
 
@@ -148,16 +149,9 @@ def test_hard_sigmoid_gates_equal_numpy_reference_and_step_loop(cell, impl):
     cfg = _cfg(cell=cell, impl=impl, gate_activation="hard_sigmoid")
     params = _spread_biases(init_params(cfg, jax.random.PRNGKey(1)))
     ids = jax.random.randint(jax.random.PRNGKey(2), (4, 9), 0, 11)
-    logits, _ = apply(params, cfg, ids)
-    want = lstm_forward(params, cfg, ids)
-    np.testing.assert_allclose(logits, want, rtol=2e-4, atol=2e-5)
+    logits, _ = _matches_reference_and_step_loop(params, cfg, ids)
     soft = lstm_forward(params, ModelConfig(**{**cfg.__dict__, "gate_activation": "sigmoid"}), ids)
-    assert np.abs(want - soft).max() > 1e-2  # the option changes the model
-    carry, steps = init_carry(cfg, 4), []
-    for t in range(9):
-        out, carry = step(params, cfg, carry, ids[:, t])
-        steps.append(out)
-    np.testing.assert_allclose(jnp.stack(steps, 1), logits, rtol=2e-4, atol=2e-5)
+    assert np.abs(logits - soft).max() > 1e-2  # the option changes the model
 
 
 @pytest.mark.parametrize("encoding", ["scaled", "embed"])
