@@ -33,11 +33,11 @@ def gate(v: jax.Array, kind: str = "sigmoid") -> jax.Array:
     return 0.5 * jnp.tanh(0.5 * v) + 0.5
 
 
-def _gate_slope(a: jax.Array, kind: str) -> jax.Array:
-    """d gate / d v, written in terms of the gate's output a."""
-    if kind == "hard_sigmoid":  # 0.2 on the linear part, 0 where clipped
-        return jnp.where((a > 0.0) & (a < 1.0), 0.2, 0.0)
-    return a * (1 - a)
+def _through_gate(d: jax.Array, a: jax.Array, kind: str) -> jax.Array:
+    """d times the gate's slope at its output a: the gradient through the gate."""
+    if kind == "hard_sigmoid":  # slope 0.2 on the linear part, 0 where clipped
+        return d * jnp.where((a > 0.0) & (a < 1.0), 0.2, 0.0)
+    return d * a * (1 - a)
 
 
 def _activate(z: jax.Array, kind: str) -> jax.Array:
@@ -107,10 +107,10 @@ def _bwd(dtype, kind, res, grads):
         dc = dc_next + dh * o * (1 - tc * tc)
         dz = jnp.concatenate(
             [
-                dc * g * _gate_slope(i, kind),
-                dc * cp * _gate_slope(f, kind),
+                _through_gate(dc * g, i, kind),
+                _through_gate(dc * cp, f, kind),
                 dc * i * (1 - g * g),
-                dh * tc * _gate_slope(o, kind),
+                _through_gate(dh * tc, o, kind),
             ],
             axis=-1,
         )  # [B, 4H]
