@@ -143,6 +143,7 @@ def test_generate_bad_input(trained, capsys, args, words):
         (["{small}", "--batch-size", "0"], "batch_size"),
         (["{small}", "--config", "nonexistent"], "no config file"),
         (["{small}", "--set", "model.dropout=-0.5"], "dropout"),
+        (["{small}", "--set", "model.gate_activation=hard"], "gate_activation"),
         (["{small}", "--seq-length", "40000"], "seq_length"),
     ],
 )

@@ -47,6 +47,7 @@ def test_config_is_frozen():
         ({"model": {"layers": 0}}, "layers"),
         ({"data": {"lowercase": 1}}, "true or false"),
         ({"data": {"objective": "both"}}, "not one of"),
+        ({"model": {"gate_activation": "relu"}}, "model.gate_activation.*not one of"),
         ({"model": {"impl": "cudnn", "dtype": "bfloat16"}}, "cudnn.*float32"),
     ],
 )
