@@ -28,7 +28,7 @@ def lstm_forward(params, cfg, ids):
     else:
         x = np.asarray(p["embed"]["embedding"], np.float64)[ids]
     batch, time = ids.shape
-    gate = hard_sigmoid if getattr(cfg, "gate_activation", "") == "hard_sigmoid" else sigmoid
+    gate = hard_sigmoid if cfg.gate_activation == "hard_sigmoid" else sigmoid
     for layer in range(cfg.layers):
         lp = p[f"lstm_{layer}"]
         w_in = np.asarray(lp["input_kernel"], np.float64)

@@ -127,19 +127,17 @@ def test_fast_layers_match_the_scan_reference_in_values_and_gradients(impl, enco
         np.testing.assert_allclose(g, w, rtol=2e-4, atol=2e-5)
 
 
-def _hidden(layer) -> int:
-    return layer["cell"]["recurrent_kernel"].shape[0]
-
-
 def _spread_biases(params):
     """Each gate's biases spread from -5 to 5, so that hard-sigmoid gates run into both
     clips and their linear part."""
-    out = jax.tree.map(lambda v: v, params)
+    out = dict(params)
     for name, layer in params.items():
         if name.startswith("lstm_"):
-            gates = layer["bias"].shape[0] // _hidden(layer)
-            spread = jnp.linspace(-5.0, 5.0, _hidden(layer))
-            out[name] = {**layer, "bias": jnp.tile(spread, gates)}
+            hidden, width = layer["cell"]["recurrent_kernel"].shape
+            out[name] = {
+                **layer,
+                "bias": jnp.tile(jnp.linspace(-5.0, 5.0, hidden), width // hidden),
+            }
     return out
 
 
