@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from jaxchar import cudnn
 from jaxchar.config import ModelConfig
-from jaxchar.fused import gate, lstm_layer
+from jaxchar.fused import gate, lstm_layer, matmul
 
 Carry = tuple[tuple[jax.Array, jax.Array], ...]
 
@@ -58,7 +58,7 @@ class LSTMCell(nn.Module):
         )
         if w_in is not None:  # scalar input: [batch] * [4*hidden]
             x = x[:, None] * w_in + bias
-        z = x + jnp.dot(h.astype(self.dtype), w_h.astype(self.dtype)).astype(jnp.float32)
+        z = x + matmul(h, w_h, self.dtype)
         c_new, h_new = _gates(z, c, self.gate_activation)
         if mask is not None:  # padding positions leave the state as it was
             keep = mask[:, None]
@@ -81,7 +81,7 @@ class GRUCell(nn.Module):
         b_h = self.param("recurrent_bias", nn.initializers.zeros, (3 * self.hidden,))
         if w_in is not None:
             x = x[:, None] * w_in + bias
-        hz = jnp.dot(h.astype(self.dtype), w_h.astype(self.dtype)).astype(jnp.float32) + b_h
+        hz = matmul(h, w_h, self.dtype) + b_h
         xz, xr, xn = jnp.split(x.astype(jnp.float32), 3, axis=-1)
         rz, rr, rn = jnp.split(hz, 3, axis=-1)
         z = gate(xz + rz, self.gate_activation)
@@ -137,7 +137,7 @@ class LSTMLayer(nn.Module):
         if self.scalar_input:
             return cell(carry, inputs, mask, w_in[0], bias)
         # one [batch*time, in] x [in, 4*hidden] product for all timesteps, outside the loop
-        gx = jnp.dot(inputs.astype(self.dtype), w_in.astype(self.dtype)).astype(jnp.float32)
+        gx = matmul(inputs, w_in, self.dtype)
         return cell(carry, gx + bias, mask, None, None)
 
     def _fused(self, carry, inputs, w_in, bias):

@@ -5,6 +5,7 @@ import pytest
 from reference import lstm_forward
 
 from jaxchar.config import ModelConfig
+from jaxchar.fused import matmul
 from jaxchar.model import apply, init_carry, init_params, step
 
 
@@ -98,6 +99,17 @@ def test_bfloat16_compute_stays_close():
     half, _ = apply(params, ModelConfig(**{**cfg.__dict__, "dtype": "bfloat16"}), ids)
     assert half.dtype == jnp.float32
     np.testing.assert_allclose(half, full, atol=0.05)
+
+
+def test_bfloat16_products_accumulate_and_return_float32():
+    # a weight gradient sums over batch x time rows; a bfloat16 result would keep 8 bits of
+    # it (relative error ~2e-3 here), a float32 one the sum of the rounded operands
+    a = jax.random.normal(jax.random.PRNGKey(0), (16, 4096)).astype(jnp.bfloat16)
+    b = jax.random.normal(jax.random.PRNGKey(1), (4096, 32)).astype(jnp.bfloat16)
+    want = np.asarray(a, np.float64) @ np.asarray(b, np.float64)
+    got = matmul(a, b, jnp.bfloat16)
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
 @pytest.mark.parametrize("impl", ["fused", "cudnn"])  # cudnn: cuDNN on a GPU, else fused
