@@ -17,11 +17,31 @@ RESULTS = Path(
 DATA = Path(os.environ.get("JAXCHAR_DATA") or Path(__file__).resolve().parents[2] / "shared/data")
 
 
+def cpu_model() -> str:
+    """The CPU's name, its widest vector extensions and its per-core L2, e.g. "AMD EPYC
+    (avx512f avx512_bf16, L2 1024K)": ratios between tools move with these (bfloat16
+    products, whether the recurrent kernel fits the L2), so results files name them."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                name = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+        l2 = Path("/sys/devices/system/cpu/cpu0/cache/index2/size").read_text().strip()
+    except OSError:  # not Linux: the platform's name is what there is
+        return name
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16")
+    return f"{name} ({' '.join(f for f in wanted if f in flags)}, L2 {l2})"
+
+
 def machine() -> dict:
     import jax
 
     return {
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "jax": jax.__version__,
