@@ -11,6 +11,10 @@ multiply peak is measured in the same run at the recurrence's shapes ([batch, hi
 of it. The epoch column is the median step times the config's steps per epoch on Alice
 (1,129 for `small`, as in the tutorial).
 
+With `--set model.dtype=bfloat16` every tool runs its products in bfloat16 with float32
+weights: PyTorch under `torch.autocast`, Keras with the `mixed_bfloat16` policy, and the peak
+is measured for bfloat16 products (results in train_bfloat16.json).
+
 On a GPU the PyTorch peer runs on CUDA (cuDNN's nn.LSTM) and jaxchar runs twice: with the
 config's layer (`fused`) and with `model.impl = "cudnn"`. Writes benchmarks/results/train.json
 (train_gpu.json on a GPU).
@@ -43,18 +47,23 @@ def model_flops(cfg, batch: int) -> float:
     return 3 * fwd
 
 
-def matmul_peak(batch: int, hidden: int, steps: int = 100, reps: int = 5) -> float:
-    """FLOP/s of the recurrence's product shape in a jitted scan (a data dependency per step)."""
+def matmul_peak(
+    batch: int, hidden: int, dtype: str = "float32", steps: int = 100, reps: int = 5
+) -> float:
+    """FLOP/s of the recurrence's product shape in a jitted scan (a data dependency per step),
+    with the operands in `dtype` and a float32 result."""
     import jax
     import jax.numpy as jnp
 
-    w = jax.random.normal(jax.random.PRNGKey(0), (hidden, 4 * hidden)) * 0.01
+    from jaxchar.fused import matmul
+
+    w = jax.random.normal(jax.random.PRNGKey(0), (hidden, 4 * hidden)).astype(dtype) * 0.01
     x = jax.random.normal(jax.random.PRNGKey(1), (batch, hidden))
 
     @jax.jit
     def loop(x):
         def body(x, _):
-            return jnp.tanh((x @ w)[:, :hidden]), None
+            return jnp.tanh(matmul(x, w, dtype)[:, :hidden]), None
 
         return jax.lax.scan(body, x, None, length=steps)[0]
 
@@ -135,6 +144,8 @@ def torch_runner(cfg, ids: np.ndarray):
 
     net = Net().to(device)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3, eps=1e-7)
+    # bfloat16 products on float32 weights, as jaxchar's model.dtype = "bfloat16"
+    half = torch.autocast(device, dtype=torch.bfloat16, enabled=m.dtype == "bfloat16")
     rng = np.random.default_rng(0)
 
     def batch():
@@ -147,7 +158,8 @@ def torch_runner(cfg, ids: np.ndarray):
     def run():
         x, y = batch()
         opt.zero_grad()
-        logits = net(x)
+        with half:
+            logits = net(x).float()
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, v), y.reshape(-1))
         loss.backward()
         opt.step()
@@ -163,6 +175,8 @@ def keras_runner(cfg, ids: np.ndarray):
     m, d, b = cfg.model, cfg.data, cfg.train.batch_size
     v, t = m.vocab_size, d.seq_length
     window = d.objective == "window"
+    # bfloat16 products on float32 weights, as jaxchar's model.dtype = "bfloat16"
+    keras.config.set_dtype_policy("mixed_bfloat16" if m.dtype == "bfloat16" else "float32")
     layers = [keras.Input((t,) if m.encoding == "embed" else (t, 1))]
     if m.encoding == "embed":
         layers.append(keras.layers.Embedding(v, m.embed_dim))
@@ -214,7 +228,7 @@ def main() -> None:
         b = cfg.train.batch_size
         flops = model_flops(cfg, b)
         chars = b * (1 if cfg.data.objective == "window" else cfg.data.seq_length)
-        peak = matmul_peak(b, cfg.model.hidden)
+        peak = matmul_peak(b, cfg.model.hidden, cfg.model.dtype)
         makers = {
             "jaxchar": jaxchar_runner,
             "jaxchar cudnn": jaxchar_cudnn_runner,
@@ -287,7 +301,10 @@ def main() -> None:
         "jaxchar speedup",
     ]
     print(common.table(rows, header))
-    path = common.save("train", {"reps": args.reps, "results": results})
+    half = any(r["config"]["model"]["dtype"] == "bfloat16" for r in results.values())
+    path = common.save(
+        "train_bfloat16" if half else "train", {"reps": args.reps, "results": results}
+    )
     print(f"written to {path}", file=sys.stderr)
 
 
