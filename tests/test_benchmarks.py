@@ -113,6 +113,25 @@ def test_profile_runs_on_a_real_train_step():
     assert all(float(ms.replace(",", "")) > 0 for ms in rows.values()), out
 
 
+def test_train_benchmark_in_bfloat16_writes_its_own_results_file(tmp_path):
+    # a bfloat16 run must not replace the float32 figures, and its peak is a bf16 product's
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks/bench_train.py"), "--configs", "tiny"]
+        + ["--reps", "1", "--peers", "--set", "model.dtype=bfloat16"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "JAXCHAR_BENCH_RESULTS": str(tmp_path)},
+    )
+    assert done.returncode == 0, done.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["train_bfloat16.json"]
+    result = json.loads((tmp_path / "train_bfloat16.json").read_text())
+    tiny = result["results"]["tiny"]
+    assert tiny["config"]["model"]["dtype"] == "bfloat16"
+    assert set(tiny) & {"jaxchar", "torch", "keras"} == {"jaxchar"}
+    assert tiny["peak_flops"] > 0 and tiny["jaxchar"]["share_of_peak"] > 0
+
+
 def _bench_quality(out, *args):
     return subprocess.run(
         [sys.executable, str(REPO / "benchmarks/bench_quality.py"), "--config", "tiny", *args],
