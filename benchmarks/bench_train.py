@@ -211,7 +211,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="+", default=["small", "stacked", "fast"])
     parser.add_argument("--reps", type=int, default=20)
-    parser.add_argument("--peers", nargs="*", default=["torch", "keras"], help="none: jaxchar only")
+    parser.add_argument(
+        "--peers",
+        nargs="*",
+        default=["torch", "keras"],
+        help="peer tools; --peers alone times jaxchar only",
+    )
     parser.add_argument("--set", action="append", default=[], help="section.key=value")
     args = parser.parse_args()
 
