@@ -1,6 +1,7 @@
 """Generation speed: characters per second for 1,000 new characters, same run, same model.
 
     python benchmarks/bench_generate.py [--length 1000] [--reps 3] [--batches 1 64]
+                                        [--dtype float32|bfloat16] [--peers tutorial torch]
 
 (a) the tutorial's method: Keras `predict` on the whole 100-character window for each new
     character; (b) jaxchar window mode (the same computation, jitted as one lax.scan);
@@ -10,6 +11,10 @@ the tutorial's small model (LSTM-256, scaled input, 45 characters) with random w
 speed does not depend on the weights. Batch 1 and batch 64 independent samples; compile
 time reported apart. On a GPU the PyTorch loop runs on CUDA. Writes
 benchmarks/results/generate.json (generate_gpu.json on a GPU).
+
+With `--dtype bfloat16` every tool runs its products in bfloat16 on float32 weights:
+jaxchar with model.dtype = "bfloat16", PyTorch under `torch.autocast`, Keras with the
+`mixed_bfloat16` policy (results in generate_bfloat16.json).
 """
 
 from __future__ import annotations
@@ -27,14 +32,14 @@ import common  # noqa: E402
 VOCAB, HIDDEN, SEQ = 45, 256, 100
 
 
-def jaxchar_runner(mode: str, batch: int, length: int):
+def jaxchar_runner(mode: str, batch: int, length: int, dtype: str):
     import jax
 
     from jaxchar.config import ModelConfig
     from jaxchar.model import init_params
     from jaxchar.sampling import sample
 
-    cfg = ModelConfig(vocab_size=VOCAB, layers=1, hidden=HIDDEN, encoding="scaled")
+    cfg = ModelConfig(vocab_size=VOCAB, layers=1, hidden=HIDDEN, encoding="scaled", dtype=dtype)
     params = init_params(cfg, jax.random.PRNGKey(0))
     prompt = jax.random.randint(jax.random.PRNGKey(1), (batch, SEQ), 0, VOCAB)
     counter = iter(range(10**9))
@@ -49,7 +54,7 @@ def jaxchar_runner(mode: str, batch: int, length: int):
     return run
 
 
-def torch_runner(batch: int, length: int):
+def torch_runner(batch: int, length: int, dtype: str):
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -57,8 +62,10 @@ def torch_runner(batch: int, length: int):
     lstm = torch.nn.LSTM(1, HIDDEN, batch_first=True).to(device)
     head = torch.nn.Linear(HIDDEN, VOCAB).to(device)
     prompt = torch.randint(0, VOCAB, (batch, SEQ)).to(device)
+    half = torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
 
     @torch.no_grad()
+    @half
     def run():
         out, state = lstm((prompt.float() / VOCAB).unsqueeze(-1))
         nxt = head(out[:, -1]).argmax(-1)
@@ -72,10 +79,11 @@ def torch_runner(batch: int, length: int):
     return run
 
 
-def keras_runner(batch: int, length: int):
+def keras_runner(batch: int, length: int, dtype: str):
     os.environ.setdefault("KERAS_BACKEND", "jax")
     import keras
 
+    keras.config.set_dtype_policy("mixed_bfloat16" if dtype == "bfloat16" else "float32")
     model = keras.Sequential(
         [
             keras.Input((SEQ, 1)),
@@ -111,21 +119,30 @@ def main() -> None:
         default=200,
         help="characters for the (slow) tutorial method; rates are per char",
     )
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument(
+        "--peers",
+        nargs="*",
+        choices=["tutorial", "torch"],
+        default=["tutorial", "torch"],
+        help="the peers to time beside jaxchar; --peers alone times jaxchar only",
+    )
     args = parser.parse_args()
 
     results, rows = {}, []
     for batch in args.batches:
+        dt = args.dtype
         makers = [  # (name, builder, its arguments, characters per run)
-            (
-                "tutorial (keras predict)",
-                keras_runner,
-                (batch, args.tutorial_length),
-                args.tutorial_length,
-            ),
-            ("jaxchar window", jaxchar_runner, ("window", batch, args.length), args.length),
-            ("jaxchar stateful", jaxchar_runner, ("stateful", batch, args.length), args.length),
-            ("torch stateful loop", torch_runner, (batch, args.length), args.length),
+            ("jaxchar window", jaxchar_runner, ("window", batch, args.length, dt), args.length),
+            ("jaxchar stateful", jaxchar_runner, ("stateful", batch, args.length, dt), args.length),
         ]
+        if "tutorial" in args.peers:
+            n = args.tutorial_length
+            makers.insert(0, ("tutorial (keras predict)", keras_runner, (batch, n, dt), n))
+        if "torch" in args.peers:
+            makers.append(
+                ("torch stateful loop", torch_runner, (batch, args.length, dt), args.length)
+            )
         runners, lengths, compile_s = {}, {}, {}
         for name, build, build_args, n in makers:
             try:
@@ -164,7 +181,9 @@ def main() -> None:
     print(
         common.table(rows, ["batch", "method", "chars/s", "compile s", "vs tutorial", "vs torch"])
     )
-    path = common.save("generate", {"length": args.length, "reps": args.reps, "results": results})
+    name = "generate" if args.dtype == "float32" else f"generate_{args.dtype}"
+    summary = {"length": args.length, "reps": args.reps, "dtype": args.dtype, "results": results}
+    path = common.save(name, summary)
     print(f"written to {path}", file=sys.stderr)
 
 

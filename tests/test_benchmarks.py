@@ -132,6 +132,24 @@ def test_train_benchmark_in_bfloat16_writes_its_own_results_file(tmp_path):
     assert tiny["peak_flops"] > 0 and tiny["jaxchar"]["share_of_peak"] > 0
 
 
+def test_generate_benchmark_in_bfloat16_writes_its_own_results_file(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks/bench_generate.py"), "--dtype", "bfloat16"]
+        + ["--length", "3", "--reps", "1", "--batches", "2", "--peers"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "JAXCHAR_BENCH_RESULTS": str(tmp_path)},
+    )
+    assert done.returncode == 0, done.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["generate_bfloat16.json"]
+    result = json.loads((tmp_path / "generate_bfloat16.json").read_text())
+    assert result["dtype"] == "bfloat16"
+    rates = result["results"]["2"]
+    assert set(rates) == {"jaxchar window", "jaxchar stateful"}
+    assert all(r["chars"] == 6 and r["chars_per_s"] > 0 for r in rates.values())
+
+
 def _bench_quality(out, *args):
     return subprocess.run(
         [sys.executable, str(REPO / "benchmarks/bench_quality.py"), "--config", "tiny", *args],
