@@ -113,16 +113,21 @@ def test_profile_runs_on_a_real_train_step():
     assert all(float(ms.replace(",", "")) > 0 for ms in rows.values()), out
 
 
-def test_train_benchmark_in_bfloat16_writes_its_own_results_file(tmp_path):
-    # a bfloat16 run must not replace the float32 figures, and its peak is a bf16 product's
-    done = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks/bench_train.py"), "--configs", "tiny"]
-        + ["--reps", "1", "--peers", "--set", "model.dtype=bfloat16"],
+def _bench(script, out, *args):
+    """Runs benchmarks/<script>.py with its results written under `out`."""
+    return subprocess.run(
+        [sys.executable, str(REPO / f"benchmarks/{script}.py"), *args],
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, "JAXCHAR_BENCH_RESULTS": str(tmp_path)},
+        env={**os.environ, "JAXCHAR_BENCH_RESULTS": str(out)},
     )
+
+
+def test_train_benchmark_in_bfloat16_writes_its_own_results_file(tmp_path):
+    # a bfloat16 run must not replace the float32 figures, and its peak is a bf16 product's
+    args = "--configs tiny --reps 1 --peers --set model.dtype=bfloat16"
+    done = _bench("bench_train", tmp_path, *args.split())
     assert done.returncode == 0, done.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["train_bfloat16.json"]
     result = json.loads((tmp_path / "train_bfloat16.json").read_text())
@@ -133,14 +138,8 @@ def test_train_benchmark_in_bfloat16_writes_its_own_results_file(tmp_path):
 
 
 def test_generate_benchmark_in_bfloat16_writes_its_own_results_file(tmp_path):
-    done = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks/bench_generate.py"), "--dtype", "bfloat16"]
-        + ["--length", "3", "--reps", "1", "--batches", "2", "--peers"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "JAXCHAR_BENCH_RESULTS": str(tmp_path)},
-    )
+    args = "--dtype bfloat16 --length 3 --reps 1 --batches 2 --peers"
+    done = _bench("bench_generate", tmp_path, *args.split())
     assert done.returncode == 0, done.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["generate_bfloat16.json"]
     result = json.loads((tmp_path / "generate_bfloat16.json").read_text())
@@ -151,13 +150,7 @@ def test_generate_benchmark_in_bfloat16_writes_its_own_results_file(tmp_path):
 
 
 def _bench_quality(out, *args):
-    return subprocess.run(
-        [sys.executable, str(REPO / "benchmarks/bench_quality.py"), "--config", "tiny", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "JAXCHAR_BENCH_RESULTS": str(out)},
-    )
+    return _bench("bench_quality", out, "--config", "tiny", *args)
 
 
 def _quality(out, *args, name="tiny"):
