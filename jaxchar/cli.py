@@ -8,6 +8,7 @@ the only place that reads environment variables (JAXCHAR_DATA, JAXCHAR_CACHE).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -389,8 +390,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if opts.mode != "auto"
         else ("window" if cfg.data.objective == "window" else "stateful")
     )
+    model = dataclasses.replace(cfg.model, dtype=args.dtype) if args.dtype else cfg.model
     settings = {
-        "cfg": cfg.model,
+        "cfg": model,
         "top_k": opts.top_k or None,
         "top_p": opts.top_p if opts.top_p < 1 else None,
         "mode": mode,
@@ -665,6 +667,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-samples", type=int, help="independent samples, generated as a batch")
     gen.add_argument("--mode", choices=("auto", "stateful", "window"))
     gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        help="matrix products in this type (default: the run's model.dtype); bfloat16 is "
+        "faster on accelerators and on CPUs with bfloat16 instructions, and may change the text",
+    )
     gen.add_argument("--step", type=int, help="use this checkpoint instead of the best")
     gen.add_argument(
         "--unknown",

@@ -108,6 +108,22 @@ def test_generate_default_seed_and_several_samples(trained, capsys):
     assert out.count("===== sample") == 2
 
 
+def test_generate_dtype_sets_the_products_type_of_the_sampler(trained, capsys, monkeypatch):
+    import jaxchar.sampling
+
+    seen, stream = [], jaxchar.sampling.sample_stream
+
+    def recording(*args, cfg, **kwargs):
+        seen.append(cfg.dtype)
+        return stream(*args, cfg=cfg, **kwargs)
+
+    monkeypatch.setattr(jaxchar.sampling, "sample_stream", recording)
+    for extra in ([], ["--dtype", "bfloat16"]):
+        assert main(["generate", str(trained), "--length", "30", "--prompt", "alice", *extra]) == 0
+        assert len(capsys.readouterr().out) == 31
+    assert seen == ["float32", "bfloat16"]  # the run was trained in float32
+
+
 def test_info_lists_checkpoints(trained, capsys):
     capsys.readouterr()
     assert main(["info", str(trained)]) == 0
