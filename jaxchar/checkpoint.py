@@ -84,7 +84,10 @@ class RunDir:
                     get_metric_fn=lambda m: m[monitor],
                     reverse=True,  # BestN keeps the last n after sorting: reverse keeps the lowest
                     n=cfg.train.keep_best,
-                    keep_checkpoints_without_metrics=False,
+                    # orbax 0.12 does not write these metrics into the checkpoint's
+                    # metadata, so after --resume the earlier saves come back without them;
+                    # False made the next save delete the run's best checkpoints
+                    keep_checkpoints_without_metrics=True,
                 ),
             ]
         )
