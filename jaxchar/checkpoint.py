@@ -8,7 +8,8 @@ Layout of a run directory:
 
 Kept: the best `train.keep_best` saves by the monitored loss (validation loss when there is
 a held-out split, else training loss, as the tutorial's ModelCheckpoint) and the latest one,
-for resuming. Nothing here uses pickle; loading never runs code from the files.
+for resuming, ranked by the metrics in each save's `meta`, so a resumed run ranks its earlier
+saves too. Nothing here uses pickle; loading never runs code from the files.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from orbax.checkpoint import checkpoint_managers as policies
 
 from jaxchar.config import Config, ConfigError, from_dict
 from jaxchar.corpus import Vocab
@@ -77,21 +77,11 @@ class RunDir:
 
     def __init__(self, path: Path, cfg: Config, vocab: Vocab, monitor: str):
         self.path, self.cfg, self.vocab, self.monitor = path, cfg, vocab, monitor
-        keep = policies.AnyPreservationPolicy(
-            [
-                policies.LatestN(n=1),
-                policies.BestN(
-                    get_metric_fn=lambda m: m[monitor],
-                    reverse=True,  # BestN keeps the last n after sorting: reverse keeps the lowest
-                    n=cfg.train.keep_best,
-                    # orbax 0.12 does not write these metrics into the checkpoint's
-                    # metadata, so after --resume the earlier saves come back without them;
-                    # False made the next save delete the run's best checkpoints
-                    keep_checkpoints_without_metrics=True,
-                ),
-            ]
-        )
-        options = ocp.CheckpointManagerOptions(preservation_policy=keep, create=True)
+        # orbax keeps every save; `_prune` applies keep-best itself, by the metrics in each
+        # save's own `meta`. (orbax 0.12 writes a preservation policy's metrics nowhere, so
+        # after --resume its BestN saw the earlier saves without them and deleted the best.)
+        options = ocp.CheckpointManagerOptions(create=True)
+        self._scores: dict[int, float | None] = {}
         self.manager = ocp.CheckpointManager(path / "checkpoints", options=options)
 
     @classmethod
@@ -171,10 +161,11 @@ class RunDir:
                 train=ocp.args.StandardSave(train_part),
                 meta=ocp.args.JsonSave(meta),
             ),
-            metrics={k: v for k, v in metrics.items() if isinstance(v, float)},
             force=True,
         )
         self.manager.wait_until_finished()
+        self._scores[step] = metrics.get(self.monitor)
+        self._prune()
         if jax.process_index() == 0:  # orbax saves collectively; the log has one writer
             with open(self.path / "metrics.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps(metrics) + "\n")
@@ -191,17 +182,37 @@ class RunDir:
         _check_version(meta.get("format_version"), self.path / "checkpoints" / str(step))
         return meta
 
-    def best_step(self) -> int | None:
-        """The kept step with the lowest monitored loss (the one generation uses)."""
-        scored = []
-        for step in self.steps():
+    def _score(self, step: int) -> float | None:
+        """The step's monitored loss from its `meta` (+inf if not finite); None when the
+        save cannot be read."""
+        if step not in self._scores:
             try:
-                value = self.meta(step)["metrics"].get(self.monitor)
-            except Exception:  # a damaged checkpoint is never the best
-                continue
-            if value is not None and math.isfinite(value):
-                scored.append((value, step))
-        return min(scored)[1] if scored else None
+                self._scores[step] = self.meta(step)["metrics"].get(self.monitor)
+            except Exception:  # damaged: never the best, never deleted by `_prune`
+                self._scores[step] = None
+        value = self._scores[step]
+        return None if value is None else (value if math.isfinite(value) else math.inf)
+
+    def _ranked(self, steps: list[int]) -> list[int]:
+        """The readable steps, best (lowest monitored loss) first; ties go to the older."""
+        scored = [(v, s) for s in steps if (v := self._score(s)) is not None]
+        return [s for _, s in sorted(scored)]
+
+    def _prune(self) -> None:
+        """Deletes every readable save that is neither among the `keep_best` lowest losses
+        nor the latest (which resuming needs). Every process calls it: deletion is collective."""
+        steps = self.steps()
+        keep = set(self._ranked(steps)[: self.cfg.train.keep_best]) | set(steps[-1:])
+        for step in self._ranked(steps):
+            if step not in keep:
+                self.manager.delete(step)
+                del self._scores[step]
+
+    def best_step(self) -> int | None:
+        """The kept step with the lowest finite monitored loss (the one generation uses)."""
+        steps = self.steps()
+        finite = [s for s in self._ranked(steps) if self._score(s) != math.inf]
+        return finite[0] if finite else None
 
     def restore_latest(self, target: dict) -> dict | None:
         """The newest readable save, restored into the structure of `target`; None if the

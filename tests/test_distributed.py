@@ -83,6 +83,8 @@ def test_two_processes_agree_with_one(tmp_path):
         "train.save_every_steps=5",
         "--set",
         "train.steps_per_call=5",
+        "--set",
+        "train.keep_best=1",  # so saving prunes, which orbax does collectively
         "--quiet",
     ]
     port = _free_port()
@@ -130,3 +132,10 @@ def test_two_processes_agree_with_one(tmp_path):
     assert len(multi) == len(one) == 2
     for a, b in zip(multi, one, strict=True):
         assert abs(a - b) < 1e-5
+    kept = [
+        sorted(p.name for p in (tmp_path / run / "checkpoints").iterdir())
+        for run in ("multi", "single")
+    ]
+    lines = (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()
+    first, last = (json.loads(line)["val_loss"] for line in lines)  # the monitored loss
+    assert kept[0] == kept[1] == (["10"] if last < first else ["5", "10"])

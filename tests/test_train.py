@@ -10,7 +10,7 @@ from jaxchar.checkpoint import CheckpointError, RunDir, load_checkpoint
 from jaxchar.config import Config, override
 from jaxchar.corpus import prepare
 from jaxchar.model import init_params
-from jaxchar.train import fit, loss_fn, with_vocab
+from jaxchar.train import fit, loss_fn, with_vocab, zero_totals
 
 
 def _setup(alice_text, *sets, chars=20000):
@@ -137,6 +137,29 @@ def test_checkpoint_round_trip_and_best_k(alice_text, tmp_path):
         np.testing.assert_array_equal(x, y)
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 5
+
+
+def test_resume_keeps_the_best_saves_from_before_it(alice_text, tmp_path):
+    # seen on a long run: after --resume, the next saves deleted the run's best checkpoint
+    # (orbax 0.12 kept a preservation policy's metrics only in memory)
+    cfg, corpus = _setup(alice_text, "train.max_steps=1", "train.keep_best=1")
+    tree = {"state": fit(cfg, corpus.train_ids, corpus.val_ids).state, "totals": zero_totals()}
+
+    def save(run, step, loss):
+        run.save(step, tree, {"step": step, "train_loss": loss + 1, "val_loss": loss})
+
+    with RunDir.create(tmp_path / "run", cfg, corpus.vocab) as run:
+        save(run, 1, 1.0)
+        save(run, 2, 2.0)
+        assert run.steps() == [1, 2]
+    with RunDir.open(tmp_path / "run") as run:
+        save(run, 3, 3.0)
+        assert run.steps() == [1, 3]  # the best from before the resume, and the latest
+        assert run.best_step() == 1
+        save(run, 4, 0.5)
+        assert run.steps() == [4]  # nothing piles up across resumes either
+    with RunDir.open(tmp_path / "run") as run:
+        assert run.best_step() == 4
 
 
 def test_run_dir_refuses_to_overwrite(alice_text, tmp_path):
