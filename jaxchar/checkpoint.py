@@ -202,16 +202,16 @@ class RunDir:
         """Deletes every readable save that is neither among the `keep_best` lowest losses
         nor the latest (which resuming needs). Every process calls it: deletion is collective."""
         steps = self.steps()
-        keep = set(self._ranked(steps)[: self.cfg.train.keep_best]) | set(steps[-1:])
-        for step in self._ranked(steps):
+        ranked = self._ranked(steps)
+        keep = set(ranked[: self.cfg.train.keep_best]) | set(steps[-1:])
+        for step in ranked:
             if step not in keep:
                 self.manager.delete(step)
                 del self._scores[step]
 
     def best_step(self) -> int | None:
         """The kept step with the lowest finite monitored loss (the one generation uses)."""
-        steps = self.steps()
-        finite = [s for s in self._ranked(steps) if self._score(s) != math.inf]
+        finite = [s for s in self._ranked(self.steps()) if self._score(s) != math.inf]
         return finite[0] if finite else None
 
     def restore_latest(self, target: dict) -> dict | None:
