@@ -8,8 +8,8 @@ it under `jax.profiler` with XLA's per-operation trace events on, maps every eve
 instruction in the compiled program, and prints the time per train step (or per generated
 character) by kind of work: matrix products, elementwise fusions (gate math, loss,
 optimizer), copies and fills, reductions; then the costliest operations. This is how the
-README's "what the step costs" figures were found; it measures, it does not compare, so it
-has no peer (bench_train.py and bench_generate.py do). Writes
+figures on where the step's time goes in docs/benchmarks.md were found; it measures, it does
+not compare, so it has no peer (bench_train.py and bench_generate.py do). Writes
 benchmarks/results/profile_train_<config>.json or profile_generate_batch<N>.json (with
 _gpu on a GPU).
 
