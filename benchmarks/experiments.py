@@ -73,16 +73,12 @@ def repetition_share(text: str, width: int = 20) -> float:
     return sum(1 for g in grams if counts[g] > 1) / len(grams)
 
 
-def run_one(name: str, budget: float) -> dict:
-    import jax
-
+def experiment_config(name: str):
+    """The config one experiment trains with (vocabulary size not yet set)."""
     from jaxchar.cli import resolve_config_path
     from jaxchar.config import load_config, override
-    from jaxchar.corpus import load_corpus
-    from jaxchar.sampling import sample
-    from jaxchar.train import LN2, fit, with_vocab
 
-    base, sets, what = EXPERIMENTS[name]
+    base, sets, _ = EXPERIMENTS[name]
     cfg = override(
         load_config(resolve_config_path(base)),
         [
@@ -97,7 +93,18 @@ def run_one(name: str, budget: float) -> dict:
         # the budget, not the epoch count, ends the run: the many-to-many objectives supervise
         # 25x more characters per step and would otherwise finish 20 epochs in a third of it
         spe_sets.append(f"train.epochs={UNTIL_BUDGET_EPOCHS}")
-    cfg = override(cfg, spe_sets)
+    return override(cfg, spe_sets)
+
+
+def run_one(name: str, budget: float) -> dict:
+    import jax
+
+    from jaxchar.corpus import load_corpus
+    from jaxchar.sampling import sample
+    from jaxchar.train import LN2, fit, with_vocab
+
+    base, sets, what = EXPERIMENTS[name]
+    cfg = experiment_config(name)
     corpus = load_corpus(common.DATA / "wonderland.txt", cfg.data)
     cfg = with_vocab(cfg, len(corpus.vocab))
     began = time.perf_counter()

@@ -209,3 +209,31 @@ def test_quality_run_writes_its_curve_as_it_goes_and_continues_where_it_stopped(
     assert not_a_run.returncode != 0 and "holds files but no run" in not_a_run.stderr
     assert len(not_a_run.stderr.strip().splitlines()) == 1, not_a_run.stderr
     assert (tmp_path / "mine/notes.txt").read_text() == "keep me"
+
+
+import experiments  # noqa: E402
+
+
+def test_experiments_run_until_the_budget_unless_their_schedule_decays():
+    # a constant learning rate trains until the budget ends (the many-to-many runs once
+    # stopped after their 20 epochs, a third of the way in); a decaying schedule keeps its
+    # own length, since more epochs would stretch the decay
+    for name in ("baseline", "sequence", "stateful", "sentences"):
+        cfg = experiments.experiment_config(name)
+        assert cfg.train.schedule == "constant"
+        assert cfg.train.epochs == experiments.UNTIL_BUDGET_EPOCHS, name
+    for name in ("clip+cosine", "fast"):
+        cfg = experiments.experiment_config(name)
+        assert cfg.train.schedule == "cosine"
+        assert cfg.train.epochs < 100, name
+    # the options under test reach the config
+    assert experiments.experiment_config("sequence").data.objective == "sequence"
+    assert experiments.experiment_config("gru").model.cell == "gru"
+
+
+def test_repetition_share_against_counting_by_hand():
+    assert experiments.repetition_share("abcdefgh", width=3) == 0.0
+    # "abab": grams "ab", "ba", "ab" -> the two "ab" repeat
+    assert experiments.repetition_share("abab", width=2) == 2 / 3
+    assert experiments.repetition_share("aaaa", width=2) == 1.0
+    assert experiments.repetition_share("ab", width=5) == 0.0
