@@ -1,6 +1,6 @@
 """The tutorial's extension ideas, measured: each option against the baseline, same time budget.
 
-    python benchmarks/experiments.py [--budget-s 60] [--only NAME ...]
+    python benchmarks/experiments.py [--budget-s 180] [--only NAME ...]
 
 Every run trains on ../shared/data/wonderland.txt (lowercased, header stripped, the last 10%
 held out) for the same wall-clock budget on this machine, then reports the best validation
@@ -181,7 +181,7 @@ def write_report(rows: list[dict], budget: float) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budget-s", type=float, default=60.0)
+    parser.add_argument("--budget-s", type=float, default=180.0)
     parser.add_argument("--only", nargs="+", choices=list(EXPERIMENTS))
     args = parser.parse_args()
     rows = []
