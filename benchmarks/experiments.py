@@ -88,12 +88,12 @@ def experiment_config(name: str):
             *sets,
         ],
     )
-    spe_sets = ["train.save_every_steps=50"] if cfg.data.objective == "window" else []
+    extra = ["train.save_every_steps=50"] if cfg.data.objective == "window" else []
     if cfg.train.schedule == "constant":
         # the budget, not the epoch count, ends the run: the many-to-many objectives supervise
         # 25x more characters per step and would otherwise finish 20 epochs in a third of it
-        spe_sets.append(f"train.epochs={UNTIL_BUDGET_EPOCHS}")
-    return override(cfg, spe_sets)
+        extra.append(f"train.epochs={UNTIL_BUDGET_EPOCHS}")
+    return override(cfg, extra)
 
 
 def run_one(name: str, budget: float) -> dict:
