@@ -1,12 +1,17 @@
 """Generation speed: characters per second for 1,000 new characters, same run, same model.
 
     python benchmarks/bench_generate.py [--length 1000] [--reps 3] [--batches 1 64]
-                                        [--dtype float32|bfloat16] [--peers tutorial torch]
+                                        [--dtype float32|bfloat16]
+                                        [--peers tutorial torch native]
 
 (a) the tutorial's method: Keras `predict` on the whole 100-character window for each new
     character; (b) jaxchar window mode (the same computation, jitted as one lax.scan);
-(c) jaxchar stateful mode (prompt once, then one cell step per character); (d) a PyTorch
-stateful loop (nn.LSTM with its hidden state, one step per character, no_grad). All run
+(c) jaxchar stateful mode (prompt once, then one cell step per character; at batch 1 on a
+CPU that is jaxchar's C++ kernel, jaxchar/_native.cc, where it was built, and the
+lax.scan it replaces is timed beside it with model.impl = "scan"); (d) a PyTorch
+stateful loop (nn.LSTM with its hidden state, one step per character, no_grad); and, at
+batch 1, (e) the kernel's loop stand-alone (benchmarks/native_loop.cc, built here with g++
+where there is one), with no JAX or XLA around it: what the JAX call adds to (c). All run
 the tutorial's small model (LSTM-256, scaled input, 45 characters) with random weights:
 speed does not depend on the weights. Batch 1 and batch 64 independent samples; compile
 time reported apart. On a GPU the PyTorch loop runs on CUDA. Writes
@@ -21,8 +26,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 
 import numpy as np
 
@@ -32,14 +40,16 @@ import common  # noqa: E402
 VOCAB, HIDDEN, SEQ = 45, 256, 100
 
 
-def jaxchar_runner(mode: str, batch: int, length: int, dtype: str):
+def jaxchar_runner(mode: str, batch: int, length: int, dtype: str, impl: str = "fused"):
     import jax
 
     from jaxchar.config import ModelConfig
     from jaxchar.model import init_params
     from jaxchar.sampling import sample
 
-    cfg = ModelConfig(vocab_size=VOCAB, layers=1, hidden=HIDDEN, encoding="scaled", dtype=dtype)
+    cfg = ModelConfig(
+        vocab_size=VOCAB, layers=1, hidden=HIDDEN, encoding="scaled", dtype=dtype, impl=impl
+    )
     params = init_params(cfg, jax.random.PRNGKey(0))
     prompt = jax.random.randint(jax.random.PRNGKey(1), (batch, SEQ), 0, VOCAB)
     counter = iter(range(10**9))
@@ -75,6 +85,44 @@ def torch_runner(batch: int, length: int, dtype: str):
             out, state = lstm((nxt.float() / VOCAB).view(batch, 1, 1), state)
             nxt = head(out[:, -1]).argmax(-1)
         torch.stack(chars, 1).cpu().numpy()
+
+    return run
+
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+NATIVE_SOURCE = os.path.join(HERE, "native_loop.cc")
+KERNEL_HEADERS = os.path.join(HERE, os.pardir, "jaxchar")  # _lstm_loop.h, jaxchar's loop
+
+
+def build_native(directory: str) -> str:
+    """Compiles benchmarks/native_loop.cc into `directory`; ImportError where it cannot."""
+    compiler = shutil.which("g++")
+    if compiler is None:
+        raise ImportError(f"no g++ to build {NATIVE_SOURCE}")
+    binary = os.path.join(directory, "native_loop")
+    flags = ["-O3", "-march=native", "-std=c++17", "-pthread", f"-I{KERNEL_HEADERS}"]
+    if subprocess.run([compiler, *flags, NATIVE_SOURCE, "-o", binary]).returncode != 0:
+        raise ImportError(f"{compiler} could not build {NATIVE_SOURCE}")
+    return binary
+
+
+def native_threads() -> int:
+    """A power of two no larger than the cores (at most 16): the loop splits 256 units."""
+    return 1 << min((os.cpu_count() or 1).bit_length() - 1, 4)
+
+
+def native_runner(length: int):
+    """benchmarks/native_loop.cc as a child process that generates `length` characters per
+    line it reads: one build, then only a pipe round trip (~0.1 ms) around each run."""
+    binary = build_native(tempfile.mkdtemp(prefix="jaxchar-bench-"))
+    command = [binary, str(native_threads()), str(length)]
+    child = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def run():
+        child.stdin.write("run\n")
+        child.stdin.flush()
+        if not child.stdout.readline().startswith("ok"):
+            raise RuntimeError(f"{NATIVE_SOURCE} stopped answering")
 
     return run
 
@@ -123,8 +171,8 @@ def main() -> None:
     parser.add_argument(
         "--peers",
         nargs="*",
-        choices=["tutorial", "torch"],
-        default=["tutorial", "torch"],
+        choices=["tutorial", "torch", "native"],
+        default=["tutorial", "torch", "native"],
         help="the peers to time beside jaxchar; --peers alone times jaxchar only",
     )
     args = parser.parse_args()
@@ -136,9 +184,15 @@ def main() -> None:
             ("jaxchar window", jaxchar_runner, ("window", batch, args.length, dt), args.length),
             ("jaxchar stateful", jaxchar_runner, ("stateful", batch, args.length, dt), args.length),
         ]
+        if batch == 1 and dt == "float32":  # the kernel's own baseline: the same, by lax.scan
+            scan = ("stateful", batch, args.length, dt, "scan")
+            makers.append(("jaxchar stateful, lax.scan", jaxchar_runner, scan, args.length))
         if "tutorial" in args.peers:
             n = args.tutorial_length
             makers.insert(0, ("tutorial (keras predict)", keras_runner, (batch, n, dt), n))
+        if "native" in args.peers and batch == 1 and dt == "float32":  # no JAX around it
+            n = args.length
+            makers.append(("kernel loop stand-alone", native_runner, (n,), n))
         if "torch" in args.peers:
             makers.append(
                 ("torch stateful loop", torch_runner, (batch, args.length, dt), args.length)

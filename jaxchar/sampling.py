@@ -14,6 +14,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from jaxchar import native
 from jaxchar.config import ModelConfig
 from jaxchar.model import apply, init_carry, step
 
@@ -74,8 +75,12 @@ def _start(params, prompt, cfg: ModelConfig, mode: str, seq_length: int):
     raise ValueError(f"mode must be 'stateful' or 'window', not {mode!r}")
 
 
-def _steps(params, state, keys, cfg: ModelConfig, mode: str, draw):
-    """One new character per key (keys [n, 2]): returns (state, ids [rows, n])."""
+def _steps(
+    params, state, keys, cfg: ModelConfig, mode: str, temperature, top_k, top_p, prompt=None
+):
+    """One new character per key (keys [n, 2]): returns (state, ids [rows, n]). With `prompt`
+    [P] (stateful mode, one row, `state` the initial one) the prompt is read first."""
+    draw = partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
     if mode == "stateful":
 
         def body(state, k):
@@ -94,8 +99,18 @@ def _steps(params, state, keys, cfg: ModelConfig, mode: str, draw):
             mask = jnp.concatenate([mask[:, 1:], jnp.ones_like(mask[:, :1])], axis=1)
             return (window, mask), nxt
 
-    state, out = jax.lax.scan(body, state, keys)
-    return state, out.T
+    def scan(state):
+        if prompt is not None:
+            state = _start(params, prompt[None], cfg, mode, 0)
+        state, out = jax.lax.scan(body, state, keys)
+        return state, out.T
+
+    rows = state[1].shape[0]
+    if mode == "stateful" and native.supports(cfg, rows, top_k, top_p):
+        # the C++ loop on CPUs (same characters, ~2.5x faster at batch 1), the scan elsewhere
+        kernel = lambda state: native.generate(params, cfg, *state, keys, temperature, prompt)
+        return jax.lax.platform_dependent(state, cpu=kernel, default=scan)
+    return scan(state)
 
 
 def _rows(prompt, num_samples):
@@ -135,9 +150,14 @@ def sample(
     with masked positions that leave the LSTM state untouched.
     """
     prompt, single = _rows(prompt, num_samples)
-    draw = partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
-    state = _start(params, prompt, cfg, mode, seq_length)
-    _, out = _steps(params, state, jax.random.split(key, length), cfg, mode, draw)
+    keys = jax.random.split(key, length)
+    if mode == "stateful" and native.supports(cfg, prompt.shape[0], top_k, top_p):
+        # one row: the CPU kernel reads the prompt too (and the scan, off the CPU)
+        state = (init_carry(cfg, 1), jnp.zeros((1, cfg.vocab_size), jnp.float32))
+        _, out = _steps(params, state, keys, cfg, mode, temperature, top_k, top_p, prompt[0])
+    else:
+        state = _start(params, prompt, cfg, mode, seq_length)
+        _, out = _steps(params, state, keys, cfg, mode, temperature, top_k, top_p)
     return out[0] if single else out
 
 
@@ -148,8 +168,7 @@ def _start_jit(params, prompt, *, cfg, mode, seq_length):
 
 @partial(jax.jit, static_argnames=("cfg", "mode", "top_k"))
 def _chunk_jit(params, state, keys, temperature, top_p, *, cfg, mode, top_k):
-    draw = partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
-    return _steps(params, state, keys, cfg, mode, draw)
+    return _steps(params, state, keys, cfg, mode, temperature, top_k, top_p)
 
 
 def sample_stream(

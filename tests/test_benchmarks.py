@@ -237,3 +237,62 @@ def test_repetition_share_against_counting_by_hand():
     assert experiments.repetition_share("abab", width=2) == 2 / 3
     assert experiments.repetition_share("aaaa", width=2) == 1.0
     assert experiments.repetition_share("ab", width=5) == 0.0
+
+
+import bench_generate  # noqa: E402
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_stand_alone_loop_computes_what_jaxchar_computes(tmp_path, threads):
+    # the stand-alone loop measures what JAX adds to jaxchar's stateful mode only if it does
+    # the same work: given jaxchar's weights it must pick jaxchar's ids, with its logits
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxchar.config import ModelConfig
+    from jaxchar.model import apply, init_params
+    from jaxchar.sampling import sample
+
+    try:
+        binary = bench_generate.build_native(str(tmp_path))
+    except ImportError as err:
+        pytest.skip(str(err))
+    cfg = ModelConfig(vocab_size=45, layers=1, hidden=256, encoding="scaled")
+    params = init_params(cfg, jax.random.PRNGKey(1))
+    # random biases and a stronger input: at init (zero biases) character 0 leaves the state
+    # at zero for ever; with these the run goes through several characters before it settles
+    keys = jax.random.split(jax.random.PRNGKey(11))
+    layer = params["lstm_0"]
+    layer = {
+        **layer,
+        "bias": jax.random.normal(keys[0], (1024,)),
+        "input_kernel": 3 * layer["input_kernel"],
+    }
+    head = {**params["head"], "bias": 0.1 * jax.random.normal(keys[1], (45,))}
+    params = {"lstm_0": layer, "head": head}
+    parts = [
+        layer["cell"]["recurrent_kernel"],
+        layer["input_kernel"],
+        layer["bias"],
+        params["head"]["kernel"],
+        params["head"]["bias"],
+    ]
+    weights = tmp_path / "weights.f32"
+    weights.write_bytes(b"".join(np.asarray(p, "<f4").tobytes() for p in parts))
+    length = 200
+    command = [binary, str(threads), str(length), str(weights)]
+    done = subprocess.run(command, input="ids\n", capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    tokens = done.stdout.split()  # "ids" ID ... "logits" LOGIT ...
+    at = tokens.index("logits")
+    ids = [int(i) for i in tokens[1:at]]
+
+    expected = sample(
+        params, jax.random.PRNGKey(0), jnp.array([0]), cfg=cfg, length=length, temperature=0.0
+    )
+    assert ids == np.asarray(expected).tolist()
+    assert len(set(ids)) > 1  # the state moves: not a run stuck on one character
+    logits, _ = apply(params, cfg, jnp.asarray([[0, *ids]]))  # [1, length + 1, vocab]
+    got = np.array([float(v) for v in tokens[at + 1 :]])
+    np.testing.assert_allclose(got, np.asarray(logits[0, -1]), rtol=1e-4, atol=1e-5)

@@ -1,0 +1,131 @@
+// jaxchar's CPU generation kernel (jaxchar/_lstm_loop.h) run stand-alone, without JAX or XLA
+// around it: what benchmarks/bench_generate.py compares jaxchar's stateful mode with at
+// batch 1, to show what the JAX call adds (dispatch, the prompt's inputs, XLA's threads).
+//
+// The tutorial's small model: LSTM-256, the scalar input, a 45-character head, float32,
+// argmax. Random weights unless a file gives them (speed does not depend on them;
+// tests/test_benchmarks.py gives jaxchar's and checks that the ids are jaxchar's).
+//
+//   g++ -O3 -march=native -std=c++17 -pthread -Ijaxchar native_loop.cc -o native_loop
+//   ./native_loop THREADS LENGTH [WEIGHTS]
+// WEIGHTS: raw little-endian float32, in this order: recurrent kernel [256, 1024], input
+// kernel [1024], bias [1024], head kernel [256, 45], head bias [45] (jaxchar's names and
+// layouts). Then, per line on stdin, one run of LENGTH characters from a zero state after
+// character 0: "run" answers "ok US_PER_CHAR LAST_ID", "ids" answers "ids ID ... logits
+// LOGIT ..." with the characters and the logits after the last one.
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <memory>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "_lstm_loop.h"
+
+namespace {
+
+constexpr int kHidden = 256, kGates = 4 * kHidden, kVocab = 45;
+
+struct Weights {
+  std::vector<float> recurrent = std::vector<float>(kHidden * kGates);
+  std::vector<float> table = std::vector<float>(kVocab * kGates);  // id / vocab x w_in + bias
+  std::vector<float> head = std::vector<float>(kHidden * kVocab);
+  std::vector<float> head_bias = std::vector<float>(kVocab);
+};
+
+// random weights, or read from `path`; false if the file is short or missing
+bool load_weights(const char* path, Weights& w) {
+  std::vector<float> w_in(kGates), bias(kGates);
+  if (path) {
+    std::ifstream file(path, std::ios::binary);
+    for (auto* part : {&w.recurrent, &w_in, &bias, &w.head, &w.head_bias})
+      file.read(reinterpret_cast<char*>(part->data()), part->size() * sizeof(float));
+    if (!file) return false;
+  } else {
+    std::mt19937 gen(0);
+    std::uniform_real_distribution<float> u(-0.06f, 0.06f);
+    for (auto& x : w.recurrent) x = u(gen);
+    for (auto& x : w_in) x = 3 * u(gen);
+    for (auto& x : w.head) x = 5 * u(gen);
+  }
+  for (int v = 0; v < kVocab; v++)
+    for (int j = 0; j < kGates; j++)
+      w.table[v * kGates + j] = v / float(kVocab) * w_in[j] + bias[j];
+  return true;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc != 3 && argc != 4) {
+    std::cerr << "usage: native_loop THREADS LENGTH [WEIGHTS]\n";
+    return 2;
+  }
+  const int threads = std::atoi(argv[1]), length = std::atoi(argv[2]);
+  if (threads < 1 || kHidden % (16 * threads) != 0 || length < 1) {
+    std::cerr << "THREADS must divide " << kHidden / 16 << "; LENGTH must be >= 1\n";
+    return 2;
+  }
+  Weights w;
+  if (!load_weights(argc == 4 ? argv[3] : nullptr, w)) {
+    std::cerr << "cannot read the weights from " << argv[3] << "\n";
+    return 2;
+  }
+  const int32_t first = 0;  // the prompt: character 0
+  std::vector<float> zeros(kGates, 0.0f), noise(static_cast<size_t>(length) * kVocab, 0.0f);
+  std::vector<float> c(kHidden), h(kHidden), logits(kVocab);
+  std::vector<int32_t> ids(length);
+  jaxchar::Problem p{};
+  p.layers = 1, p.hidden = kHidden, p.vocab = kVocab, p.threads = threads, p.kind = 0;
+  p.prompt_length = 1, p.prompt = &first, p.steps = length;
+  p.recurrent = w.recurrent.data(), p.upper = zeros.data(), p.upper_bias = zeros.data();
+  p.table = w.table.data(), p.head = w.head.data(), p.head_bias = w.head_bias.data();
+  p.c0 = zeros.data(), p.h0 = zeros.data(), p.logits0 = zeros.data(), p.noise = noise.data();
+  p.temperature = 0.0f, p.ids = ids.data();
+  p.c_out = c.data(), p.h_out = h.data(), p.logits_out = logits.data();
+
+  // helper threads that live from run to run, as XLA's pool threads do for the kernel: a
+  // thread started per run often began on the core of the one that started it, and runs
+  // then took 2-3x as long until the scheduler moved it
+  std::atomic<int> run{0}, done{0};
+  std::unique_ptr<jaxchar::Shared> shared;
+  std::vector<std::thread> helpers;
+  for (int t = 1; t < threads; t++)
+    helpers.emplace_back([&, t] {
+      for (int seen = 0;;) {
+        int now;
+        while ((now = run.load(std::memory_order_acquire)) == seen) std::this_thread::yield();
+        if (now < 0) return;
+        seen = now;
+        jaxchar::work(p, *shared, t);
+        done.fetch_add(1, std::memory_order_release);
+      }
+    });
+  std::string line;
+  while (std::getline(std::cin, line)) {  // one run per line: the caller times the round trip
+    auto began = std::chrono::steady_clock::now();
+    shared = std::make_unique<jaxchar::Shared>(p);
+    done.store(0, std::memory_order_relaxed);
+    run.fetch_add(1, std::memory_order_release);
+    jaxchar::work(p, *shared, 0);
+    while (done.load(std::memory_order_acquire) < threads - 1) std::this_thread::yield();
+    std::chrono::duration<double, std::micro> took = std::chrono::steady_clock::now() - began;
+    if (line == "ids") {
+      std::printf("ids");
+      for (int id : ids) std::printf(" %d", id);
+      std::printf(" logits");
+      for (float v : logits) std::printf(" %.7g", v);
+      std::printf("\n");
+    } else {
+      std::printf("ok %.3f %d\n", took.count() / length, ids.back());
+    }
+    std::fflush(stdout);
+  }
+  run.store(-1, std::memory_order_release);
+  for (auto& helper : helpers) helper.join();
+  return 0;
+}

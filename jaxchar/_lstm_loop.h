@@ -1,0 +1,203 @@
+// The loop of jaxchar's CPU generation kernel, without XLA: the LSTM cells, the head and
+// the draw, split over threads by hidden unit. Included by jaxchar/_native.cc (the XLA FFI
+// handler) and by benchmarks/native_loop.cc (the same loop run stand-alone, to measure what
+// JAX and XLA add around it). See _native.cc for the layout of a Problem's arrays.
+#ifndef JAXCHAR_LSTM_LOOP_H_
+#define JAXCHAR_LSTM_LOOP_H_
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+namespace jaxchar {
+
+constexpr int kTile = 64;  // columns a thread accumulates at once: 4 gates x 16 units
+
+// tanh from exp(-2|x|) with exp(y) = 2^k * 2^f, f in [-1/2, 1/2], 2^f by its Taylor series
+// to degree 7 (error < 1e-8); plain arithmetic, so the compiler vectorizes the gate loops.
+// Absolute error ~1e-7 against std::tanh, the size of float32 rounding.
+inline float tanh_approx(float x) {
+  float a = std::min(std::fabs(x), 9.0f);  // tanh(9) rounds to 1 in float32
+  float y = -2.0f * 1.44269504f * a;       // log2(exp(-2a))
+  float k = std::nearbyint(y);
+  float f = (y - k) * 0.693147181f;  // ln(2^(y-k))
+  float p = 1.0f + f * (1.0f + f * (0.5f + f * (1.0f / 6 + f * (1.0f / 24 + f * (1.0f / 120 +
+                f * (1.0f / 720 + f * (1.0f / 5040)))))));
+  int32_t bits = (static_cast<int32_t>(k) + 127) << 23;  // 2^k, k in [-26, 0]
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  float e = p * scale;
+  float t = (1.0f - e) / (1.0f + e);
+  return std::copysign(t, x);
+}
+
+template <bool kHard>
+inline float gate(float v) {
+  if constexpr (kHard) return std::clamp(0.2f * v + 0.5f, 0.0f, 1.0f);  // Keras 1's
+  return 0.5f * tanh_approx(0.5f * v) + 0.5f;                           // jaxchar.fused.gate
+}
+
+// the LSTM update of `units` cells from their pre-activations z [4 x units] (i, f, g, o)
+template <bool kHard>
+void update(const float* __restrict z, float* __restrict c, float* __restrict h, int units) {
+  for (int u = 0; u < units; u++) {
+    const float i = gate<kHard>(z[u]), f = gate<kHard>(z[units + u]);
+    const float g = tanh_approx(z[2 * units + u]), o = gate<kHard>(z[3 * units + u]);
+    c[u] = f * c[u] + i * g;
+    h[u] = o * tanh_approx(c[u]);
+  }
+}
+
+class Barrier {  // sense-reversing; spins (~0.1 us a wait), yields if a thread is late
+ public:
+  explicit Barrier(int n) : n_(n) {}
+  void wait(int& sense) {
+    sense ^= 1;
+    if (arrived_.fetch_add(1, std::memory_order_acq_rel) == n_ - 1) {
+      arrived_.store(0, std::memory_order_relaxed);
+      sense_.store(sense, std::memory_order_release);
+      return;
+    }
+    for (int tries = 1; sense_.load(std::memory_order_acquire) != sense; tries++)
+      if (tries % 4096 == 0) std::this_thread::yield();
+  }
+
+ private:
+  const int n_;
+  // on a cache line of their own: a neighbour read at every step (the Shared's vector, a
+  // caller's locals) would otherwise bounce between the cores with them
+  alignas(64) std::atomic<int> arrived_{0};
+  std::atomic<int> sense_{0};
+  char pad_[64 - 2 * sizeof(std::atomic<int>)];
+};
+
+struct Problem {
+  int layers, hidden, vocab, prompt_length, steps, threads;
+  const int32_t* prompt;
+  int64_t kind;
+  const float *recurrent, *upper, *upper_bias, *table, *head, *head_bias;
+  const float *c0, *h0, *logits0, *noise;
+  float temperature;
+  int32_t* ids;
+  float *c_out, *h_out, *logits_out;
+};
+
+struct Shared {
+  explicit Shared(const Problem& p) : barrier(p.threads), h(2 * p.layers * p.hidden) {
+    std::copy(p.h0, p.h0 + p.layers * p.hidden, h.begin());  // time parity 0
+  }
+  Barrier barrier;
+  std::vector<float> h;  // [2, L, H]: the hidden states of two consecutive steps
+};
+
+// logits = top @ head + head_bias; __restrict lets the compiler keep the sums in registers
+// across the rows (it had to reload and store them for every row)
+inline void head(const Problem& p, const float* __restrict top, float* __restrict logits) {
+  const int V = p.vocab;
+  std::copy(p.head_bias, p.head_bias + V, logits);
+  for (int i = 0; i < p.hidden; i++) {
+    const float* __restrict row = p.head + static_cast<int64_t>(i) * V;
+    for (int v = 0; v < V; v++) logits[v] += top[i] * row[v];
+  }
+}
+
+inline int draw(const Problem& p, const float* logits, int step) {
+  int best = 0;
+  if (p.temperature > 0.0f) {  // as sample_logits: categorical(logits / temperature)
+    const float t = std::max(p.temperature, 1e-6f);
+    const float* g = p.noise + static_cast<int64_t>(step) * p.vocab;
+    float top = logits[0] / t + g[0];
+    for (int v = 1; v < p.vocab; v++) {
+      float s = logits[v] / t + g[v];
+      if (s > top) top = s, best = v;
+    }
+  } else {
+    for (int v = 1; v < p.vocab; v++)
+      if (logits[v] > logits[best]) best = v;
+  }
+  return best;
+}
+
+inline void work(const Problem& p, Shared& s, int t) {
+  const int H = p.hidden, L = p.layers, units = H / p.threads, first = t * units;
+  const int cols = 4 * units, tiles = cols / kTile;
+  std::vector<int> source_col(cols);  // where this thread's column k sits in the 4H gates
+  for (int k = 0; k < cols; k++) source_col[k] = (k / units) * H + first + k % units;
+  // this thread's columns of every layer, tile by tile, each tile contiguous over the rows
+  // (layer 0: the recurrent kernel's H rows; above: the input kernel's H, then those)
+  std::vector<std::vector<float>> packed(L), bias(L);
+  for (int l = 0; l < L; l++) {
+    const int rows = l == 0 ? H : 2 * H;
+    packed[l].resize(static_cast<size_t>(rows) * cols);
+    for (int r = 0; r < rows; r++) {  // row by row: each source row is read in order
+      const float* from =
+          l == 0 || r >= H ? p.recurrent + (static_cast<int64_t>(l) * H + r % H) * 4 * H
+                           : p.upper + (static_cast<int64_t>(l - 1) * H + r) * 4 * H;
+      for (int k = 0; k < cols; k++)
+        packed[l][(static_cast<size_t>(k / kTile) * rows + r) * kTile + k % kTile] =
+            from[source_col[k]];
+    }
+    bias[l].assign(cols, 0.0f);
+    for (int k = 0; l > 0 && k < cols; k++)
+      bias[l][k] = p.upper_bias[(l - 1) * 4 * H + source_col[k]];
+  }
+  std::vector<float> c(static_cast<size_t>(L) * units), z(cols), x(2 * H);
+  // every thread computes the head and draws the same character (the same sums in the same
+  // order): no barrier to hand the character over, and no thread idle while one works
+  std::vector<float> logits(p.logits0, p.logits0 + p.vocab);
+  int next = 0;
+  for (int l = 0; l < L; l++)
+    std::copy(p.c0 + l * H + first, p.c0 + l * H + first + units, &c[l * units]);
+
+  int sense = 0;
+  const int total = p.prompt_length + p.steps;
+  for (int n = 0; n < total; n++) {
+    const int drawn = n - p.prompt_length;  // < 0 while reading the prompt
+    float* prev = &s.h[(n % 2) * L * H];
+    float* cur = &s.h[((n + 1) % 2) * L * H];
+    next = drawn < 0 ? p.prompt[n] : draw(p, logits.data(), drawn);
+    if (t == 0 && drawn >= 0) p.ids[drawn] = next;
+    for (int l = 0; l < L; l++) {
+      int rows = H;
+      if (l == 0) {
+        std::copy(prev, prev + H, x.begin());
+        const float* row = p.table + static_cast<int64_t>(next) * 4 * H;
+        for (int g = 0; g < 4; g++)  // this thread's units of each gate
+          std::copy(row + g * H + first, row + g * H + first + units, &z[g * units]);
+      } else {  // [h of the layer below at this step, this layer's h at the last one]
+        std::copy(cur + (l - 1) * H, cur + l * H, x.begin());
+        std::copy(prev + l * H, prev + (l + 1) * H, x.begin() + H);
+        std::copy(bias[l].begin(), bias[l].end(), z.begin());
+        rows = 2 * H;
+      }
+      for (int tile = 0; tile < tiles; tile++) {
+        float acc[kTile];
+        std::copy(&z[tile * kTile], &z[tile * kTile] + kTile, acc);
+        const float* w = &packed[l][static_cast<size_t>(tile) * rows * kTile];
+        for (int r = 0; r < rows; r++, w += kTile) {
+          const float xr = x[r];
+          for (int k = 0; k < kTile; k++) acc[k] += xr * w[k];
+        }
+        std::copy(acc, acc + kTile, &z[tile * kTile]);
+      }
+      auto cell_update = p.kind == 1 ? update<true> : update<false>;
+      cell_update(z.data(), &c[l * units], cur + l * H + first, units);
+      s.barrier.wait(sense);  // the layer's new h is complete
+    }
+    if (n >= p.prompt_length - 1) head(p, cur + (L - 1) * H, logits.data());
+  }
+  const float* last = &s.h[(total % 2) * L * H];
+  for (int l = 0; l < L; l++) {
+    std::copy(&c[l * units], &c[l * units] + units, p.c_out + l * H + first);
+    std::copy(last + l * H + first, last + l * H + first + units, p.h_out + l * H + first);
+  }
+  if (t == 0) std::copy(logits.begin(), logits.end(), p.logits_out);
+}
+
+}  // namespace jaxchar
+
+#endif  // JAXCHAR_LSTM_LOOP_H_

@@ -1,0 +1,145 @@
+"""Stateful generation at batch 1 on CPUs through the C++ kernel in jaxchar/_native.cc.
+
+At batch 1 each character is a few matrix-vector products; XLA runs them on one core and
+streams the kernels from the L3 cache every step (the recurrent kernel alone is 1 MB at
+hidden 256), which held jaxchar's loop at ~17 us per character on a 2-core CPU. The kernel
+runs the whole loop as one XLA FFI call, splits the hidden units between the cores and keeps
+each core's share of the weights in its own L2 (benchmarks/bench_generate.py measures both).
+
+`generate` takes and returns exactly what the stateful `lax.scan` in `sampling._steps`
+does for one row, and draws the same characters: argmax at temperature 0, otherwise
+argmax(logits / temperature + Gumbel noise) with the noise drawn by JAX from the same
+per-character keys, which is how `jax.random.categorical` samples. `sampling` uses it only
+on the CPU (`lax.platform_dependent`), only where it applies (`supports`), and only when the
+extension was built (`pip install` compiles it where a C++ compiler is found); everywhere
+else, and with `model.impl = "scan"`, the lax.scan path runs and stays the reference that
+tests/test_native.py compares this with.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxchar.config import ModelConfig
+from jaxchar.fused import matmul
+
+try:
+    from jaxchar import _native
+except ImportError:  # not built here: the lax.scan path serves
+    _native = None
+
+_registered = False
+
+
+def available() -> bool:
+    """Whether the kernel was built; registers it with XLA the first time."""
+    global _registered
+    if _native is None:
+        return False
+    if not _registered:
+        for name, capsule in _native.targets().items():
+            jax.ffi.register_ffi_target(name, capsule, platform="cpu")
+        _registered = True
+    return True
+
+
+def supports(cfg: ModelConfig, rows: int, top_k: int | None, top_p) -> bool:
+    """Whether `generate` can run this sampling: LSTM cells in float32, one row, hidden a
+    multiple of 16, no top-k or top-p filter, not the scan reference, kernel built."""
+    return (
+        cfg.cell == "lstm"
+        and cfg.dtype == "float32"
+        and cfg.impl != "scan"
+        and cfg.hidden % 16 == 0
+        and rows == 1
+        and top_k is None
+        and top_p is None
+        and available()
+    )
+
+
+def threads_for(hidden: int) -> int:
+    """How many threads split the units: a power of two up to the cores this process may
+    use (at most 8), each with a multiple of 16 units."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = 1
+    while 2 * threads <= min(cores or 1, 8) and hidden % (32 * threads) == 0:
+        threads *= 2
+    return threads
+
+
+def _input_table(params: dict, cfg: ModelConfig) -> jax.Array:
+    """Layer 0's input contribution for each character, bias included: [vocab, 4*hidden]."""
+    layer = params["lstm_0"]
+    w_in, bias = layer["input_kernel"], layer["bias"]
+    if cfg.encoding == "scaled":  # the model's id / vocab feature times the 1-row kernel
+        feature = jnp.arange(cfg.vocab_size, dtype=jnp.float32) / cfg.vocab_size
+        return feature[:, None] * w_in[0] + bias
+    if cfg.encoding == "onehot":  # a one-hot row picks a row of the kernel
+        return w_in + bias
+    return matmul(params["embed"]["embedding"], w_in) + bias
+
+
+def generate(
+    params: dict,
+    cfg: ModelConfig,
+    carry,
+    logits: jax.Array,
+    keys: jax.Array,
+    temperature,
+    prompt: jax.Array | None = None,
+    threads: int | None = None,
+):
+    """One character per key (keys [n, 2]) for one row, from `carry` and the last logits
+    [1, vocab]: returns ((carry, logits), ids [1, n]), as the stateful scan does. With
+    `prompt` [P] the characters are read first (from `carry`) and the first draw uses their
+    last logits instead of `logits`. `threads` defaults to `threads_for(cfg.hidden)`."""
+    layers, hidden, vocab, n = cfg.layers, cfg.hidden, cfg.vocab_size, keys.shape[0]
+    temperature = jnp.asarray(temperature, jnp.float32)
+
+    def gumbel():  # categorical's noise for logits [1, vocab], one draw per key
+        return jax.vmap(lambda k: jax.random.gumbel(k, (1, vocab))[0])(keys)
+
+    noise = jax.lax.cond(temperature > 0, gumbel, lambda: jnp.zeros((n, vocab), jnp.float32))
+    lstm = [params[f"lstm_{layer}"] for layer in range(layers)]
+    recurrent = jnp.stack([p["cell"]["recurrent_kernel"] for p in lstm])  # [L, H, 4H]
+    if layers > 1:
+        upper = jnp.stack([p["input_kernel"] for p in lstm[1:]])  # [L-1, H, 4H]
+        upper_bias = jnp.stack([p["bias"] for p in lstm[1:]])  # [L-1, 4H]
+    else:  # not read
+        upper = upper_bias = jnp.zeros((1, 1, 1), jnp.float32)
+    c0 = jnp.concatenate([c for c, _ in carry])  # [L, H]
+    h0 = jnp.concatenate([h for _, h in carry])
+    state = jax.ShapeDtypeStruct((layers, hidden), jnp.float32)
+    call = jax.ffi.ffi_call(
+        "jaxchar_generate",
+        (
+            jax.ShapeDtypeStruct((n,), jnp.int32),
+            state,
+            state,
+            jax.ShapeDtypeStruct((vocab,), jnp.float32),
+        ),
+        vmap_method="sequential",
+    )
+    ids, c, h, last = call(
+        recurrent,
+        upper,
+        upper_bias,
+        _input_table(params, cfg),
+        params["head"]["kernel"],
+        params["head"]["bias"],
+        c0,
+        h0,
+        logits[0],
+        jnp.zeros((0,), jnp.int32) if prompt is None else prompt.astype(jnp.int32),
+        noise,
+        temperature,
+        gate=np.int64(cfg.gate_activation == "hard_sigmoid"),
+        threads=np.int64(threads or threads_for(hidden)),
+    )
+    carry = tuple((c[layer][None], h[layer][None]) for layer in range(layers))
+    return (carry, last[None]), ids[None]
