@@ -15,10 +15,12 @@
 // LOGIT ..." with the characters and the logits after the last one.
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <cstdio>
 #include <fstream>
 #include <iostream>
 #include <memory>
+#include <mutex>
 #include <random>
 #include <string>
 #include <thread>
@@ -90,17 +92,23 @@ int main(int argc, char** argv) {
 
   // helper threads that live from run to run, as XLA's pool threads do for the kernel: a
   // thread started per run often began on the core of the one that started it, and runs
-  // then took 2-3x as long until the scheduler moved it
-  std::atomic<int> run{0}, done{0};
+  // then took 2-3x as long until the scheduler moved it. Between runs they sleep on a
+  // condition variable, so that they take nothing from the peers timed in between.
+  std::mutex mutex;
+  std::condition_variable wake;
+  int run = 0;  // the run number (under the mutex); -1 to stop
+  std::atomic<int> done{0};
   std::unique_ptr<jaxchar::Shared> shared;
   std::vector<std::thread> helpers;
   for (int t = 1; t < threads; t++)
     helpers.emplace_back([&, t] {
       for (int seen = 0;;) {
-        int now;
-        while ((now = run.load(std::memory_order_acquire)) == seen) std::this_thread::yield();
-        if (now < 0) return;
-        seen = now;
+        {
+          std::unique_lock<std::mutex> lock(mutex);
+          wake.wait(lock, [&] { return run != seen; });
+          if (run < 0) return;
+          seen = run;
+        }
         jaxchar::work(p, *shared, t);
         done.fetch_add(1, std::memory_order_release);
       }
@@ -110,7 +118,11 @@ int main(int argc, char** argv) {
     auto began = std::chrono::steady_clock::now();
     shared = std::make_unique<jaxchar::Shared>(p);
     done.store(0, std::memory_order_relaxed);
-    run.fetch_add(1, std::memory_order_release);
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      run++;
+    }
+    wake.notify_all();
     jaxchar::work(p, *shared, 0);
     while (done.load(std::memory_order_acquire) < threads - 1) std::this_thread::yield();
     std::chrono::duration<double, std::micro> took = std::chrono::steady_clock::now() - began;
@@ -125,7 +137,11 @@ int main(int argc, char** argv) {
     }
     std::fflush(stdout);
   }
-  run.store(-1, std::memory_order_release);
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    run = -1;
+  }
+  wake.notify_all();
   for (auto& helper : helpers) helper.join();
   return 0;
 }
