@@ -53,6 +53,7 @@ bool load_weights(const char* path, Weights& w) {
     for (auto& x : w.recurrent) x = u(gen);
     for (auto& x : w_in) x = 3 * u(gen);
     for (auto& x : w.head) x = 5 * u(gen);
+    for (auto& x : bias) x = 10 * u(gen);  // else the state stays at zero, a special case
   }
   for (int v = 0; v < kVocab; v++)
     for (int j = 0; j < kGates; j++)

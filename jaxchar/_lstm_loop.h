@@ -87,21 +87,44 @@ struct Problem {
 };
 
 struct Shared {
-  explicit Shared(const Problem& p) : barrier(p.threads), h(2 * p.layers * p.hidden) {
+  explicit Shared(const Problem& p)
+      : barrier(p.threads),
+        h(2 * p.layers * p.hidden),
+        storage(2 * p.threads * padded(p.vocab) + 16) {
     std::copy(p.h0, p.h0 + p.layers * p.hidden, h.begin());  // time parity 0
   }
   Barrier barrier;
   std::vector<float> h;  // [2, L, H]: the hidden states of two consecutive steps
+  // [2, threads, padded(V)]: each thread's share of the logits, at two consecutive steps
+  // (each on cache lines of its own: storage's first 64-byte boundary on)
+  float* partial() {
+    const auto at = reinterpret_cast<uintptr_t>(storage.data());
+    return storage.data() + (-at % 64) / sizeof(float);
+  }
+  static int padded(int vocab) { return (vocab + 15) / 16 * 16; }
+  std::vector<float> storage;
 };
 
-// logits = top @ head + head_bias; __restrict lets the compiler keep the sums in registers
-// across the rows (it had to reload and store them for every row)
-inline void head(const Problem& p, const float* __restrict top, float* __restrict logits) {
-  const int V = p.vocab;
-  std::copy(p.head_bias, p.head_bias + V, logits);
-  for (int i = 0; i < p.hidden; i++) {
-    const float* __restrict row = p.head + static_cast<int64_t>(i) * V;
-    for (int v = 0; v < V; v++) logits[v] += top[i] * row[v];
+// a thread's share of the logits: out[v] = sum over its units u of h[u] * w[u, v], with w
+// packed [units, vp], vp a multiple of 16 (zero beyond the vocabulary), summed in register
+// blocks of up to 64 columns. Each thread used to compute all of the head from all of h,
+// its sums going through memory at every row: that was ~15% of a character.
+template <int kWidth>
+inline void head_block(const float* __restrict w, int vp, const float* __restrict h, int units,
+                       float* __restrict out) {
+  float acc[kWidth] = {};
+  for (int u = 0; u < units; u++, w += vp)
+    for (int k = 0; k < kWidth; k++) acc[k] += h[u] * w[k];
+  std::copy(acc, acc + kWidth, out);
+}
+
+inline void head_share(const float* w, int vp, const float* h, int units, float* out) {
+  int col = 0;
+  for (; col + 64 <= vp; col += 64) head_block<64>(w + col, vp, h, units, out + col);
+  switch (vp - col) {
+    case 48: head_block<48>(w + col, vp, h, units, out + col); break;
+    case 32: head_block<32>(w + col, vp, h, units, out + col); break;
+    case 16: head_block<16>(w + col, vp, h, units, out + col); break;
   }
 }
 
@@ -137,17 +160,27 @@ inline void work(const Problem& p, Shared& s, int t) {
       const float* from =
           l == 0 || r >= H ? p.recurrent + (static_cast<int64_t>(l) * H + r % H) * 4 * H
                            : p.upper + (static_cast<int64_t>(l - 1) * H + r) * 4 * H;
-      for (int k = 0; k < cols; k++)
-        packed[l][(static_cast<size_t>(k / kTile) * rows + r) * kTile + k % kTile] =
-            from[source_col[k]];
+      for (int k = 0; k < cols;) {  // in runs of columns that are adjacent in both layouts
+        const int run = std::min(units - k % units, kTile - k % kTile);
+        std::copy(from + source_col[k], from + source_col[k] + run,
+                  &packed[l][(static_cast<size_t>(k / kTile) * rows + r) * kTile + k % kTile]);
+        k += run;
+      }
     }
     bias[l].assign(cols, 0.0f);
     for (int k = 0; l > 0 && k < cols; k++)
       bias[l][k] = p.upper_bias[(l - 1) * 4 * H + source_col[k]];
   }
+  // this thread's rows of the head, [units, vp], zero beyond the vocabulary
+  const int V = p.vocab, vp = Shared::padded(V), T = p.threads;
+  std::vector<float> head(static_cast<size_t>(units) * vp, 0.0f);
+  for (int u = 0; u < units; u++)
+    std::copy(p.head + static_cast<int64_t>(first + u) * V,
+              p.head + static_cast<int64_t>(first + u + 1) * V, &head[u * vp]);
   std::vector<float> c(static_cast<size_t>(L) * units), z(cols), x(2 * H);
-  // every thread computes the head and draws the same character (the same sums in the same
-  // order): no barrier to hand the character over, and no thread idle while one works
+  // each thread computes its units' share of the logits before the barrier; after it, every
+  // thread adds the shares (the same sums in the same order) and draws the same character:
+  // no second barrier to hand the character over, and no thread idle while one works
   std::vector<float> logits(p.logits0, p.logits0 + p.vocab);
   int next = 0;
   for (int l = 0; l < L; l++)
@@ -186,9 +219,19 @@ inline void work(const Problem& p, Shared& s, int t) {
       }
       auto cell_update = p.kind == 1 ? update<true> : update<false>;
       cell_update(z.data(), &c[l * units], cur + l * H + first, units);
-      s.barrier.wait(sense);  // the layer's new h is complete
+      if (l == L - 1 && n >= p.prompt_length - 1)  // the logits are needed after this step
+        head_share(head.data(), vp, cur + l * H + first, units,
+                   &s.partial()[((n % 2) * T + t) * vp]);
+      s.barrier.wait(sense);  // the layer's new h (and the shares of the logits) complete
     }
-    if (n >= p.prompt_length - 1) head(p, cur + (L - 1) * H, logits.data());
+    if (n >= p.prompt_length - 1) {  // every thread adds the shares in the same order
+      const float* share = &s.partial()[(n % 2) * T * vp];
+      for (int v = 0; v < V; v++) {
+        float sum = p.head_bias[v];
+        for (int u = 0; u < T; u++) sum += share[u * vp + v];
+        logits[v] = sum;
+      }
+    }
   }
   const float* last = &s.h[(total % 2) * L * H];
   for (int l = 0; l < L; l++) {

@@ -96,6 +96,31 @@ def test_kernel_state_and_logits_match_the_model_for_any_thread_count(threads):
         np.testing.assert_allclose(h, wh, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("vocab", [16, 30, 45, 70, 100])
+def test_kernel_logits_for_any_vocabulary_width(vocab):
+    # the head runs in register blocks of 16 to 64 columns: 16, 32, 48, 64 + 16, 64 + 48;
+    # and with 48 units a thread, the 64-column tiles of the gates start mid-gate
+    cfg = ModelConfig(vocab_size=vocab, layers=1, hidden=96, encoding="onehot")
+    params = _params(cfg, seed=vocab)
+    prompt = jax.random.randint(jax.random.PRNGKey(vocab), (6,), 0, vocab)
+    key = jax.random.PRNGKey(7)
+    got = sample(params, key, prompt, cfg=cfg, length=60, temperature=0.8)
+    want = sample(params, key, prompt, cfg=_reference(cfg), length=60, temperature=0.8)
+    np.testing.assert_array_equal(got, want)
+    assert len(set(np.asarray(got).tolist())) > 1  # not one character repeated
+    # and the logits themselves, after the prompt and 30 characters drawn by argmax
+    keys = jax.random.split(key, 30)
+    (_, logits), ids = jax.jit(
+        lambda params, keys: native.generate(
+            params, cfg, init_carry(cfg, 1), jnp.zeros((1, vocab)), keys, 0.0, prompt, 2
+        )
+    )(params, keys)
+    every = jnp.concatenate([prompt, ids[0]])[None]
+    want_logits, _ = apply(params, _reference(cfg), every, init_carry(cfg, 1))
+    np.testing.assert_array_equal(ids[0], jnp.argmax(want_logits[0, 5:-1], axis=-1))
+    np.testing.assert_allclose(logits, want_logits[:, -1], rtol=1e-4, atol=1e-5)
+
+
 def test_streamed_chunks_carry_the_kernels_state_on():
     # sample_stream runs the kernel once per chunk, each from the last one's state
     cfg = CONFIGS[1]
