@@ -83,7 +83,8 @@ int main(int argc, char** argv) {
   std::vector<float> c(kHidden), h(kHidden), logits(kVocab);
   std::vector<int32_t> ids(length);
   jaxchar::Problem p{};
-  p.layers = 1, p.hidden = kHidden, p.vocab = kVocab, p.threads = threads, p.kind = 0;
+  p.layers = 1, p.hidden = kHidden, p.vocab = kVocab, p.batch = 1, p.threads = threads;
+  p.kind = 0;
   p.prompt_length = 1, p.prompt = &first, p.steps = length;
   p.recurrent = w.recurrent.data(), p.upper = zeros.data(), p.upper_bias = zeros.data();
   p.table = w.table.data(), p.head = w.head.data(), p.head_bias = w.head_bias.data();

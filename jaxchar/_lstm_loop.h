@@ -76,7 +76,7 @@ class Barrier {  // sense-reversing; spins (~0.1 us a wait), yields if a thread 
 };
 
 struct Problem {
-  int layers, hidden, vocab, prompt_length, steps, threads;
+  int layers, hidden, vocab, batch, prompt_length, steps, threads;
   const int32_t* prompt;
   int64_t kind;
   const float *recurrent, *upper, *upper_bias, *table, *head, *head_bias;
@@ -89,13 +89,13 @@ struct Problem {
 struct Shared {
   explicit Shared(const Problem& p)
       : barrier(p.threads),
-        h(2 * p.layers * p.hidden),
-        storage(2 * p.threads * padded(p.vocab) + 16) {
-    std::copy(p.h0, p.h0 + p.layers * p.hidden, h.begin());  // time parity 0
+        h(2 * p.layers * p.batch * p.hidden),
+        storage(2 * p.threads * p.batch * padded(p.vocab) + 16) {
+    std::copy(p.h0, p.h0 + p.layers * p.batch * p.hidden, h.begin());  // time parity 0
   }
   Barrier barrier;
-  std::vector<float> h;  // [2, L, H]: the hidden states of two consecutive steps
-  // [2, threads, padded(V)]: each thread's share of the logits, at two consecutive steps
+  std::vector<float> h;  // [2, L, B, H]: the hidden states of two consecutive steps
+  // [2, threads, B, padded(V)]: each thread's share of the logits at two consecutive steps
   // (each on cache lines of its own: storage's first 64-byte boundary on)
   float* partial() {
     const auto at = reinterpret_cast<uintptr_t>(storage.data());
@@ -105,34 +105,76 @@ struct Shared {
   std::vector<float> storage;
 };
 
-// a thread's share of the logits: out[v] = sum over its units u of h[u] * w[u, v], with w
-// packed [units, vp], vp a multiple of 16 (zero beyond the vocabulary), summed in register
-// blocks of up to 64 columns. Each thread used to compute all of the head from all of h,
-// its sums going through memory at every row: that was ~15% of a character.
-template <int kWidth>
-inline void head_block(const float* __restrict w, int vp, const float* __restrict h, int units,
-                       float* __restrict out) {
-  float acc[kWidth] = {};
-  for (int u = 0; u < units; u++, w += vp)
-    for (int k = 0; k < kWidth; k++) acc[k] += h[u] * w[k];
-  std::copy(acc, acc + kWidth, out);
+// 16 floats as one value (a zmm register with AVX-512; two or four narrower ones without):
+// g++ kept the plain-array sums of the 1-row case in memory once the batch loop existed
+typedef float Vec16 __attribute__((vector_size(64), aligned(4), may_alias));
+constexpr int kVecs = kTile / 16;
+
+// Keeps a loaded value in a register: g++ otherwise folds the load into every multiply-add
+// that uses it, loading each weight once per row of the batch, which made the loads, not
+// the arithmetic, the limit (an empty asm that claims to change the register).
+inline void in_register(Vec16& v) {
+#if defined(__AVX512F__) && (defined(__GNUC__) || defined(__clang__))
+  asm("" : "+v"(v));
+#else
+  (void)v;
+#endif
 }
 
-inline void head_share(const float* w, int vp, const float* h, int units, float* out) {
+// a thread's share of the logits for B rows: out[b, v] = sum over its units u of
+// h[b, u] * w[u, v], with w packed [units, vp], vp a multiple of 16 (zero beyond the
+// vocabulary), summed in registers for blocks of up to 4 rows and 64 columns. Each thread
+// used to compute all of the head from all of h, its sums going through memory at every
+// row: that was ~15% of a character at batch 1.
+template <int kRows, int kWidth>
+inline void head_block(const float* __restrict w, int vp, const float* __restrict h,
+                       int h_stride, int units, float* __restrict out, int out_stride) {
+  constexpr int kV = kWidth / 16;
+  Vec16 acc[kRows][kV] = {};
+  for (int u = 0; u < units; u++, w += vp) {
+    Vec16 wr[kV];
+    for (int j = 0; j < kV; j++) wr[j] = reinterpret_cast<const Vec16*>(w)[j];
+    for (int b = 0; b < kRows; b++) {
+      const float hb = h[b * h_stride + u];
+      for (int j = 0; j < kV; j++) acc[b][j] += hb * wr[j];
+    }
+  }
+  for (int b = 0; b < kRows; b++)
+    for (int j = 0; j < kV; j++) reinterpret_cast<Vec16*>(out + b * out_stride)[j] = acc[b][j];
+}
+
+template <int kRows>
+inline void head_rows(const float* w, int vp, const float* h, int h_stride, int units,
+                      float* out) {
   int col = 0;
-  for (; col + 64 <= vp; col += 64) head_block<64>(w + col, vp, h, units, out + col);
+  for (; col + 64 <= vp; col += 64)
+    head_block<kRows, 64>(w + col, vp, h, h_stride, units, out + col, vp);
   switch (vp - col) {
-    case 48: head_block<48>(w + col, vp, h, units, out + col); break;
-    case 32: head_block<32>(w + col, vp, h, units, out + col); break;
-    case 16: head_block<16>(w + col, vp, h, units, out + col); break;
+    case 48: head_block<kRows, 48>(w + col, vp, h, h_stride, units, out + col, vp); break;
+    case 32: head_block<kRows, 32>(w + col, vp, h, h_stride, units, out + col, vp); break;
+    case 16: head_block<kRows, 16>(w + col, vp, h, h_stride, units, out + col, vp); break;
   }
 }
 
-inline int draw(const Problem& p, const float* logits, int step) {
+// rows of h `h_stride` apart, rows of out [rows, vp]
+inline void head_share(const float* w, int vp, const float* h, int h_stride, int units,
+                       int rows, float* out) {
+  for (int b = 0; b < rows; b += 4, h += 4 * h_stride, out += 4 * vp) {
+    switch (std::min(rows - b, 4)) {
+      case 1: head_rows<1>(w, vp, h, h_stride, units, out); break;
+      case 2: head_rows<2>(w, vp, h, h_stride, units, out); break;
+      case 3: head_rows<3>(w, vp, h, h_stride, units, out); break;
+      default: head_rows<4>(w, vp, h, h_stride, units, out); break;
+    }
+  }
+}
+
+// row b's next character from its logits
+inline int draw(const Problem& p, const float* logits, int step, int b) {
   int best = 0;
   if (p.temperature > 0.0f) {  // as sample_logits: categorical(logits / temperature)
     const float t = std::max(p.temperature, 1e-6f);
-    const float* g = p.noise + static_cast<int64_t>(step) * p.vocab;
+    const float* g = p.noise + (static_cast<int64_t>(step) * p.batch + b) * p.vocab;
     float top = logits[0] / t + g[0];
     for (int v = 1; v < p.vocab; v++) {
       float s = logits[v] / t + g[v];
@@ -143,6 +185,29 @@ inline int draw(const Problem& p, const float* logits, int step) {
       if (logits[v] > logits[best]) best = v;
   }
   return best;
+}
+
+// z[b, tile] += x[b, :rows] @ w for kRows rows of the batch at once: each weight loaded is
+// used kRows times, and the kRows x 4 sums stay in registers (w: one packed tile)
+template <int kRows>
+inline void tile_rows(const float* __restrict w, int rows, const float* __restrict x,
+                      int x_stride, float* __restrict z, int z_stride) {
+  Vec16 acc[kRows][kVecs];
+  for (int b = 0; b < kRows; b++)
+    for (int j = 0; j < kVecs; j++) acc[b][j] = reinterpret_cast<const Vec16*>(z + b * z_stride)[j];
+  for (int r = 0; r < rows; r++, w += kTile) {
+    Vec16 wr[kVecs];  // loaded once for all the rows
+    for (int j = 0; j < kVecs; j++) {
+      wr[j] = reinterpret_cast<const Vec16*>(w)[j];
+      if constexpr (kRows > 1) in_register(wr[j]);  // one row: better folded (measured)
+    }
+    for (int b = 0; b < kRows; b++) {
+      const float xr = x[b * x_stride + r];
+      for (int j = 0; j < kVecs; j++) acc[b][j] += xr * wr[j];
+    }
+  }
+  for (int b = 0; b < kRows; b++)
+    for (int j = 0; j < kVecs; j++) reinterpret_cast<Vec16*>(z + b * z_stride)[j] = acc[b][j];
 }
 
 inline void work(const Problem& p, Shared& s, int t) {
@@ -177,66 +242,82 @@ inline void work(const Problem& p, Shared& s, int t) {
   for (int u = 0; u < units; u++)
     std::copy(p.head + static_cast<int64_t>(first + u) * V,
               p.head + static_cast<int64_t>(first + u + 1) * V, &head[u * vp]);
-  std::vector<float> c(static_cast<size_t>(L) * units), z(cols), x(2 * H);
+  // per row b of the batch: c [L, B, units], z [B, cols], x [B, 2H], logits [B, V]
+  const int B = p.batch, P = p.prompt_length, N = p.steps;
+  std::vector<float> c(static_cast<size_t>(L) * B * units), z(static_cast<size_t>(B) * cols);
+  std::vector<float> x(static_cast<size_t>(B) * 2 * H);
   // each thread computes its units' share of the logits before the barrier; after it, every
-  // thread adds the shares (the same sums in the same order) and draws the same character:
-  // no second barrier to hand the character over, and no thread idle while one works
-  std::vector<float> logits(p.logits0, p.logits0 + p.vocab);
-  int next = 0;
-  for (int l = 0; l < L; l++)
-    std::copy(p.c0 + l * H + first, p.c0 + l * H + first + units, &c[l * units]);
+  // thread adds the shares (the same sums in the same order) and draws the same characters:
+  // no second barrier to hand them over, and no thread idle while one works
+  std::vector<float> logits(p.logits0, p.logits0 + B * V);
+  std::vector<int> next(B);
+  for (int lb = 0; lb < L * B; lb++)
+    std::copy(p.c0 + lb * H + first, p.c0 + lb * H + first + units, &c[lb * units]);
 
   int sense = 0;
-  const int total = p.prompt_length + p.steps;
+  const int total = P + N;
   for (int n = 0; n < total; n++) {
-    const int drawn = n - p.prompt_length;  // < 0 while reading the prompt
-    float* prev = &s.h[(n % 2) * L * H];
-    float* cur = &s.h[((n + 1) % 2) * L * H];
-    next = drawn < 0 ? p.prompt[n] : draw(p, logits.data(), drawn);
-    if (t == 0 && drawn >= 0) p.ids[drawn] = next;
+    const int drawn = n - P;  // < 0 while reading the prompt
+    float* prev = &s.h[(n % 2) * L * B * H];
+    float* cur = &s.h[((n + 1) % 2) * L * B * H];
+    for (int b = 0; b < B; b++) {
+      next[b] = drawn < 0 ? p.prompt[b * P + n] : draw(p, &logits[b * V], drawn, b);
+      if (t == 0 && drawn >= 0) p.ids[static_cast<int64_t>(b) * N + drawn] = next[b];
+    }
     for (int l = 0; l < L; l++) {
-      int rows = H;
-      if (l == 0) {
-        std::copy(prev, prev + H, x.begin());
-        const float* row = p.table + static_cast<int64_t>(next) * 4 * H;
-        for (int g = 0; g < 4; g++)  // this thread's units of each gate
-          std::copy(row + g * H + first, row + g * H + first + units, &z[g * units]);
-      } else {  // [h of the layer below at this step, this layer's h at the last one]
-        std::copy(cur + (l - 1) * H, cur + l * H, x.begin());
-        std::copy(prev + l * H, prev + (l + 1) * H, x.begin() + H);
-        std::copy(bias[l].begin(), bias[l].end(), z.begin());
-        rows = 2 * H;
+      const int rows = l == 0 ? H : 2 * H;
+      for (int b = 0; b < B; b++) {
+        float* xb = &x[b * 2 * H];
+        float* zb = &z[b * cols];
+        if (l == 0) {
+          std::copy(prev + b * H, prev + (b + 1) * H, xb);
+          const float* row = p.table + static_cast<int64_t>(next[b]) * 4 * H;
+          for (int g = 0; g < 4; g++)  // this thread's units of each gate
+            std::copy(row + g * H + first, row + g * H + first + units, zb + g * units);
+        } else {  // [h of the layer below at this step, this layer's h at the last one]
+          std::copy(cur + ((l - 1) * B + b) * H, cur + ((l - 1) * B + b + 1) * H, xb);
+          std::copy(prev + (l * B + b) * H, prev + (l * B + b + 1) * H, xb + H);
+          std::copy(bias[l].begin(), bias[l].end(), zb);
+        }
       }
       for (int tile = 0; tile < tiles; tile++) {
-        float acc[kTile];
-        std::copy(&z[tile * kTile], &z[tile * kTile] + kTile, acc);
         const float* w = &packed[l][static_cast<size_t>(tile) * rows * kTile];
-        for (int r = 0; r < rows; r++, w += kTile) {
-          const float xr = x[r];
-          for (int k = 0; k < kTile; k++) acc[k] += xr * w[k];
+        for (int b = 0; b < B; b += 6) {  // the batch in blocks of up to 6 rows
+          const float* xb = &x[b * 2 * H];
+          float* zb = &z[b * cols + tile * kTile];
+          switch (std::min(B - b, 6)) {
+            case 1: tile_rows<1>(w, rows, xb, 2 * H, zb, cols); break;
+            case 2: tile_rows<2>(w, rows, xb, 2 * H, zb, cols); break;
+            case 3: tile_rows<3>(w, rows, xb, 2 * H, zb, cols); break;
+            case 4: tile_rows<4>(w, rows, xb, 2 * H, zb, cols); break;
+            case 5: tile_rows<5>(w, rows, xb, 2 * H, zb, cols); break;
+            default: tile_rows<6>(w, rows, xb, 2 * H, zb, cols); break;
+          }
         }
-        std::copy(acc, acc + kTile, &z[tile * kTile]);
       }
       auto cell_update = p.kind == 1 ? update<true> : update<false>;
-      cell_update(z.data(), &c[l * units], cur + l * H + first, units);
-      if (l == L - 1 && n >= p.prompt_length - 1)  // the logits are needed after this step
-        head_share(head.data(), vp, cur + l * H + first, units,
-                   &s.partial()[((n % 2) * T + t) * vp]);
+      for (int b = 0; b < B; b++)
+        cell_update(&z[b * cols], &c[(l * B + b) * units], cur + (l * B + b) * H + first, units);
+      if (l == L - 1 && n >= P - 1)  // the logits are needed after this step
+        head_share(head.data(), vp, cur + l * B * H + first, H, units, B,
+                   &s.partial()[((n % 2) * T + t) * B * vp]);
       s.barrier.wait(sense);  // the layer's new h (and the shares of the logits) complete
     }
-    if (n >= p.prompt_length - 1) {  // every thread adds the shares in the same order
-      const float* share = &s.partial()[(n % 2) * T * vp];
-      for (int v = 0; v < V; v++) {
-        float sum = p.head_bias[v];
-        for (int u = 0; u < T; u++) sum += share[u * vp + v];
-        logits[v] = sum;
+    if (n >= P - 1) {  // every thread adds the shares in the same order
+      for (int b = 0; b < B; b++) {
+        const float* share = &s.partial()[((n % 2) * T * B + b) * vp];
+        for (int v = 0; v < V; v++) {
+          float sum = p.head_bias[v];
+          for (int u = 0; u < T; u++) sum += share[u * B * vp + v];
+          logits[b * V + v] = sum;
+        }
       }
     }
   }
-  const float* last = &s.h[(total % 2) * L * H];
-  for (int l = 0; l < L; l++) {
-    std::copy(&c[l * units], &c[l * units] + units, p.c_out + l * H + first);
-    std::copy(last + l * H + first, last + l * H + first + units, p.h_out + l * H + first);
+  const float* last = &s.h[(total % 2) * L * B * H];
+  for (int lb = 0; lb < L * B; lb++) {
+    std::copy(&c[lb * units], &c[lb * units] + units, p.c_out + lb * H + first);
+    std::copy(last + lb * H + first, last + lb * H + first + units, p.h_out + lb * H + first);
   }
   if (t == 0) std::copy(logits.begin(), logits.end(), p.logits_out);
 }

@@ -1,4 +1,5 @@
-// The stateful generation loop of an LSTM model as one XLA FFI call, for CPUs at batch 1.
+// The stateful generation loop of an LSTM model as one XLA FFI call, for CPUs at small
+// batches.
 //
 // At batch 1 a character's work is a few matrix-vector products (the recurrent kernel alone
 // is 1 MB at hidden 256) and XLA runs them on one core, streaming the kernels from the
@@ -15,11 +16,11 @@
 // Inputs (float32): recurrent [L, H, 4H]; upper [max(L-1, 1), H, 4H] and upper_bias
 // [max(L-1, 1), 4H], the input kernels and biases of layers 1..L-1; table [V, 4H], layer
 // 0's input contribution (bias included) for each character; head [H, V]; head_bias [V];
-// c0, h0 [L, H]; logits0 [V] (the last logits); prompt [P] (int32: characters read
-// before the first draw, which then starts from their logits); noise [N, V]; temperature [].
-// Outputs: ids [N] (int32), c, h [L, H], logits [V], as after P + N steps of the model.
-// Attributes: gate (0 sigmoid, 1 hard sigmoid), threads (a power of two; H must divide by
-// 16 x threads).
+// c0, h0 [L, B, H] for B rows; logits0 [B, V] (the last logits); prompt [B, P] (int32:
+// characters read before the first draw, which then starts from their logits); noise
+// [N, B, V]; temperature []. Outputs: ids [B, N] (int32), c, h [L, B, H], logits [B, V], as
+// after P + N steps of the model. Attributes: gate (0 sigmoid, 1 hard sigmoid), threads (a
+// power of two; H must divide by 16 x threads).
 #include <Python.h>
 
 #include <atomic>
@@ -91,18 +92,23 @@ ffi::Error Generate(ffi::Buffer<ffi::F32> recurrent, ffi::Buffer<ffi::F32> upper
                     ffi::ThreadPool pool) {
   auto rec = recurrent.dimensions();
   auto tab = table.dimensions();
-  if (rec.size() != 3 || tab.size() != 2 || noise.dimensions().size() != 2)
+  auto start = c0.dimensions();
+  if (rec.size() != 3 || tab.size() != 2 || start.size() != 3 || prompt.dimensions().size() != 2 ||
+      noise.dimensions().size() != 3)
     return ffi::Error::InvalidArgument("jaxchar native generate: unexpected ranks");
   Problem p;
   p.layers = static_cast<int>(rec[0]);
   p.hidden = static_cast<int>(rec[1]);
   p.vocab = static_cast<int>(tab[0]);
+  p.batch = static_cast<int>(start[1]);
   p.steps = static_cast<int>(noise.dimensions()[0]);
-  p.prompt_length = static_cast<int>(prompt.element_count());
+  p.prompt_length = static_cast<int>(prompt.dimensions()[1]);
   p.prompt = prompt.typed_data();
   p.threads = static_cast<int>(threads);
   p.kind = kind;
-  if (rec[2] != 4 * rec[1] || tab[1] != rec[2] || threads < 1 || p.hidden % (16 * threads) != 0)
+  if (rec[2] != 4 * rec[1] || tab[1] != rec[2] || threads < 1 || p.hidden % (16 * threads) != 0 ||
+      start[0] != rec[0] || start[2] != rec[1] || prompt.dimensions()[0] != p.batch ||
+      noise.dimensions()[1] != p.batch || noise.dimensions()[2] != p.vocab)
     return ffi::Error::InvalidArgument("jaxchar native generate: unexpected shapes");
   p.recurrent = recurrent.typed_data();
   p.upper = upper.typed_data();
@@ -119,7 +125,7 @@ ffi::Error Generate(ffi::Buffer<ffi::F32> recurrent, ffi::Buffer<ffi::F32> upper
   p.c_out = c_out->typed_data();
   p.h_out = h_out->typed_data();
   p.logits_out = logits_out->typed_data();
-  for (int n = 0; n < p.prompt_length; n++)
+  for (int64_t n = 0; n < prompt.element_count(); n++)
     if (p.prompt[n] < 0 || p.prompt[n] >= p.vocab)
       return ffi::Error::InvalidArgument(
           "jaxchar native generate: a prompt id is outside the vocabulary");

@@ -79,7 +79,7 @@ def _steps(
     params, state, keys, cfg: ModelConfig, mode: str, temperature, top_k, top_p, prompt=None
 ):
     """One new character per key (keys [n, 2]): returns (state, ids [rows, n]). With `prompt`
-    [P] (stateful mode, one row, `state` the initial one) the prompt is read first."""
+    [rows, P] (stateful mode, `state` the initial one) the prompt is read first."""
     draw = partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
     if mode == "stateful":
 
@@ -101,7 +101,7 @@ def _steps(
 
     def scan(state):
         if prompt is not None:
-            state = _start(params, prompt[None], cfg, mode, 0)
+            state = _start(params, prompt, cfg, mode, 0)
         state, out = jax.lax.scan(body, state, keys)
         return state, out.T
 
@@ -151,10 +151,11 @@ def sample(
     """
     prompt, single = _rows(prompt, num_samples)
     keys = jax.random.split(key, length)
-    if mode == "stateful" and native.supports(cfg, prompt.shape[0], top_k, top_p):
-        # one row: the CPU kernel reads the prompt too (and the scan, off the CPU)
-        state = (init_carry(cfg, 1), jnp.zeros((1, cfg.vocab_size), jnp.float32))
-        _, out = _steps(params, state, keys, cfg, mode, temperature, top_k, top_p, prompt[0])
+    rows = prompt.shape[0]
+    if mode == "stateful" and native.supports(cfg, rows, top_k, top_p):
+        # the CPU kernel reads the prompt too (and the scan, off the CPU)
+        state = (init_carry(cfg, rows), jnp.zeros((rows, cfg.vocab_size), jnp.float32))
+        _, out = _steps(params, state, keys, cfg, mode, temperature, top_k, top_p, prompt)
     else:
         state = _start(params, prompt, cfg, mode, seq_length)
         _, out = _steps(params, state, keys, cfg, mode, temperature, top_k, top_p)

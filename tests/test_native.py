@@ -58,7 +58,8 @@ def test_sample_runs_the_kernel_on_the_cpu_only_where_it_applies():
     assert "jaxchar_generate" in lowered(cfg)
     assert "jaxchar_generate" not in lowered(_reference(cfg))
     assert "jaxchar_generate" not in lowered(cfg, top_k=3)
-    assert "jaxchar_generate" not in lowered(cfg, num_samples=2)  # batches take the scan
+    assert "jaxchar_generate" in lowered(cfg, num_samples=2)
+    assert "jaxchar_generate" not in lowered(cfg, num_samples=native.MAX_ROWS + 1)
     assert not native.supports(dataclasses.replace(cfg, hidden=24), 1, None, None)
 
 
@@ -82,7 +83,7 @@ def test_kernel_state_and_logits_match_the_model_for_any_thread_count(threads):
     keys = jax.random.split(jax.random.PRNGKey(4), 40)
     run = jax.jit(
         lambda params, keys: native.generate(
-            params, cfg, init_carry(cfg, 1), jnp.zeros((1, 13)), keys, 0.0, prompt, threads
+            params, cfg, init_carry(cfg, 1), jnp.zeros((1, 13)), keys, 0.0, prompt[None], threads
         )
     )
     (carry, logits), ids = run(params, keys)
@@ -112,13 +113,47 @@ def test_kernel_logits_for_any_vocabulary_width(vocab):
     keys = jax.random.split(key, 30)
     (_, logits), ids = jax.jit(
         lambda params, keys: native.generate(
-            params, cfg, init_carry(cfg, 1), jnp.zeros((1, vocab)), keys, 0.0, prompt, 2
+            params, cfg, init_carry(cfg, 1), jnp.zeros((1, vocab)), keys, 0.0, prompt[None], 2
         )
     )(params, keys)
     every = jnp.concatenate([prompt, ids[0]])[None]
     want_logits, _ = apply(params, _reference(cfg), every, init_carry(cfg, 1))
     np.testing.assert_array_equal(ids[0], jnp.argmax(want_logits[0, 5:-1], axis=-1))
     np.testing.assert_allclose(logits, want_logits[:, -1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [2, 7, 13])
+def test_kernel_draws_each_rows_characters_as_the_scan_does(rows):
+    # rows of the batch go through the products in blocks of up to 6 (7 = 6 + 1, 13 =
+    # 6 + 6 + 1) and the head in blocks of up to 4; each row has a prompt of its own
+    cfg = CONFIGS[1]
+    params = _params(cfg, seed=rows)
+    prompt = jax.random.randint(jax.random.PRNGKey(rows), (rows, 9), 0, cfg.vocab_size)
+    key = jax.random.PRNGKey(8)
+    got = sample(params, key, prompt, cfg=cfg, length=120, temperature=0.7)
+    want = sample(params, key, prompt, cfg=_reference(cfg), length=120, temperature=0.7)
+    assert got.shape == (rows, 120)
+    np.testing.assert_array_equal(got, want)
+    assert len({tuple(row) for row in np.asarray(got).tolist()}) == rows  # rows differ
+
+
+def test_batched_kernel_state_and_logits_match_the_model():
+    cfg = CONFIGS[2]
+    rows, params = 5, _params(cfg, seed=5)
+    prompt = jax.random.randint(jax.random.PRNGKey(9), (rows, 4), 0, cfg.vocab_size)
+    keys = jax.random.split(jax.random.PRNGKey(10), 30)
+    (carry, logits), ids = jax.jit(
+        lambda params, keys: native.generate(
+            params, cfg, init_carry(cfg, rows), jnp.zeros((rows, 13)), keys, 0.0, prompt, 2
+        )
+    )(params, keys)
+    every = jnp.concatenate([prompt, ids], axis=1)
+    want_logits, want_carry = apply(params, _reference(cfg), every, init_carry(cfg, rows))
+    np.testing.assert_array_equal(ids, jnp.argmax(want_logits[:, 3:-1], axis=-1))
+    np.testing.assert_allclose(logits, want_logits[:, -1], rtol=1e-4, atol=1e-5)
+    for (c, h), (wc, wh) in zip(carry, want_carry, strict=True):
+        np.testing.assert_allclose(c, wc, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(h, wh, rtol=1e-4, atol=1e-5)
 
 
 def test_streamed_chunks_carry_the_kernels_state_on():
