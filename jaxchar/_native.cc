@@ -171,8 +171,29 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxcharGenerate, Generate,
                                   .Attr<int64_t>("threads")
                                   .Ctx<ffi::ThreadPool>());
 
-// The Python module: `targets()` gives {name: capsule} for jax.ffi.register_ffi_target.
+// The extension is built with -march=native. On a CPU without the vector instructions that
+// allowed (a build copied to another machine, such as an image built elsewhere) the kernel
+// would die of an illegal instruction; there `targets()` is empty and the scan serves.
+static bool cpu_runs_this_build() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+#ifdef __AVX512F__
+  if (!__builtin_cpu_supports("avx512f")) return false;
+#endif
+#ifdef __AVX2__
+  if (!__builtin_cpu_supports("avx2")) return false;
+#endif
+#ifdef __FMA__
+  if (!__builtin_cpu_supports("fma")) return false;
+#endif
+#endif
+  return true;
+}
+
+// The Python module: `targets()` gives {name: capsule} for jax.ffi.register_ffi_target, or
+// {} where this CPU cannot run the build.
 static PyObject* targets(PyObject*, PyObject*) {
+  if (!cpu_runs_this_build()) return PyDict_New();
   PyObject* capsule = PyCapsule_New(reinterpret_cast<void*>(JaxcharGenerate), nullptr, nullptr);
   if (capsule == nullptr) return nullptr;
   PyObject* out = Py_BuildValue("{s:N}", "jaxchar_generate", capsule);

@@ -41,12 +41,16 @@ MAX_ROWS = 64  # beyond it the rows' state outgrows the L2 cache; at 128 and 256
 
 
 def available() -> bool:
-    """Whether the kernel was built; registers it with XLA the first time."""
+    """Whether the kernel was built for a CPU like this one; registers it with XLA the first
+    time."""
     global _registered
     if _native is None:
         return False
     if not _registered:
-        for name, capsule in _native.targets().items():
+        targets = _native.targets()  # empty where this CPU lacks the build's instructions
+        if not targets:
+            return False
+        for name, capsule in targets.items():
             jax.ffi.register_ffi_target(name, capsule, platform="cpu")
         _registered = True
     return True

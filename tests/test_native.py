@@ -189,6 +189,20 @@ def test_a_prompt_outside_the_vocabulary_is_an_error_not_a_wild_read():
         out.block_until_ready()
 
 
+def test_a_build_this_cpu_cannot_run_leaves_sampling_to_the_scan(monkeypatch):
+    # the extension reports no targets where the CPU lacks its build's instructions
+    class ForeignBuild:
+        def targets(self):
+            return {}
+
+    monkeypatch.setattr(native, "_native", ForeignBuild())
+    monkeypatch.setattr(native, "_registered", False)
+    cfg = CONFIGS[0]
+    assert not native.supports(cfg, 1, None, None)
+    lowered = sample.lower(_params(cfg), jax.random.PRNGKey(0), jnp.arange(3), cfg=cfg, length=4)
+    assert "jaxchar_generate" not in lowered.as_text()
+
+
 CONCURRENT = """
 from concurrent.futures import ThreadPoolExecutor
 import jax, jax.numpy as jnp, numpy as np
