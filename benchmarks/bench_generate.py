@@ -9,8 +9,8 @@
 (c) jaxchar stateful mode (prompt once, then one cell step per character; on a CPU, up to
 64 rows, that is jaxchar's C++ kernel, jaxchar/_native.cc, where it was built, and the
 lax.scan it replaces is timed beside it with model.impl = "scan"); (d) a PyTorch
-stateful loop (nn.LSTM with its hidden state, one step per character, no_grad); and, at
-batch 1, (e) the kernel's loop stand-alone (benchmarks/native_loop.cc, built here with g++
+stateful loop (nn.LSTM with its hidden state, one step per character, no_grad); and
+(e) the kernel's loop stand-alone (benchmarks/native_loop.cc, built here with g++
 where there is one), with no JAX or XLA around it: what the JAX call adds to (c). All run
 the tutorial's small model (LSTM-256, scaled input, 45 characters) with random weights:
 speed does not depend on the weights. Batch 1 and batch 64 independent samples; compile
@@ -111,12 +111,12 @@ def native_threads() -> int:
     return 1 << min((os.cpu_count() or 1).bit_length() - 1, 4)
 
 
-def native_runner(length: int):
-    """benchmarks/native_loop.cc as a child process that generates `length` characters per
-    line it reads: one build, then a pipe round trip and a wake-up of its threads around each
-    run (~0.2 ms, measured with a 1-character run)."""
+def native_runner(length: int, batch: int):
+    """benchmarks/native_loop.cc as a child process that generates `length` characters for
+    `batch` rows per line it reads: one build, then a pipe round trip and a wake-up of its
+    threads around each run (~0.2 ms, measured with a 1-character run)."""
     binary = build_native(tempfile.mkdtemp(prefix="jaxchar-bench-"))
-    command = [binary, str(native_threads()), str(length)]
+    command = [binary, str(native_threads()), str(length), str(batch)]
     child = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
     def run():
@@ -191,9 +191,9 @@ def main() -> None:
         if "tutorial" in args.peers:
             n = args.tutorial_length
             makers.insert(0, ("tutorial (keras predict)", keras_runner, (batch, n, dt), n))
-        if "native" in args.peers and batch == 1 and dt == "float32":  # no JAX around it
+        if "native" in args.peers and dt == "float32":  # no JAX around it
             n = args.length
-            makers.append(("kernel loop stand-alone", native_runner, (n,), n))
+            makers.append(("kernel loop stand-alone", native_runner, (n, batch), n))
         if "torch" in args.peers:
             makers.append(
                 ("torch stateful loop", torch_runner, (batch, args.length, dt), args.length)

@@ -7,12 +7,13 @@
 // tests/test_benchmarks.py gives jaxchar's and checks that the ids are jaxchar's).
 //
 //   g++ -O3 -march=native -std=c++17 -pthread -Ijaxchar native_loop.cc -o native_loop
-//   ./native_loop THREADS LENGTH [WEIGHTS]
+//   ./native_loop THREADS LENGTH ROWS [WEIGHTS]
 // WEIGHTS: raw little-endian float32, in this order: recurrent kernel [256, 1024], input
 // kernel [1024], bias [1024], head kernel [256, 45], head bias [45] (jaxchar's names and
-// layouts). Then, per line on stdin, one run of LENGTH characters from a zero state after
-// character 0: "run" answers "ok US_PER_CHAR LAST_ID", "ids" answers "ids ID ... logits
-// LOGIT ..." with the characters and the logits after the last one.
+// layouts). Then, per line on stdin, one run of LENGTH characters for each of ROWS rows, each
+// from a zero state after character 0: "run" answers "ok US_PER_STEP LAST_ID", "ids" answers
+// "ids ID ... logits LOGIT ..." with row 0's characters and its logits after the last one
+// (the rows start alike, so they stay alike: ROWS is there to time the batched loop).
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -64,28 +65,30 @@ bool load_weights(const char* path, Weights& w) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 3 && argc != 4) {
-    std::cerr << "usage: native_loop THREADS LENGTH [WEIGHTS]\n";
+  if (argc != 4 && argc != 5) {
+    std::cerr << "usage: native_loop THREADS LENGTH ROWS [WEIGHTS]\n";
     return 2;
   }
-  const int threads = std::atoi(argv[1]), length = std::atoi(argv[2]);
-  if (threads < 1 || kHidden % (16 * threads) != 0 || length < 1) {
-    std::cerr << "THREADS must divide " << kHidden / 16 << "; LENGTH must be >= 1\n";
+  const int threads = std::atoi(argv[1]), length = std::atoi(argv[2]), rows = std::atoi(argv[3]);
+  if (threads < 1 || kHidden % (16 * threads) != 0 || length < 1 || rows < 1) {
+    std::cerr << "THREADS must divide " << kHidden / 16 << "; LENGTH and ROWS must be >= 1\n";
     return 2;
   }
   Weights w;
-  if (!load_weights(argc == 4 ? argv[3] : nullptr, w)) {
-    std::cerr << "cannot read the weights from " << argv[3] << "\n";
+  if (!load_weights(argc == 5 ? argv[4] : nullptr, w)) {
+    std::cerr << "cannot read the weights from " << argv[4] << "\n";
     return 2;
   }
-  const int32_t first = 0;  // the prompt: character 0
-  std::vector<float> zeros(kGates, 0.0f), noise(static_cast<size_t>(length) * kVocab, 0.0f);
-  std::vector<float> c(kHidden), h(kHidden), logits(kVocab);
-  std::vector<int32_t> ids(length);
+  const std::vector<int32_t> first(rows, 0);  // the prompt: character 0
+  const size_t cells = static_cast<size_t>(rows) * kHidden;
+  std::vector<float> zeros(std::max(cells, size_t{kGates}), 0.0f);
+  std::vector<float> noise(static_cast<size_t>(length) * rows * kVocab, 0.0f);
+  std::vector<float> c(cells), h(cells), logits(static_cast<size_t>(rows) * kVocab);
+  std::vector<int32_t> ids(static_cast<size_t>(rows) * length);
   jaxchar::Problem p{};
-  p.layers = 1, p.hidden = kHidden, p.vocab = kVocab, p.batch = 1, p.threads = threads;
+  p.layers = 1, p.hidden = kHidden, p.vocab = kVocab, p.batch = rows, p.threads = threads;
   p.kind = 0;
-  p.prompt_length = 1, p.prompt = &first, p.steps = length;
+  p.prompt_length = 1, p.prompt = first.data(), p.steps = length;
   p.recurrent = w.recurrent.data(), p.upper = zeros.data(), p.upper_bias = zeros.data();
   p.table = w.table.data(), p.head = w.head.data(), p.head_bias = w.head_bias.data();
   p.c0 = zeros.data(), p.h0 = zeros.data(), p.logits0 = zeros.data(), p.noise = noise.data();
@@ -130,9 +133,9 @@ int main(int argc, char** argv) {
     std::chrono::duration<double, std::micro> took = std::chrono::steady_clock::now() - began;
     if (line == "ids") {
       std::printf("ids");
-      for (int id : ids) std::printf(" %d", id);
+      for (int n = 0; n < length; n++) std::printf(" %d", ids[n]);
       std::printf(" logits");
-      for (float v : logits) std::printf(" %.7g", v);
+      for (int v = 0; v < kVocab; v++) std::printf(" %.7g", logits[v]);
       std::printf("\n");
     } else {
       std::printf("ok %.3f %d\n", took.count() / length, ids.back());

@@ -242,8 +242,8 @@ def test_repetition_share_against_counting_by_hand():
 import bench_generate  # noqa: E402
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_stand_alone_loop_computes_what_jaxchar_computes(tmp_path, threads):
+@pytest.mark.parametrize("threads, rows", [(1, 1), (2, 1), (2, 3)])
+def test_stand_alone_loop_computes_what_jaxchar_computes(tmp_path, threads, rows):
     # the stand-alone loop measures what JAX adds to jaxchar's stateful mode only if it does
     # the same work: given jaxchar's weights it must pick jaxchar's ids, with its logits
     import jax
@@ -281,7 +281,7 @@ def test_stand_alone_loop_computes_what_jaxchar_computes(tmp_path, threads):
     weights = tmp_path / "weights.f32"
     weights.write_bytes(b"".join(np.asarray(p, "<f4").tobytes() for p in parts))
     length = 200
-    command = [binary, str(threads), str(length), str(weights)]
+    command = [binary, str(threads), str(length), str(rows), str(weights)]
     done = subprocess.run(command, input="ids\n", capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     tokens = done.stdout.split()  # "ids" ID ... "logits" LOGIT ...
