@@ -21,7 +21,7 @@ def _xla_headers() -> list[str]:
 native = Extension(
     "jaxchar._native",
     sources=["jaxchar/_native.cc"],
-    depends=["jaxchar/_lstm_loop.h"],
+    depends=["jaxchar/_lstm_loop.h", "jaxchar/_lstm_train.h"],
     include_dirs=_xla_headers(),
     language="c++",
     # -march=native: the kernel is built where it runs (pip install from source);

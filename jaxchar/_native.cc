@@ -1,5 +1,6 @@
-// The stateful generation loop of an LSTM model as one XLA FFI call, for CPUs at small
-// batches.
+// jaxchar's CPU kernels as XLA FFI calls: the stateful generation loop of an LSTM model at
+// small batches (below), and the forward and backward recurrences of an LSTM layer's
+// training step (LayerForward, LayerBackward; the loops are in _lstm_train.h).
 //
 // At batch 1 a character's work is a few matrix-vector products (the recurrent kernel alone
 // is 1 MB at hidden 256) and XLA runs them on one core, streaming the kernels from the
@@ -31,6 +32,7 @@
 #include <vector>
 
 #include "_lstm_loop.h"
+#include "_lstm_train.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -47,37 +49,58 @@ using jaxchar::work;
 // at once): so the helpers first report that they started, and if they all have not within
 // 2 ms the call cancels them and runs on one thread (returning false). A helper started
 // after that only reads the shared gate, which outlives the call.
-bool run_on_pool(const Problem& p, ffi::ThreadPool& pool) {
+template <class Work>  // Work: void(int thread), thread 0 being the caller's
+bool run_on_pool(int threads, ffi::ThreadPool& pool, const Work& work) {
   struct Gate {
     std::atomic<int> started{0}, finished{0};
     std::atomic<int> state{0};  // 0 waiting, 1 go, 2 cancelled
   };
   auto gate = std::make_shared<Gate>();
-  std::unique_ptr<Shared> shared;
-  for (int t = 1; t < p.threads; t++)
-    pool.Schedule([gate, &p, &shared, t] {
+  for (int t = 1; t < threads; t++)
+    pool.Schedule([gate, &work, t] {
       gate->started.fetch_add(1, std::memory_order_acq_rel);
       int state;
       for (int tries = 1; (state = gate->state.load(std::memory_order_acquire)) == 0; tries++)
         if (tries % 4096 == 0) std::this_thread::yield();
       if (state == 2) return;
-      work(p, *shared, t);
+      work(t);
       gate->finished.fetch_add(1, std::memory_order_release);
     });
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(2);
-  while (gate->started.load(std::memory_order_acquire) < p.threads - 1 &&
+  while (gate->started.load(std::memory_order_acquire) < threads - 1 &&
          std::chrono::steady_clock::now() < deadline)
     std::this_thread::yield();
-  if (gate->started.load(std::memory_order_acquire) < p.threads - 1) {
+  if (gate->started.load(std::memory_order_acquire) < threads - 1) {
     gate->state.store(2, std::memory_order_release);
     return false;
   }
-  shared = std::make_unique<Shared>(p);
   gate->state.store(1, std::memory_order_release);
-  work(p, *shared, 0);
-  for (int tries = 1; gate->finished.load(std::memory_order_acquire) < p.threads - 1; tries++)
+  work(0);
+  for (int tries = 1; gate->finished.load(std::memory_order_acquire) < threads - 1; tries++)
     if (tries % 4096 == 0) std::this_thread::yield();
   return true;
+}
+
+// Runs work(p, shared, t) on p.threads threads (XLA's, else our own), or on one thread if
+// XLA's are busy; S is the problem's shared state, built for the thread count that runs.
+template <class S, class P, class Work>
+void run(const P& p, ffi::ThreadPool& pool, Work work) {
+  if (p.threads > 1 && pool.num_threads() >= p.threads) {
+    S shared(p);
+    if (run_on_pool(p.threads, pool, [&](int t) { work(p, shared, t); })) return;
+  } else if (p.threads > 1) {  // XLA's pool is too small: threads of our own
+    S shared(p);
+    std::vector<std::thread> helpers;
+    for (int t = 1; t < p.threads; t++)
+      helpers.emplace_back([&, t] { work(p, shared, t); });
+    work(p, shared, 0);
+    for (auto& helper : helpers) helper.join();
+    return;
+  }
+  P alone = p;  // one thread, or the pool's threads were busy
+  alone.threads = 1;
+  S shared(alone);
+  work(alone, shared, 0);
 }
 
 ffi::Error Generate(ffi::Buffer<ffi::F32> recurrent, ffi::Buffer<ffi::F32> upper,
@@ -125,25 +148,101 @@ ffi::Error Generate(ffi::Buffer<ffi::F32> recurrent, ffi::Buffer<ffi::F32> upper
   p.c_out = c_out->typed_data();
   p.h_out = h_out->typed_data();
   p.logits_out = logits_out->typed_data();
-  for (int64_t n = 0; n < prompt.element_count(); n++)
+  for (size_t n = 0; n < prompt.element_count(); n++)
     if (p.prompt[n] < 0 || p.prompt[n] >= p.vocab)
       return ffi::Error::InvalidArgument(
           "jaxchar native generate: a prompt id is outside the vocabulary");
-  if (p.threads > 1 && pool.num_threads() >= p.threads) {
-    if (run_on_pool(p, pool)) return ffi::Error::Success();
-  } else if (p.threads > 1) {  // XLA's pool is too small: threads of our own
-    Shared shared(p);
-    std::vector<std::thread> helpers;
-    for (int t = 1; t < p.threads; t++)
-      helpers.emplace_back(work, std::cref(p), std::ref(shared), t);
-    work(p, shared, 0);
-    for (auto& helper : helpers) helper.join();
-    return ffi::Error::Success();
+  run<Shared>(p, pool, work);
+  return ffi::Error::Success();
+}
+
+// the training recurrences (_lstm_train.h): w_h [H, 4H], c0, h0 [B, H] and the layout below
+ffi::Error CheckLayer(const jaxchar::LayerProblem& p, ffi::Buffer<ffi::F32>& w_h,
+                      ffi::Buffer<ffi::F32>& c0, int64_t h0_count, int64_t threads) {
+  auto w = w_h.dimensions();
+  if (w.size() != 2 || w[1] != 4 * w[0] || threads < 1 || p.hidden % (16 * threads) != 0 ||
+      p.hidden % jaxchar::kTile != 0 || c0.dimensions().size() != 2 ||
+      c0.dimensions()[0] != p.batch || c0.dimensions()[1] != p.hidden ||
+      h0_count != static_cast<int64_t>(c0.element_count()))
+    return ffi::Error::InvalidArgument("jaxchar lstm layer: unexpected shapes");
+  return ffi::Error::Success();
+}
+
+// Forward: xs [T, B] (scalar features; w_in, bias [4H]) or [T, B, 4H] (input contributions,
+// bias included; w_in, bias unread). Outputs hs, cs [T, B, H] and acts [T, B, 4H].
+ffi::Error LayerForward(ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::F32> xs,
+                        ffi::Buffer<ffi::F32> w_in, ffi::Buffer<ffi::F32> bias,
+                        ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::F32> h0,
+                        ffi::ResultBuffer<ffi::F32> hs, ffi::ResultBuffer<ffi::F32> acts,
+                        ffi::ResultBuffer<ffi::F32> cs, int64_t kind, int64_t threads,
+                        ffi::ThreadPool pool) {
+  auto x = xs.dimensions();
+  if (x.size() != 2 && x.size() != 3)
+    return ffi::Error::InvalidArgument("jaxchar lstm layer: xs must be [T, B] or [T, B, 4H]");
+  jaxchar::LayerProblem p{};
+  p.steps = static_cast<int>(x[0]);
+  p.batch = static_cast<int>(x[1]);
+  p.hidden = static_cast<int>(w_h.dimensions()[0]);
+  p.threads = static_cast<int>(threads);
+  p.kind = kind;
+  p.scalar = x.size() == 2;
+  auto error = CheckLayer(p, w_h, c0, h0.element_count(), threads);
+  if (error.failure()) return error;
+  const size_t gates = 4 * static_cast<size_t>(p.hidden);
+  if ((!p.scalar && x[2] != 4 * p.hidden) ||
+      (p.scalar && (w_in.element_count() != gates || bias.element_count() != gates)))
+    return ffi::Error::InvalidArgument("jaxchar lstm layer: unexpected input shapes");
+  p.w_h = w_h.typed_data();
+  p.xs = xs.typed_data();
+  p.w_in = w_in.typed_data();
+  p.bias = bias.typed_data();
+  p.c0 = c0.typed_data();
+  p.h0 = h0.typed_data();
+  p.hs = hs->typed_data();
+  p.acts_out = acts->typed_data();
+  p.cs_out = cs->typed_data();
+  if (p.steps > 0) run<jaxchar::LayerShared>(p, pool, jaxchar::forward_work);
+  return ffi::Error::Success();
+}
+
+// Backward: acts [T, B, 4H], cs [T, B, H] from the forward call, c0 [B, H], the gradients
+// reaching hs [T, B, H] and the final c, h [B, H]. Outputs dz [T, B, 4H] and dc0, dh0 [B, H].
+ffi::Error LayerBackward(ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::F32> acts,
+                         ffi::Buffer<ffi::F32> cs, ffi::Buffer<ffi::F32> c0,
+                         ffi::Buffer<ffi::F32> d_hs, ffi::Buffer<ffi::F32> d_c,
+                         ffi::Buffer<ffi::F32> d_h, ffi::ResultBuffer<ffi::F32> dz,
+                         ffi::ResultBuffer<ffi::F32> dc0, ffi::ResultBuffer<ffi::F32> dh0,
+                         int64_t kind, int64_t threads, ffi::ThreadPool pool) {
+  auto c = cs.dimensions();
+  if (c.size() != 3)
+    return ffi::Error::InvalidArgument("jaxchar lstm layer: cs must be [T, B, H]");
+  jaxchar::LayerProblem p{};
+  p.steps = static_cast<int>(c[0]);
+  p.batch = static_cast<int>(c[1]);
+  p.hidden = static_cast<int>(c[2]);
+  p.threads = static_cast<int>(threads);
+  p.kind = kind;
+  auto error = CheckLayer(p, w_h, c0, d_c.element_count(), threads);
+  if (error.failure()) return error;
+  if (acts.element_count() != 4 * cs.element_count() ||
+      d_hs.element_count() != cs.element_count() || d_h.element_count() != d_c.element_count())
+    return ffi::Error::InvalidArgument("jaxchar lstm layer: unexpected gradient shapes");
+  p.w_h = w_h.typed_data();
+  p.acts = acts.typed_data();
+  p.cs = cs.typed_data();
+  p.c0 = c0.typed_data();
+  p.d_hs = d_hs.typed_data();
+  p.d_c = d_c.typed_data();
+  p.d_h = d_h.typed_data();
+  p.dz = dz->typed_data();
+  p.dc0 = dc0->typed_data();
+  p.dh0 = dh0->typed_data();
+  if (p.steps > 0) {
+    run<jaxchar::LayerShared>(p, pool, jaxchar::backward_work);
+  } else {
+    std::copy(p.d_c, p.d_c + d_c.element_count(), p.dc0);
+    std::copy(p.d_h, p.d_h + d_h.element_count(), p.dh0);
   }
-  Problem alone = p;  // one thread, or the pool's threads were busy
-  alone.threads = 1;
-  Shared shared(alone);
-  work(alone, shared, 0);
   return ffi::Error::Success();
 }
 
@@ -171,6 +270,37 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxcharGenerate, Generate,
                                   .Attr<int64_t>("threads")
                                   .Ctx<ffi::ThreadPool>());
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxcharLayerForward, LayerForward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w_h
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // xs
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w_in
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // bias
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // c0
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // h0
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // hs
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // acts
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // cs
+                                  .Attr<int64_t>("gate")
+                                  .Attr<int64_t>("threads")
+                                  .Ctx<ffi::ThreadPool>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxcharLayerBackward, LayerBackward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w_h
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // acts
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // cs
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // c0
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // d_hs
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // d_c
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // d_h
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dz
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dc0
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dh0
+                                  .Attr<int64_t>("gate")
+                                  .Attr<int64_t>("threads")
+                                  .Ctx<ffi::ThreadPool>());
+
 // The extension is built with -march=native. On a CPU without the vector instructions that
 // allowed (a build copied to another machine, such as an image built elsewhere) the kernel
 // would die of an illegal instruction; there `targets()` is empty and the scan serves.
@@ -194,10 +324,12 @@ static bool cpu_runs_this_build() {
 // {} where this CPU cannot run the build.
 static PyObject* targets(PyObject*, PyObject*) {
   if (!cpu_runs_this_build()) return PyDict_New();
-  PyObject* capsule = PyCapsule_New(reinterpret_cast<void*>(JaxcharGenerate), nullptr, nullptr);
-  if (capsule == nullptr) return nullptr;
-  PyObject* out = Py_BuildValue("{s:N}", "jaxchar_generate", capsule);
-  return out;
+  auto capsule = [](XLA_FFI_Handler* handler) {
+    return PyCapsule_New(reinterpret_cast<void*>(handler), nullptr, nullptr);
+  };
+  return Py_BuildValue("{s:N,s:N,s:N}", "jaxchar_generate", capsule(JaxcharGenerate),
+                       "jaxchar_lstm_forward", capsule(JaxcharLayerForward),
+                       "jaxchar_lstm_backward", capsule(JaxcharLayerBackward));
 }
 
 static PyMethodDef kMethods[] = {

@@ -23,6 +23,8 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from jaxchar import native
+
 
 def matmul(a: jax.Array, b: jax.Array, dtype=jnp.float32) -> jax.Array:
     """a @ b with both operands in `dtype` (the products' type) and the result in float32.
@@ -66,10 +68,29 @@ def _scalar(xs) -> bool:
     return xs.ndim == 2  # [T, B] scalar features, else [T, B, F] vectors
 
 
+def _kernel(w_h, xs, dtype) -> bool:
+    """Whether the C++ recurrences (jaxchar/_lstm_train.h) may run this layer on a CPU."""
+    return native.layer_supports(w_h.shape[0], xs.shape[0], dtype)
+
+
 def _forward(w_h, xs, c0, h0, w_in, bias, dtype, kind):
     if not _scalar(xs):  # one [T*B, F] x [F, 4H] product for all timesteps, outside the loop
         gx = matmul(xs, w_in, dtype)
         xs, w_in, bias = gx + bias, None, None
+    if not _kernel(w_h, xs, dtype):
+        return _scan_forward(w_h, xs, c0, h0, w_in, bias, dtype, kind)
+
+    def kernel(w_h, xs, c0, h0, w_in, bias):
+        hs, acts, cs = native.layer_forward(w_h, xs, c0, h0, w_in, bias, kind)
+        return (hs, cs[-1], hs[-1]), (acts, cs)
+
+    def scan(w_h, xs, c0, h0, w_in, bias):
+        return _scan_forward(w_h, xs, c0, h0, w_in, bias, dtype, kind)
+
+    return jax.lax.platform_dependent(w_h, xs, c0, h0, w_in, bias, cpu=kernel, default=scan)
+
+
+def _scan_forward(w_h, xs, c0, h0, w_in, bias, dtype, kind):
 
     def body(carry, x_t):
         c, h = carry
@@ -102,8 +123,38 @@ def _fwd(w_h, xs, c0, h0, w_in, bias, dtype, kind):
 def _bwd(dtype, kind, res, grads):
     w_h, xs, c0, h0, w_in, hs, acts, cs = res
     d_hs, d_c_last, d_h_last = grads
-    c_prev = jnp.concatenate([c0[None], cs[:-1]], axis=0)
     h_prev = jnp.concatenate([h0[None], hs[:-1]], axis=0)
+    if _kernel(w_h, xs, dtype):
+
+        def kernel(*args):
+            return native.layer_backward(w_h, acts, cs, c0, *args, kind)
+
+        def scan(*args):
+            return _scan_backward(w_h, acts, cs, c0, *args, dtype, kind)
+
+        grads = d_hs, d_c_last, d_h_last
+        dz, dc0, dh0 = jax.lax.platform_dependent(*grads, cpu=kernel, default=scan)
+    else:
+        dz, dc0, dh0 = _scan_backward(w_h, acts, cs, c0, d_hs, d_c_last, d_h_last, dtype, kind)
+    steps, batch, gates = dz.shape
+    flat = dz.reshape(steps * batch, gates)  # [T*B, 4H]
+
+    def weight_grad(inputs):  # [T, B, K] -> [K, 4H]: one product over all T*B rows
+        return matmul(inputs.reshape(steps * batch, -1).T, flat, dtype)
+
+    d_w_h = weight_grad(h_prev)
+    if _scalar(xs):
+        d_w_in = jnp.dot(xs.reshape(steps * batch), flat)
+        d_xs = jnp.dot(dz, w_in)  # [T, B]
+    else:
+        d_w_in = weight_grad(xs)
+        d_xs = matmul(dz, w_in.T, dtype).astype(xs.dtype)  # [T, B, F]
+    return d_w_h, d_xs, dc0, dh0, d_w_in, flat.sum(axis=0)
+
+
+def _scan_backward(w_h, acts, cs, c0, d_hs, d_c_last, d_h_last, dtype, kind):
+    """dz [T, B, 4H] and the gradients of c0 and h0, by a reverse lax.scan."""
+    c_prev = jnp.concatenate([c0[None], cs[:-1]], axis=0)
     w_h_t = w_h.T.astype(dtype)
 
     def body(carry, inputs):
@@ -128,20 +179,7 @@ def _bwd(dtype, kind, res, grads):
     (dh0, dc0), dz = jax.lax.scan(
         body, (d_h_last, d_c_last), (d_hs, acts, cs, c_prev), reverse=True
     )
-    steps, batch, gates = dz.shape
-    flat = dz.reshape(steps * batch, gates)  # [T*B, 4H]
-
-    def weight_grad(inputs):  # [T, B, K] -> [K, 4H]: one product over all T*B rows
-        return matmul(inputs.reshape(steps * batch, -1).T, flat, dtype)
-
-    d_w_h = weight_grad(h_prev)
-    if _scalar(xs):
-        d_w_in = jnp.dot(xs.reshape(steps * batch), flat)
-        d_xs = jnp.dot(dz, w_in)  # [T, B]
-    else:
-        d_w_in = weight_grad(xs)
-        d_xs = matmul(dz, w_in.T, dtype).astype(xs.dtype)  # [T, B, F]
-    return d_w_h, d_xs, dc0, dh0, d_w_in, flat.sum(axis=0)
+    return dz, dc0, dh0
 
 
 lstm_layer.defvjp(_fwd, _bwd)

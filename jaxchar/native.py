@@ -28,7 +28,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxchar.config import ModelConfig
-from jaxchar.fused import matmul
 
 try:
     from jaxchar import _native
@@ -90,7 +89,7 @@ def _input_table(params: dict, cfg: ModelConfig) -> jax.Array:
         return feature[:, None] * w_in[0] + bias
     if cfg.encoding == "onehot":  # a one-hot row picks a row of the kernel
         return w_in + bias
-    return matmul(params["embed"]["embedding"], w_in) + bias
+    return jnp.dot(params["embed"]["embedding"], w_in) + bias  # float32 only (supports)
 
 
 def generate(
@@ -158,3 +157,67 @@ def generate(
     )
     carry = tuple((c[layer], h[layer]) for layer in range(layers))
     return (carry, last), ids
+
+
+def layer_supports(hidden: int, steps: int, dtype) -> bool:
+    """Whether `layer_forward` and `layer_backward` can run an LSTM layer's training
+    recurrences: float32 products, hidden a multiple of 64, at least one timestep, kernel
+    built."""
+    return dtype == jnp.float32 and hidden % 64 == 0 and steps > 0 and available()
+
+
+def layer_forward(w_h, xs, c0, h0, w_in, bias, kind: str = "sigmoid", threads: int | None = None):
+    """The forward recurrence of jaxchar.fused.lstm_layer in C++: xs [T, B] scalar features
+    (w_in, bias [4H]) or [T, B, 4H] input contributions with the bias in them (w_in and bias
+    then unused). Returns hs [T, B, H] and what the backward pass needs: the gates' outputs
+    acts [T, B, 4H] (i, f, g, o) and the cell states cs [T, B, H]. `threads` defaults to
+    `threads_for(hidden)`."""
+    steps, batch = xs.shape[:2]
+    hidden = w_h.shape[0]
+    if xs.ndim == 3:
+        w_in = bias = jnp.zeros((0,), jnp.float32)
+    state = jax.ShapeDtypeStruct((steps, batch, hidden), jnp.float32)
+    gates = jax.ShapeDtypeStruct((steps, batch, 4 * hidden), jnp.float32)
+    call = jax.ffi.ffi_call("jaxchar_lstm_forward", (state, gates, state), vmap_method="sequential")
+    f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+    return call(
+        f32(w_h),
+        f32(xs),
+        f32(w_in).reshape(-1),
+        f32(bias),
+        f32(c0),
+        f32(h0),
+        gate=np.int64(kind == "hard_sigmoid"),
+        threads=np.int64(threads or threads_for(hidden)),
+    )
+
+
+def layer_backward(
+    w_h, acts, cs, c0, d_hs, d_c, d_h, kind: str = "sigmoid", threads: int | None = None
+):
+    """The backward recurrence of jaxchar.fused.lstm_layer in C++: from the forward call's
+    acts and cs, the first c0 and the gradients reaching hs [T, B, H] and the final c and h
+    [B, H], returns dz [T, B, 4H] (the gradient of the pre-activations) and the gradients of
+    c0 and h0."""
+    hidden = w_h.shape[0]
+    call = jax.ffi.ffi_call(
+        "jaxchar_lstm_backward",
+        (
+            jax.ShapeDtypeStruct(acts.shape, jnp.float32),
+            jax.ShapeDtypeStruct(c0.shape, jnp.float32),
+            jax.ShapeDtypeStruct(c0.shape, jnp.float32),
+        ),
+        vmap_method="sequential",
+    )
+    f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+    return call(
+        f32(w_h),
+        acts,
+        cs,
+        f32(c0),
+        f32(d_hs),
+        f32(d_c),
+        f32(d_h),
+        gate=np.int64(kind == "hard_sigmoid"),
+        threads=np.int64(threads or threads_for(hidden)),
+    )

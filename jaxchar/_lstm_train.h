@@ -1,0 +1,200 @@
+// The two recurrences of an LSTM layer's training step, without XLA: the forward loop (which
+// keeps what the backward pass needs) and the backward loop (which writes the gradient of
+// the pre-activations, dz). Both split the hidden units between threads as the generation
+// loop does (_lstm_loop.h): a thread packs its units' columns of the recurrent kernel once a
+// call, so they stay in its core's L2 for all the timesteps, and the threads meet once a
+// timestep. The weight gradients are one product over all timesteps each, left to XLA
+// (jaxchar/fused.py), which runs those near the machine's matrix-multiply peak.
+//
+// The maths is jaxchar/fused.py's, which stays the reference that tests/test_native.py
+// compares this with (values and gradients).
+#ifndef JAXCHAR_LSTM_TRAIN_H_
+#define JAXCHAR_LSTM_TRAIN_H_
+
+#include <vector>
+
+#include "_lstm_loop.h"
+
+namespace jaxchar {
+
+constexpr int kBlock = 6;  // rows of the batch that share each weight loaded (_lstm_loop.h)
+
+// Layouts (float32, row-major): w_h [H, 4H]; xs [T, B] scalar features (then w_in, bias
+// [4H]) or [T, B, 4H] input contributions with the bias included; c0, h0 [B, H]; hs, cs
+// [T, B, H]; acts [T, B, 4H], the gates' outputs (i, f, g, o); d_hs [T, B, H]; dz [T, B, 4H].
+struct LayerProblem {
+  int steps, batch, hidden, threads;
+  int64_t kind;  // 0 sigmoid, 1 hard sigmoid
+  bool scalar;
+  const float *w_h, *xs, *w_in, *bias, *c0, *h0;
+  float *hs, *acts_out, *cs_out;                 // forward outputs
+  const float *acts, *cs, *d_hs, *d_c, *d_h;     // backward inputs (d_c, d_h: [B, H])
+  float *dz, *dc0, *dh0;                         // backward outputs
+};
+
+struct LayerShared {
+  explicit LayerShared(const LayerProblem& p)
+      : barrier(p.threads), partial(2 * static_cast<size_t>(p.threads) * p.batch * p.hidden) {}
+  Barrier barrier;
+  std::vector<float> partial;  // [2, threads, B, H]: each thread's share of dh, two steps
+};
+
+// z[b, :] += sum over r < rows of x[b, r] * w[r, :] for a block of up to kBlock rows b, for
+// every tile of a kernel packed [tiles][rows][kTile], its tiles `tile_stride` floats apart
+inline void block_product(const float* w, int rows, size_t tile_stride, int tiles,
+                          const float* x, int x_stride, float* z, int z_stride, int block) {
+  for (int tile = 0; tile < tiles; tile++) {
+    const float* wt = w + tile * tile_stride;
+    float* zt = z + tile * kTile;
+    switch (block) {
+      case 1: tile_rows<1>(wt, rows, x, x_stride, zt, z_stride); break;
+      case 2: tile_rows<2>(wt, rows, x, x_stride, zt, z_stride); break;
+      case 3: tile_rows<3>(wt, rows, x, x_stride, zt, z_stride); break;
+      case 4: tile_rows<4>(wt, rows, x, x_stride, zt, z_stride); break;
+      case 5: tile_rows<5>(wt, rows, x, x_stride, zt, z_stride); break;
+      default: tile_rows<6>(wt, rows, x, x_stride, zt, z_stride); break;
+    }
+  }
+}
+
+// the gates of `units` cells from z [4 x units], written to a [4 x H]-strided row of acts,
+// and the new c and h
+template <bool kHard>
+void forward_cells(const float* __restrict z, float* __restrict c, float* __restrict h,
+                   float* __restrict a, int H, int units) {
+  for (int u = 0; u < units; u++) {
+    const float i = gate<kHard>(z[u]), f = gate<kHard>(z[units + u]);
+    const float g = tanh_approx(z[2 * units + u]), o = gate<kHard>(z[3 * units + u]);
+    a[u] = i, a[H + u] = f, a[2 * H + u] = g, a[3 * H + u] = o;
+    c[u] = f * c[u] + i * g;
+    h[u] = o * tanh_approx(c[u]);
+  }
+}
+
+template <bool kHard>
+inline float through_gate(float d, float a) {  // d times the gate's slope at its output a
+  if constexpr (kHard) return a > 0.0f && a < 1.0f ? 0.2f * d : 0.0f;
+  return d * a * (1.0f - a);
+}
+
+// dz of `units` cells, written to a [4 x H]-strided row, from the gradient reaching h (dh)
+// and the running dc (writing a second, packed copy stopped g++ vectorizing the loop)
+template <bool kHard>
+void backward_cells(const float* __restrict a, const float* __restrict c,
+                    const float* __restrict c_prev, const float* __restrict dh,
+                    float* __restrict dc, float* __restrict dz, int H, int units) {
+  for (int u = 0; u < units; u++) {
+    const float i = a[u], f = a[H + u], g = a[2 * H + u], o = a[3 * H + u];
+    const float tc = tanh_approx(c[u]);
+    const float d = dc[u] + dh[u] * o * (1.0f - tc * tc);
+    const float zi = through_gate<kHard>(d * g, i), zf = through_gate<kHard>(d * c_prev[u], f);
+    const float zg = d * i * (1.0f - g * g), zo = through_gate<kHard>(dh[u] * tc, o);
+    dz[u] = zi, dz[H + u] = zf, dz[2 * H + u] = zg, dz[3 * H + u] = zo;
+    dc[u] = d * f;
+  }
+}
+
+inline void forward_work(const LayerProblem& p, LayerShared& s, int t) {
+  const int H = p.hidden, B = p.batch, units = H / p.threads, first = t * units;
+  const int cols = 4 * units, tiles = cols / kTile;
+  // this thread's columns of w_h (gate by gate, its units), tile by tile: [tiles][H][kTile]
+  std::vector<float> w(static_cast<size_t>(H) * cols);
+  for (int r = 0; r < H; r++)
+    for (int k = 0; k < cols; k++)
+      w[(static_cast<size_t>(k / kTile) * H + r) * kTile + k % kTile] =
+          p.w_h[static_cast<int64_t>(r) * 4 * H + (k / units) * H + first + k % units];
+  std::vector<float> c(static_cast<size_t>(B) * units), z(static_cast<size_t>(kBlock) * cols);
+  for (int b = 0; b < B; b++)
+    std::copy(p.c0 + b * H + first, p.c0 + b * H + first + units, &c[b * units]);
+  auto cells = p.kind == 1 ? forward_cells<true> : forward_cells<false>;
+  int sense = 0;
+  for (int n = 0; n < p.steps; n++) {
+    const int64_t at = static_cast<int64_t>(n) * B;  // row (n, 0) of the [T, B, ...] arrays
+    const float* h_prev = n == 0 ? p.h0 : p.hs + (at - B) * H;  // all units: [B, H]
+    for (int b0 = 0; b0 < B; b0 += kBlock) {
+      const int block = std::min(B - b0, kBlock);
+      for (int b = 0; b < block; b++) {  // the input's contribution, then the product
+        float* zb = &z[b * cols];
+        for (int g = 0; g < 4; g++) {
+          const int col = g * H + first;
+          if (p.scalar) {
+            const float x = p.xs[at + b0 + b];
+            for (int u = 0; u < units; u++)
+              zb[g * units + u] = x * p.w_in[col + u] + p.bias[col + u];
+          } else {
+            const float* row = p.xs + (at + b0 + b) * 4 * H + col;
+            std::copy(row, row + units, zb + g * units);
+          }
+        }
+      }
+      block_product(w.data(), H, static_cast<size_t>(H) * kTile, tiles, h_prev + b0 * H, H,
+                    z.data(), cols, block);
+      for (int b = 0; b < block; b++) {
+        const int64_t row = at + b0 + b;
+        cells(&z[b * cols], &c[(b0 + b) * units], p.hs + row * H + first,
+              p.acts_out + row * 4 * H + first, H, units);
+        std::copy(&c[(b0 + b) * units], &c[(b0 + b + 1) * units], p.cs_out + row * H + first);
+      }
+    }
+    s.barrier.wait(sense);  // this step's h complete: the next step reads all of it
+  }
+}
+
+inline void backward_work(const LayerProblem& p, LayerShared& s, int t) {
+  const int H = p.hidden, B = p.batch, T = p.threads, units = H / T, first = t * units;
+  const int cols = 4 * units, tiles = H / kTile;
+  // w_h's transpose restricted to this thread's columns: [tiles of H][cols][kTile]
+  std::vector<float> w(static_cast<size_t>(H) * cols);
+  for (int j = 0; j < H; j++)
+    for (int k = 0; k < cols; k++)
+      w[(static_cast<size_t>(j / kTile) * cols + k) * kTile + j % kTile] =
+          p.w_h[static_cast<int64_t>(j) * 4 * H + (k / units) * H + first + k % units];
+  std::vector<float> dc(static_cast<size_t>(B) * units), dh(static_cast<size_t>(B) * units);
+  for (int b = 0; b < B; b++) {
+    std::copy(p.d_c + b * H + first, p.d_c + b * H + first + units, &dc[b * units]);
+    std::copy(p.d_h + b * H + first, p.d_h + b * H + first + units, &dh[b * units]);
+  }
+  auto cells = p.kind == 1 ? backward_cells<true> : backward_cells<false>;
+  int sense = 0;
+  for (int n = p.steps - 1; n >= 0; n--) {
+    const int64_t at = static_cast<int64_t>(n) * B;
+    const float* c_prev = n == 0 ? p.c0 : p.cs + (at - B) * H;
+    float* mine = &s.partial[((n % 2) * T + t) * static_cast<size_t>(B) * H];
+    for (int b0 = 0; b0 < B; b0 += kBlock) {
+      const int block = std::min(B - b0, kBlock);
+      for (int b = 0; b < block; b++) {
+        const int64_t row = at + b0 + b;
+        float* dhb = &dh[(b0 + b) * units];
+        const float* d_out = p.d_hs + row * H + first;
+        for (int u = 0; u < units; u++) dhb[u] += d_out[u];
+        cells(p.acts + row * 4 * H + first, p.cs + row * H + first,
+              c_prev + (b0 + b) * H + first, dhb, &dc[(b0 + b) * units],
+              p.dz + row * 4 * H + first, H, units);
+      }
+      float* out = mine + static_cast<size_t>(b0) * H;  // this thread's share of dh_prev
+      std::fill(out, out + static_cast<size_t>(block) * H, 0.0f);
+      for (int g = 0; g < 4; g++)  // from the block's dz rows, gate by gate (in cache)
+        block_product(&w[static_cast<size_t>(g) * units * kTile], units,
+                      static_cast<size_t>(cols) * kTile, tiles,
+                      p.dz + (at + b0) * 4 * H + g * H + first, 4 * H, out, H, block);
+    }
+    s.barrier.wait(sense);  // every share of dh_prev complete
+    const float* shares = &s.partial[(n % 2) * T * static_cast<size_t>(B) * H];
+    for (int b = 0; b < B; b++) {
+      float* dhb = &dh[b * units];
+      std::copy(shares + b * H + first, shares + b * H + first + units, dhb);
+      for (int other = 1; other < T; other++) {  // the same order in every thread
+        const float* share = shares + (static_cast<size_t>(other) * B + b) * H + first;
+        for (int u = 0; u < units; u++) dhb[u] += share[u];
+      }
+    }
+  }
+  for (int b = 0; b < B; b++) {
+    std::copy(&dc[b * units], &dc[(b + 1) * units], p.dc0 + b * H + first);
+    std::copy(&dh[b * units], &dh[(b + 1) * units], p.dh0 + b * H + first);
+  }
+}
+
+}  // namespace jaxchar
+
+#endif  // JAXCHAR_LSTM_TRAIN_H_
