@@ -1,0 +1,110 @@
+"""The C++ training recurrences (jaxchar/_lstm_train.h) against the lax.scan loops of
+jaxchar/fused.py that they stand in for, and the model trained through them against the
+nn.scan reference."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxchar import fused, native
+from jaxchar.config import ModelConfig
+from jaxchar.model import apply, init_carry, init_params
+
+pytestmark = pytest.mark.skipif(
+    not native.available(), reason="jaxchar/_native.cc was not built (no C++ compiler?)"
+)
+
+
+def _layer(scalar: bool, hidden=128, batch=13, steps=5, features=24, seed=0):
+    """A layer's arguments: strong enough weights that the gates leave their linear middle,
+    biases spread over both clips of a hard sigmoid, a non-zero start state."""
+    k = iter(jax.random.split(jax.random.PRNGKey(seed), 8))
+    w_h = 0.3 * jax.random.normal(next(k), (hidden, 4 * hidden))
+    if scalar:
+        xs = jax.random.uniform(next(k), (steps, batch))
+        w_in = 3 * jax.random.normal(next(k), (4 * hidden,))
+    else:
+        xs = jax.random.normal(next(k), (steps, batch, features))
+        w_in = 0.5 * jax.random.normal(next(k), (features, 4 * hidden))
+    bias = jnp.tile(jnp.linspace(-5.0, 5.0, hidden), 4)
+    c0 = jax.random.normal(next(k), (batch, hidden))
+    h0 = 0.5 * jax.random.normal(next(k), (batch, hidden))
+    return w_h, xs, c0, h0, w_in, bias
+
+
+@pytest.mark.parametrize("scalar", [True, False], ids=["scalar", "vector"])
+@pytest.mark.parametrize("kind", ["sigmoid", "hard_sigmoid"])
+@pytest.mark.parametrize("threads", [1, 2, 4])
+def test_recurrences_match_the_scan_loops(scalar, kind, threads):
+    # 13 rows: two 6-row blocks and a 1-row remainder; 4 threads: 32 units each, so a tile of
+    # 64 columns spans two gates
+    w_h, xs, c0, h0, w_in, bias = _layer(scalar)
+    if not scalar:  # the kernel takes vector inputs already projected, bias included
+        xs, w_in, bias = fused.matmul(xs, w_in) + bias, None, None
+    (want_hs, want_c, want_h), (want_acts, want_cs) = fused._scan_forward(
+        w_h, xs, c0, h0, w_in, bias, jnp.float32, kind
+    )
+    hs, acts, cs = native.layer_forward(w_h, xs, c0, h0, w_in, bias, kind, threads)
+    for got, want in ((hs, want_hs), (acts, want_acts), (cs, want_cs)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(cs[-1], want_c, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(hs[-1], want_h, rtol=1e-5, atol=1e-5)
+
+    k = iter(jax.random.split(jax.random.PRNGKey(9), 3))
+    d_hs = jax.random.normal(next(k), hs.shape)
+    d_c, d_h = jax.random.normal(next(k), c0.shape), jax.random.normal(next(k), h0.shape)
+    want = fused._scan_backward(w_h, acts, cs, c0, d_hs, d_c, d_h, jnp.float32, kind)
+    got = native.layer_backward(w_h, acts, cs, c0, d_hs, d_c, d_h, kind, threads)
+    for g, w, name in zip(got, want, ["dz", "dc0", "dh0"], strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5, err_msg=name)
+    if kind == "hard_sigmoid":  # clipped gates pass no gradient
+        assert (np.asarray(got[0]) == 0).any() and (np.asarray(got[0]) != 0).any()
+
+
+def _cfg(**kw):
+    base = dict(vocab_size=11, layers=2, hidden=64, dropout=0.0, embed_dim=5)
+    return ModelConfig(**{**base, **kw})
+
+
+def _loss(params, cfg, ids, carry):
+    logits, ((c, h), _) = apply(params, cfg, ids, carry)
+    return jnp.sum(jnp.sin(logits)) + jnp.sum(c * h)
+
+
+@pytest.mark.parametrize("encoding", ["scaled", "embed"])
+@pytest.mark.parametrize("gates", ["sigmoid", "hard_sigmoid"])
+def test_model_through_the_kernels_matches_the_scan_reference(encoding, gates):
+    cfg = _cfg(encoding=encoding, gate_activation=gates)
+    scan = dataclasses.replace(cfg, impl="scan")
+    params = init_params(cfg, jax.random.PRNGKey(3))
+    ids = jax.random.randint(jax.random.PRNGKey(4), (7, 9), 0, 11)
+    carry = jax.tree.map(lambda z: z + 0.1, init_carry(cfg, 7))
+    grad = jax.jit(jax.value_and_grad(_loss), static_argnums=1)
+    assert "jaxchar_lstm_backward" in grad.lower(params, cfg, ids, carry).as_text()
+    got, got_grad = grad(params, cfg, ids, carry)
+    want, want_grad = grad(params, scan, ids, carry)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    for g, w in zip(jax.tree.leaves(got_grad), jax.tree.leaves(want_grad), strict=True):
+        np.testing.assert_allclose(g, w, rtol=2e-4, atol=2e-5)
+
+
+def test_kernels_run_on_the_cpu_only_where_they_apply():
+    ids = jnp.zeros((3, 5), jnp.int32)
+
+    def lowered(cfg):
+        params = init_params(cfg, jax.random.PRNGKey(0))
+        loss = jax.value_and_grad(lambda p: _loss(p, cfg, ids, None))
+        return jax.jit(loss).lower(params).as_text()
+
+    text = lowered(_cfg())
+    assert text.count("jaxchar_lstm_forward") >= 2 and "jaxchar_lstm_backward" in text
+    for cfg in (
+        _cfg(impl="scan"),  # the reference
+        _cfg(hidden=32),  # not a multiple of 64
+        _cfg(dtype="bfloat16"),  # XLA's bfloat16 products
+        _cfg(cell="gru"),
+    ):
+        assert "jaxchar_lstm" not in lowered(cfg), cfg
