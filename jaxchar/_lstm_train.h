@@ -19,7 +19,7 @@ namespace jaxchar {
 
 constexpr int kBlock = 6;  // rows of the batch that share each weight loaded (_lstm_loop.h)
 
-// Layouts (float32, row-major): w_h [H, 4H]; xs [T, B] scalar features (then w_in, bias
+// Layouts (float32, row-major): w_h [H, 4H]; xs [T, B, 1] scalar features (then w_in, bias
 // [4H]) or [T, B, 4H] input contributions with the bias included; c0, h0 [B, H]; hs, cs
 // [T, B, H]; acts [T, B, 4H], the gates' outputs (i, f, g, o); d_hs [T, B, H]; dz [T, B, 4H].
 struct LayerProblem {

@@ -168,8 +168,8 @@ ffi::Error CheckLayer(const jaxchar::LayerProblem& p, ffi::Buffer<ffi::F32>& w_h
   return ffi::Error::Success();
 }
 
-// Forward: xs [T, B] (scalar features; w_in, bias [4H]) or [T, B, 4H] (input contributions,
-// bias included; w_in, bias unread). Outputs hs, cs [T, B, H] and acts [T, B, 4H].
+// Forward: xs [T, B, 1] (scalar features; w_in, bias [4H]) or [T, B, 4H] (input
+// contributions, bias included; w_in, bias unread). Outputs hs, cs [T, B, H], acts [T, B, 4H].
 ffi::Error LayerForward(ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::F32> xs,
                         ffi::Buffer<ffi::F32> w_in, ffi::Buffer<ffi::F32> bias,
                         ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::F32> h0,
@@ -177,15 +177,15 @@ ffi::Error LayerForward(ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::F32> xs,
                         ffi::ResultBuffer<ffi::F32> cs, int64_t kind, int64_t threads,
                         ffi::ThreadPool pool) {
   auto x = xs.dimensions();
-  if (x.size() != 2 && x.size() != 3)
-    return ffi::Error::InvalidArgument("jaxchar lstm layer: xs must be [T, B] or [T, B, 4H]");
+  if (x.size() != 3)
+    return ffi::Error::InvalidArgument("jaxchar lstm layer: xs must be [T, B, 1] or [T, B, 4H]");
   jaxchar::LayerProblem p{};
   p.steps = static_cast<int>(x[0]);
   p.batch = static_cast<int>(x[1]);
   p.hidden = static_cast<int>(w_h.dimensions()[0]);
   p.threads = static_cast<int>(threads);
   p.kind = kind;
-  p.scalar = x.size() == 2;
+  p.scalar = x[2] == 1;
   auto error = CheckLayer(p, w_h, c0, h0.element_count(), threads);
   if (error.failure()) return error;
   const size_t gates = 4 * static_cast<size_t>(p.hidden);

@@ -136,20 +136,23 @@ def _bwd(dtype, kind, res, grads):
         dz, dc0, dh0 = jax.lax.platform_dependent(*grads, cpu=kernel, default=scan)
     else:
         dz, dc0, dh0 = _scan_backward(w_h, acts, cs, c0, d_hs, d_c_last, d_h_last, dtype, kind)
-    steps, batch, gates = dz.shape
-    flat = dz.reshape(steps * batch, gates)  # [T*B, 4H]
+    # each weight gradient is one product over all [time, batch] rows, contracting both
+    # dimensions rather than a reshaped [T*B] one: with the batch split over devices, a reshape
+    # would gather it onto each device, where this sums a product per device
+    rows = ((0, 1), (0, 1)), ((), ())
 
-    def weight_grad(inputs):  # [T, B, K] -> [K, 4H]: one product over all T*B rows
-        return matmul(inputs.reshape(steps * batch, -1).T, flat, dtype)
+    def weight_grad(inputs):  # [T, B, K] -> [K, 4H]
+        a, b = inputs.astype(dtype), dz.astype(dtype)
+        return jax.lax.dot_general(a, b, rows, preferred_element_type=jnp.float32)
 
     d_w_h = weight_grad(h_prev)
     if _scalar(xs):
-        d_w_in = jnp.dot(xs.reshape(steps * batch), flat)
+        d_w_in = weight_grad(xs[..., None])[0]
         d_xs = jnp.dot(dz, w_in)  # [T, B]
     else:
         d_w_in = weight_grad(xs)
         d_xs = matmul(dz, w_in.T, dtype).astype(xs.dtype)  # [T, B, F]
-    return d_w_h, d_xs, dc0, dh0, d_w_in, flat.sum(axis=0)
+    return d_w_h, d_xs, dc0, dh0, d_w_in, dz.sum(axis=(0, 1))
 
 
 def _scan_backward(w_h, acts, cs, c0, d_hs, d_c_last, d_h_last, dtype, kind):

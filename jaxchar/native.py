@@ -26,6 +26,9 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxchar.config import ModelConfig
 
@@ -166,30 +169,90 @@ def layer_supports(hidden: int, steps: int, dtype) -> bool:
     return dtype == jnp.float32 and hidden % 64 == 0 and steps > 0 and available()
 
 
+def _require() -> None:
+    if not available():
+        raise RuntimeError("jaxchar's C++ kernels are not built for this CPU (see setup.py)")
+
+
+def _batch_parallel(call, ins: tuple, outs: tuple):
+    """`call(*arrays, gate, threads)` as an operation that XLA may split over the batch: ins
+    and outs give each array's (rank, batch dimension or None). With the batch sharded over a
+    device mesh (jaxchar.distributed), each device then runs the kernel on its own rows;
+    without this, XLA gathers the whole batch onto every device and repeats the work there.
+    Every other dimension stays whole on each device."""
+
+    def dims(name, rank, batch):
+        return " ".join("b" if d == batch else f"{name}{d}" for d in range(rank))
+
+    lhs = [dims(f"i{k}_", *spec) for k, spec in enumerate(ins)]
+    rhs = [dims(f"o{k}_", *spec) for k, spec in enumerate(outs)]
+    whole = tuple(f for side in lhs + rhs for f in side.split() if f != "b")
+    wrapped = custom_partitioning(call, static_argnums=(len(ins), len(ins) + 1))
+
+    def partition(gate, threads, mesh, arg_shapes, result_shape):
+        # the batch's mesh axis, from the first batched array's sharding (its mesh: the
+        # partitioner's own may be empty)
+        k = next(k for k, (_, batch) in enumerate(ins) if batch is not None)
+        first, batch = arg_shapes[k].sharding, ins[k][1]
+        mesh = first.mesh
+        axis = first.spec[batch] if len(first.spec) > batch else None
+
+        def sharding(rank, batch):
+            return NamedSharding(mesh, P(*(axis if d == batch else None for d in range(rank))))
+
+        args = tuple(sharding(*spec) for spec in ins)
+        results = tuple(sharding(*spec) for spec in outs)
+        return mesh, lambda *a: call(*a, gate, threads), results, args
+
+    wrapped.def_partition(
+        partition=partition,
+        sharding_rule=", ".join(lhs) + " -> " + ", ".join(rhs),
+        need_replication_factors=whole,
+    )
+    return wrapped
+
+
+def _forward_call(w_h, xs, w_in, bias, c0, h0, gate, threads):
+    steps, batch, hidden = xs.shape[0], xs.shape[1], w_h.shape[0]
+    state = jax.ShapeDtypeStruct((steps, batch, hidden), jnp.float32)
+    gates = jax.ShapeDtypeStruct((steps, batch, 4 * hidden), jnp.float32)
+    call = jax.ffi.ffi_call("jaxchar_lstm_forward", (state, gates, state), vmap_method="sequential")
+    return call(w_h, xs, w_in, bias, c0, h0, gate=np.int64(gate), threads=np.int64(threads))
+
+
+def _backward_call(w_h, acts, cs, c0, d_hs, d_c, d_h, gate, threads):
+    shapes = (acts.shape, c0.shape, c0.shape)
+    results = tuple(jax.ShapeDtypeStruct(shape, jnp.float32) for shape in shapes)
+    call = jax.ffi.ffi_call("jaxchar_lstm_backward", results, vmap_method="sequential")
+    return call(w_h, acts, cs, c0, d_hs, d_c, d_h, gate=np.int64(gate), threads=np.int64(threads))
+
+
+# the arrays' (rank, batch dimension): [T, B, ...] sequences, [B, H] states, whole weights
+_forward = _batch_parallel(
+    _forward_call, ((2, None), (3, 1), (1, None), (1, None), (2, 0), (2, 0)), ((3, 1),) * 3
+)
+_backward = _batch_parallel(
+    _backward_call,
+    ((2, None), (3, 1), (3, 1), (2, 0), (3, 1), (2, 0), (2, 0)),
+    ((3, 1), (2, 0), (2, 0)),
+)
+
+
 def layer_forward(w_h, xs, c0, h0, w_in, bias, kind: str = "sigmoid", threads: int | None = None):
     """The forward recurrence of jaxchar.fused.lstm_layer in C++: xs [T, B] scalar features
     (w_in, bias [4H]) or [T, B, 4H] input contributions with the bias in them (w_in and bias
     then unused). Returns hs [T, B, H] and what the backward pass needs: the gates' outputs
     acts [T, B, 4H] (i, f, g, o) and the cell states cs [T, B, H]. `threads` defaults to
     `threads_for(hidden)`."""
-    steps, batch = xs.shape[:2]
+    _require()
     hidden = w_h.shape[0]
-    if xs.ndim == 3:
-        w_in = bias = jnp.zeros((0,), jnp.float32)
-    state = jax.ShapeDtypeStruct((steps, batch, hidden), jnp.float32)
-    gates = jax.ShapeDtypeStruct((steps, batch, 4 * hidden), jnp.float32)
-    call = jax.ffi.ffi_call("jaxchar_lstm_forward", (state, gates, state), vmap_method="sequential")
     f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
-    return call(
-        f32(w_h),
-        f32(xs),
-        f32(w_in).reshape(-1),
-        f32(bias),
-        f32(c0),
-        f32(h0),
-        gate=np.int64(kind == "hard_sigmoid"),
-        threads=np.int64(threads or threads_for(hidden)),
-    )
+    if xs.ndim == 2:  # the kernel tells scalar features by their width of 1
+        xs = xs[..., None]
+    else:
+        w_in = bias = jnp.zeros((4 * hidden,), jnp.float32)
+    args = f32(w_h), f32(xs), f32(w_in).reshape(-1), f32(bias), f32(c0), f32(h0)
+    return _forward(*args, int(kind == "hard_sigmoid"), threads or threads_for(hidden))
 
 
 def layer_backward(
@@ -199,25 +262,8 @@ def layer_backward(
     acts and cs, the first c0 and the gradients reaching hs [T, B, H] and the final c and h
     [B, H], returns dz [T, B, 4H] (the gradient of the pre-activations) and the gradients of
     c0 and h0."""
-    hidden = w_h.shape[0]
-    call = jax.ffi.ffi_call(
-        "jaxchar_lstm_backward",
-        (
-            jax.ShapeDtypeStruct(acts.shape, jnp.float32),
-            jax.ShapeDtypeStruct(c0.shape, jnp.float32),
-            jax.ShapeDtypeStruct(c0.shape, jnp.float32),
-        ),
-        vmap_method="sequential",
-    )
+    _require()
     f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
-    return call(
-        f32(w_h),
-        acts,
-        cs,
-        f32(c0),
-        f32(d_hs),
-        f32(d_c),
-        f32(d_h),
-        gate=np.int64(kind == "hard_sigmoid"),
-        threads=np.int64(threads or threads_for(hidden)),
-    )
+    args = f32(w_h), acts, cs, f32(c0), f32(d_hs), f32(d_c), f32(d_h)
+    gate = int(kind == "hard_sigmoid")
+    return _backward(*args, gate, threads or threads_for(w_h.shape[0]))

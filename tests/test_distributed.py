@@ -56,6 +56,21 @@ def test_sharded_params_match_and_stay_split(four_devices):
     assert four_devices["fsdp_shard_rows"] == 16 // 4  # [hidden=16, 64] split by rows
 
 
+def test_kernels_split_the_batch_over_devices(four_devices):
+    # jaxchar's C++ layer kernels (hidden 64): the same losses on 4 devices, with the batch
+    # split (replicated or sharded parameters); each device runs them on its 2 of the 8 rows,
+    # and nothing gathers the batch
+    if not four_devices["kernel_calls"]:
+        pytest.skip("jaxchar/_native.cc was not built")
+    for name in ("kernel_four", "kernel_fsdp"):
+        for a, b in zip(four_devices["kernel_one"], four_devices[name], strict=True):
+            assert abs(a - b) < 1e-5
+    assert four_devices["kernel_calls"] == 2  # forward and backward of the one layer
+    for shape in four_devices["kernel_call_shapes"]:
+        assert ",2," in shape or "[2," in shape, shape  # [T, 2, ...] and [2, H]
+    assert four_devices["kernel_all_gathers"] == 0
+
+
 def test_batch_must_divide_over_devices(four_devices):
     assert "multiple of 4" in four_devices["error"] and "8" in four_devices["error"]
 

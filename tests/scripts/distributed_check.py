@@ -5,12 +5,16 @@ import sys
 import tempfile
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxchar.checkpoint import RunDir
 from jaxchar.config import Config, override
 from jaxchar.corpus import prepare
-from jaxchar.distributed import DistributedError, make_mesh
+from jaxchar.distributed import DATA_AXIS, DistributedError, make_mesh
+from jaxchar.model import apply, init_params
 from jaxchar.train import fit, with_vocab
 
 with open(sys.argv[1]) as f:
@@ -65,4 +69,26 @@ try:
     fit(override(cfg, ["train.batch_size=6"]), corpus.train_ids, mesh=make_mesh(4))
 except DistributedError as e:
     out["error"] = str(e)
+# hidden 64: the layers run jaxchar's C++ kernels, each device on its own rows of the batch
+wide = override(cfg, ["model.hidden=64", "model.encoding=scaled"])
+out["kernel_one"] = [h["train_loss"] for h in fit(wide, corpus.train_ids).history]
+for name, sets in (("kernel_four", []), ("kernel_fsdp", ["train.shard_params=true"])):
+    res = fit(override(wide, sets), corpus.train_ids, mesh=make_mesh(4))
+    out[name] = [h["train_loss"] for h in res.history]
+mesh = make_mesh(4)
+params = init_params(wide.model, jax.random.PRNGKey(0))
+ids = jax.device_put(np.zeros((8, 16), np.int32), NamedSharding(mesh, P(DATA_AXIS)))
+
+
+def loss(p, ids):
+    return jnp.mean(apply(p, wide.model, ids)[0] ** 2)
+
+
+hlo = jax.jit(jax.grad(loss)).lower(params, ids).compile().as_text()
+calls = [line for line in hlo.splitlines() if 'custom_call_target="jaxchar_lstm' in line]
+out["kernel_calls"] = len(calls)
+out["kernel_call_shapes"] = sorted(
+    {line.split("custom-call(")[0].split("=", 1)[1] for line in calls}
+)
+out["kernel_all_gathers"] = hlo.count("all-gather(")
 print(json.dumps(out))
