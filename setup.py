@@ -1,8 +1,9 @@
-"""Builds jaxchar's optional CPU generation kernel (jaxchar/_native.cc, an XLA FFI handler).
+"""Builds jaxchar's optional CPU kernels (jaxchar/_native.cc, XLA FFI handlers): stateful
+generation, and the LSTM layer's training recurrences.
 
 Everything else is in pyproject.toml. The extension is optional: where it does not build
-(no C++ compiler, another platform), jaxchar installs without it and samples with its
-lax.scan path, which is also the reference the kernel is tested against.
+(no C++ compiler, another platform), jaxchar installs without it and samples and trains with
+its lax.scan paths, which are also the references the kernels are tested against.
 """
 
 from pathlib import Path

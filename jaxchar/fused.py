@@ -13,6 +13,12 @@ so that its weight gradient is also one product over [batch*time] written by han
 autodiff, XLA transposed the whole [time, batch, 4*hidden] gradient in memory first (13 ms of
 the stacked model's step, measured with benchmarks/profile_step.py).
 
+On a CPU, for float32 products and hidden sizes that are multiples of 64, both loops run in
+C++ instead (jaxchar/native.py, jaxchar/_lstm_train.h): the products of a timestep there run
+near the cores' FMA peak, where XLA's ran at ~70% of it (benchmarks/bench_train.py). The
+lax.scan loops here stay the path everywhere else and the reference the kernels are tested
+against (tests/test_native_layer.py).
+
 Everything is time-major here: xs [time, batch, ...], hs [time, batch, hidden].
 """
 

@@ -1,5 +1,5 @@
-"""Stateful generation on CPUs, up to 64 rows at once, through the C++ kernel in
-jaxchar/_native.cc.
+"""jaxchar's C++ kernels for CPUs (jaxchar/_native.cc): stateful generation of up to 64
+rows at once, and the recurrences of the LSTM layer's training step.
 
 At batch 1 each character is a few matrix-vector products; XLA runs them on one core and
 streams the kernels from the L3 cache every step (the recurrent kernel alone is 1 MB at
@@ -17,6 +17,11 @@ on the CPU (`lax.platform_dependent`), only where it applies (`supports`), and o
 extension was built (`pip install` compiles it where a C++ compiler is found); everywhere
 else, and with `model.impl = "scan"`, the lax.scan path runs and stays the reference that
 tests/test_native.py compares this with.
+
+`layer_forward` and `layer_backward` are the two recurrences of an LSTM layer's training
+step (jaxchar/_lstm_train.h), which `jaxchar.fused.lstm_layer` runs on CPUs. They split the
+hidden units between threads in the same way, and XLA may split them over the batch across
+a device mesh (`_batch_parallel`).
 """
 
 from __future__ import annotations
