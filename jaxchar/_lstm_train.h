@@ -20,7 +20,7 @@ namespace jaxchar {
 constexpr int kBlock = 6;  // rows of the batch that share each weight loaded (_lstm_loop.h)
 
 // Layouts (float32, row-major): w_h [H, 4H]; xs [T, B, 1] scalar features (then w_in, bias
-// [4H]) or [T, B, 4H] input contributions with the bias included; c0, h0 [B, H]; hs, cs
+// [4H]) or [T, B, 4H] projected inputs (then bias [4H]); c0, h0 [B, H]; hs, cs
 // [T, B, H]; acts [T, B, 4H], the gates' outputs (i, f, g, o); d_hs [T, B, H]; dz [T, B, 4H].
 struct LayerProblem {
   int steps, batch, hidden, threads;
@@ -121,9 +121,9 @@ inline void forward_work(const LayerProblem& p, LayerShared& s, int t) {
             const float x = p.xs[at + b0 + b];
             for (int u = 0; u < units; u++)
               zb[g * units + u] = x * p.w_in[col + u] + p.bias[col + u];
-          } else {
+          } else {  // the projected input plus the bias (one pass less over it in XLA)
             const float* row = p.xs + (at + b0 + b) * 4 * H + col;
-            std::copy(row, row + units, zb + g * units);
+            for (int u = 0; u < units; u++) zb[g * units + u] = row[u] + p.bias[col + u];
           }
         }
       }

@@ -168,8 +168,8 @@ ffi::Error CheckLayer(const jaxchar::LayerProblem& p, ffi::Buffer<ffi::F32>& w_h
   return ffi::Error::Success();
 }
 
-// Forward: xs [T, B, 1] (scalar features; w_in, bias [4H]) or [T, B, 4H] (input
-// contributions, bias included; w_in, bias unread). Outputs hs, cs [T, B, H], acts [T, B, 4H].
+// Forward: xs [T, B, 1] (scalar features; w_in, bias [4H]) or [T, B, 4H] (projected inputs;
+// bias [4H], w_in unread). Outputs hs, cs [T, B, H], acts [T, B, 4H].
 ffi::Error LayerForward(ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::F32> xs,
                         ffi::Buffer<ffi::F32> w_in, ffi::Buffer<ffi::F32> bias,
                         ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::F32> h0,
@@ -189,8 +189,8 @@ ffi::Error LayerForward(ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::F32> xs,
   auto error = CheckLayer(p, w_h, c0, h0.element_count(), threads);
   if (error.failure()) return error;
   const size_t gates = 4 * static_cast<size_t>(p.hidden);
-  if ((!p.scalar && x[2] != 4 * p.hidden) ||
-      (p.scalar && (w_in.element_count() != gates || bias.element_count() != gates)))
+  if ((!p.scalar && x[2] != 4 * p.hidden) || bias.element_count() != gates ||
+      (p.scalar && w_in.element_count() != gates))
     return ffi::Error::InvalidArgument("jaxchar lstm layer: unexpected input shapes");
   p.w_h = w_h.typed_data();
   p.xs = xs.typed_data();

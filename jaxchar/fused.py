@@ -80,20 +80,22 @@ def _kernel(w_h, xs, dtype) -> bool:
 
 
 def _forward(w_h, xs, c0, h0, w_in, bias, dtype, kind):
-    if not _scalar(xs):  # one [T*B, F] x [F, 4H] product for all timesteps, outside the loop
-        gx = matmul(xs, w_in, dtype)
-        xs, w_in, bias = gx + bias, None, None
-    if not _kernel(w_h, xs, dtype):
-        return _scan_forward(w_h, xs, c0, h0, w_in, bias, dtype, kind)
+    # vector inputs: one [T*B, F] x [F, 4H] product for all timesteps, outside the loop
+    gx = xs if _scalar(xs) else matmul(xs, w_in, dtype)
 
-    def kernel(w_h, xs, c0, h0, w_in, bias):
-        hs, acts, cs = native.layer_forward(w_h, xs, c0, h0, w_in, bias, kind)
+    def scan(w_h, gx, c0, h0, w_in, bias):
+        if _scalar(xs):
+            return _scan_forward(w_h, gx, c0, h0, w_in, bias, dtype, kind)
+        return _scan_forward(w_h, gx + bias, c0, h0, None, None, dtype, kind)
+
+    if not _kernel(w_h, xs, dtype):
+        return scan(w_h, gx, c0, h0, w_in, bias)
+
+    def kernel(w_h, gx, c0, h0, w_in, bias):  # adds the bias to projected inputs itself
+        hs, acts, cs = native.layer_forward(w_h, gx, c0, h0, w_in, bias, kind)
         return (hs, cs[-1], hs[-1]), (acts, cs)
 
-    def scan(w_h, xs, c0, h0, w_in, bias):
-        return _scan_forward(w_h, xs, c0, h0, w_in, bias, dtype, kind)
-
-    return jax.lax.platform_dependent(w_h, xs, c0, h0, w_in, bias, cpu=kernel, default=scan)
+    return jax.lax.platform_dependent(w_h, gx, c0, h0, w_in, bias, cpu=kernel, default=scan)
 
 
 def _scan_forward(w_h, xs, c0, h0, w_in, bias, dtype, kind):

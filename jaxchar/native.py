@@ -245,7 +245,7 @@ _backward = _batch_parallel(
 
 def layer_forward(w_h, xs, c0, h0, w_in, bias, kind: str = "sigmoid", threads: int | None = None):
     """The forward recurrence of jaxchar.fused.lstm_layer in C++: xs [T, B] scalar features
-    (w_in, bias [4H]) or [T, B, 4H] input contributions with the bias in them (w_in and bias
+    (w_in, bias [4H]) or [T, B, 4H] projected inputs, to which the kernel adds bias [4H] (w_in
     then unused). Returns hs [T, B, H] and what the backward pass needs: the gates' outputs
     acts [T, B, 4H] (i, f, g, o) and the cell states cs [T, B, H]. `threads` defaults to
     `threads_for(hidden)`."""
@@ -255,7 +255,7 @@ def layer_forward(w_h, xs, c0, h0, w_in, bias, kind: str = "sigmoid", threads: i
     if xs.ndim == 2:  # the kernel tells scalar features by their width of 1
         xs = xs[..., None]
     else:
-        w_in = bias = jnp.zeros((4 * hidden,), jnp.float32)
+        w_in = jnp.zeros((4 * hidden,), jnp.float32)
     args = f32(w_h), f32(xs), f32(w_in).reshape(-1), f32(bias), f32(c0), f32(h0)
     return _forward(*args, int(kind == "hard_sigmoid"), threads or threads_for(hidden))
 

@@ -42,11 +42,12 @@ def test_recurrences_match_the_scan_loops(scalar, kind, threads):
     # 13 rows: two 6-row blocks and a 1-row remainder; 4 threads: 32 units each, so a tile of
     # 64 columns spans two gates
     w_h, xs, c0, h0, w_in, bias = _layer(scalar)
-    if not scalar:  # the kernel takes vector inputs already projected, bias included
-        xs, w_in, bias = fused.matmul(xs, w_in) + bias, None, None
-    (want_hs, want_c, want_h), (want_acts, want_cs) = fused._scan_forward(
-        w_h, xs, c0, h0, w_in, bias, jnp.float32, kind
-    )
+    if scalar:
+        want = fused._scan_forward(w_h, xs, c0, h0, w_in, bias, jnp.float32, kind)
+    else:  # the kernel takes vector inputs projected, and adds the bias itself
+        xs, w_in = fused.matmul(xs, w_in), None
+        want = fused._scan_forward(w_h, xs + bias, c0, h0, None, None, jnp.float32, kind)
+    (want_hs, want_c, want_h), (want_acts, want_cs) = want
     hs, acts, cs = native.layer_forward(w_h, xs, c0, h0, w_in, bias, kind, threads)
     for got, want in ((hs, want_hs), (acts, want_acts), (cs, want_cs)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
