@@ -21,13 +21,15 @@ constexpr int kBlock = 6;  // rows of the batch that share each weight loaded (_
 
 // Layouts (float32, row-major): w_h [H, 4H]; xs [T, B, 1] scalar features (then w_in, bias
 // [4H]) or [T, B, 4H] projected inputs (then bias [4H]); c0, h0 [B, H]; hs, cs
-// [T, B, H]; acts [T, B, 4H], the gates' outputs (i, f, g, o); d_hs [T, B, H]; dz [T, B, 4H].
+// [T, B, H]; acts [T, B, 4H], the gates' outputs (i, f, g, o); hp_t [H, T, B], each step's
+// h_{t-1} (h0 first) transposed, which is how XLA's product for the recurrent kernel's
+// gradient wants it (XLA transposed a copy itself otherwise); d_hs [T, B, H]; dz [T, B, 4H].
 struct LayerProblem {
   int steps, batch, hidden, threads;
   int64_t kind;  // 0 sigmoid, 1 hard sigmoid
   bool scalar;
   const float *w_h, *xs, *w_in, *bias, *c0, *h0;
-  float *hs, *acts_out, *cs_out;                 // forward outputs
+  float *hs, *acts_out, *cs_out, *hp_t;          // forward outputs (hp_t: [H, T, B])
   const float *acts, *cs, *d_hs, *d_c, *d_h;     // backward inputs (d_c, d_h: [B, H])
   float *dz, *dc0, *dh0;                         // backward outputs
 };
@@ -111,6 +113,10 @@ inline void forward_work(const LayerProblem& p, LayerShared& s, int t) {
   for (int n = 0; n < p.steps; n++) {
     const int64_t at = static_cast<int64_t>(n) * B;  // row (n, 0) of the [T, B, ...] arrays
     const float* h_prev = n == 0 ? p.h0 : p.hs + (at - B) * H;  // all units: [B, H]
+    for (int u = first; u < first + units; u++) {  // its units' h_{n-1}, transposed
+      float* to = p.hp_t + (static_cast<int64_t>(u) * p.steps + n) * B;
+      for (int b = 0; b < B; b++) to[b] = h_prev[b * H + u];
+    }
     for (int b0 = 0; b0 < B; b0 += kBlock) {
       const int block = std::min(B - b0, kBlock);
       for (int b = 0; b < block; b++) {  // the input's contribution, then the product

@@ -89,13 +89,20 @@ def _forward(w_h, xs, c0, h0, w_in, bias, dtype, kind):
         return _scan_forward(w_h, gx + bias, c0, h0, None, None, dtype, kind)
 
     if not _kernel(w_h, xs, dtype):
-        return scan(w_h, gx, c0, h0, w_in, bias)
+        out, (acts, cs) = scan(w_h, gx, c0, h0, w_in, bias)
+        return out, (acts, cs, None)
 
     def kernel(w_h, gx, c0, h0, w_in, bias):  # adds the bias to projected inputs itself
-        hs, acts, cs = native.layer_forward(w_h, gx, c0, h0, w_in, bias, kind)
-        return (hs, cs[-1], hs[-1]), (acts, cs)
+        hs, acts, cs, h_prev_t = native.layer_forward(w_h, gx, c0, h0, w_in, bias, kind)
+        return (hs, cs[-1], hs[-1]), (acts, cs, h_prev_t)
 
-    return jax.lax.platform_dependent(w_h, gx, c0, h0, w_in, bias, cpu=kernel, default=scan)
+    def scan_transposed(*args):  # what the kernel returns, elsewhere
+        out, (acts, cs) = scan(*args)
+        h_prev = jnp.concatenate([h0[None], out[0][:-1]], axis=0)
+        return out, (acts, cs, h_prev.transpose(2, 0, 1))
+
+    args = w_h, gx, c0, h0, w_in, bias
+    return jax.lax.platform_dependent(*args, cpu=kernel, default=scan_transposed)
 
 
 def _scan_forward(w_h, xs, c0, h0, w_in, bias, dtype, kind):
@@ -124,14 +131,13 @@ def lstm_layer(w_h, xs, c0, h0, w_in, bias, dtype=jnp.float32, kind="sigmoid"):
 
 
 def _fwd(w_h, xs, c0, h0, w_in, bias, dtype, kind):
-    out, (acts, cs) = _forward(w_h, xs, c0, h0, w_in, bias, dtype, kind)
-    return out, (w_h, xs, c0, h0, w_in, out[0], acts, cs)
+    out, (acts, cs, h_prev_t) = _forward(w_h, xs, c0, h0, w_in, bias, dtype, kind)
+    return out, (w_h, xs, c0, h0, w_in, out[0], acts, cs, h_prev_t)
 
 
 def _bwd(dtype, kind, res, grads):
-    w_h, xs, c0, h0, w_in, hs, acts, cs = res
+    w_h, xs, c0, h0, w_in, hs, acts, cs, h_prev_t = res
     d_hs, d_c_last, d_h_last = grads
-    h_prev = jnp.concatenate([h0[None], hs[:-1]], axis=0)
     if _kernel(w_h, xs, dtype):
 
         def kernel(*args):
@@ -153,7 +159,12 @@ def _bwd(dtype, kind, res, grads):
         a, b = inputs.astype(dtype), dz.astype(dtype)
         return jax.lax.dot_general(a, b, rows, preferred_element_type=jnp.float32)
 
-    d_w_h = weight_grad(h_prev)
+    if h_prev_t is None:
+        d_w_h = weight_grad(jnp.concatenate([h0[None], hs[:-1]], axis=0))
+    else:  # [H, T, B], as the product wants it: contract time and batch
+        a, b = h_prev_t.astype(dtype), dz.astype(dtype)
+        dims = ((1, 2), (0, 1)), ((), ())
+        d_w_h = jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
     if _scalar(xs):
         d_w_in = weight_grad(xs[..., None])[0]
         d_xs = jnp.dot(dz, w_in)  # [T, B]

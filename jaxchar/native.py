@@ -221,7 +221,9 @@ def _forward_call(w_h, xs, w_in, bias, c0, h0, gate, threads):
     steps, batch, hidden = xs.shape[0], xs.shape[1], w_h.shape[0]
     state = jax.ShapeDtypeStruct((steps, batch, hidden), jnp.float32)
     gates = jax.ShapeDtypeStruct((steps, batch, 4 * hidden), jnp.float32)
-    call = jax.ffi.ffi_call("jaxchar_lstm_forward", (state, gates, state), vmap_method="sequential")
+    prev = jax.ShapeDtypeStruct((hidden, steps, batch), jnp.float32)
+    results = state, gates, state, prev
+    call = jax.ffi.ffi_call("jaxchar_lstm_forward", results, vmap_method="sequential")
     return call(w_h, xs, w_in, bias, c0, h0, gate=np.int64(gate), threads=np.int64(threads))
 
 
@@ -234,7 +236,9 @@ def _backward_call(w_h, acts, cs, c0, d_hs, d_c, d_h, gate, threads):
 
 # the arrays' (rank, batch dimension): [T, B, ...] sequences, [B, H] states, whole weights
 _forward = _batch_parallel(
-    _forward_call, ((2, None), (3, 1), (1, None), (1, None), (2, 0), (2, 0)), ((3, 1),) * 3
+    _forward_call,
+    ((2, None), (3, 1), (1, None), (1, None), (2, 0), (2, 0)),
+    ((3, 1), (3, 1), (3, 1), (3, 2)),
 )
 _backward = _batch_parallel(
     _backward_call,
@@ -247,8 +251,8 @@ def layer_forward(w_h, xs, c0, h0, w_in, bias, kind: str = "sigmoid", threads: i
     """The forward recurrence of jaxchar.fused.lstm_layer in C++: xs [T, B] scalar features
     (w_in, bias [4H]) or [T, B, 4H] projected inputs, to which the kernel adds bias [4H] (w_in
     then unused). Returns hs [T, B, H] and what the backward pass needs: the gates' outputs
-    acts [T, B, 4H] (i, f, g, o) and the cell states cs [T, B, H]. `threads` defaults to
-    `threads_for(hidden)`."""
+    acts [T, B, 4H] (i, f, g, o), the cell states cs [T, B, H] and each step's previous h,
+    transposed: [H, T, B] (h0 first). `threads` defaults to `threads_for(hidden)`."""
     _require()
     hidden = w_h.shape[0]
     f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731

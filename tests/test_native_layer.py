@@ -48,9 +48,11 @@ def test_recurrences_match_the_scan_loops(scalar, kind, threads):
         xs, w_in = fused.matmul(xs, w_in), None
         want = fused._scan_forward(w_h, xs + bias, c0, h0, None, None, jnp.float32, kind)
     (want_hs, want_c, want_h), (want_acts, want_cs) = want
-    hs, acts, cs = native.layer_forward(w_h, xs, c0, h0, w_in, bias, kind, threads)
+    hs, acts, cs, h_prev_t = native.layer_forward(w_h, xs, c0, h0, w_in, bias, kind, threads)
     for got, want in ((hs, want_hs), (acts, want_acts), (cs, want_cs)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    h_prev = np.concatenate([np.asarray(h0)[None], np.asarray(hs)[:-1]])  # [T, B, H]
+    np.testing.assert_array_equal(h_prev_t, h_prev.transpose(2, 0, 1))
     np.testing.assert_allclose(cs[-1], want_c, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(hs[-1], want_h, rtol=1e-5, atol=1e-5)
 
@@ -109,3 +111,20 @@ def test_kernels_run_on_the_cpu_only_where_they_apply():
         _cfg(cell="gru"),
     ):
         assert "jaxchar_lstm" not in lowered(cfg), cfg
+
+
+def test_the_path_for_other_platforms_matches_too(monkeypatch):
+    # where the kernels are built but the step runs elsewhere (a GPU), lax.platform_dependent
+    # takes the scan loops, which must hand the backward pass the same residuals
+    monkeypatch.setattr(jax.lax, "platform_dependent", lambda *a, cpu, default: default(*a))
+    cfg = _cfg(encoding="embed")
+    params = init_params(cfg, jax.random.PRNGKey(3))
+    ids = jax.random.randint(jax.random.PRNGKey(4), (7, 9), 0, 11)
+    carry = jax.tree.map(lambda z: z + 0.1, init_carry(cfg, 7))
+    grad = jax.jit(jax.value_and_grad(_loss), static_argnums=1)
+    assert "jaxchar_lstm" not in grad.lower(params, cfg, ids, carry).as_text()
+    got, got_grad = grad(params, cfg, ids, carry)
+    want, want_grad = grad(params, dataclasses.replace(cfg, impl="scan"), ids, carry)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    for g, w in zip(jax.tree.leaves(got_grad), jax.tree.leaves(want_grad), strict=True):
+        np.testing.assert_allclose(g, w, rtol=2e-4, atol=2e-5)
