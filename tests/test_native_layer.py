@@ -128,3 +128,13 @@ def test_the_path_for_other_platforms_matches_too(monkeypatch):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     for g, w in zip(jax.tree.leaves(got_grad), jax.tree.leaves(want_grad), strict=True):
         np.testing.assert_allclose(g, w, rtol=2e-4, atol=2e-5)
+
+
+def test_a_training_step_lowered_for_gpus_leaves_the_kernels_out():
+    # lowering for CUDA needs no GPU: the step must take the scan loops there
+    cfg = _cfg(encoding="embed")
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    ids = jnp.zeros((4, 9), jnp.int32)
+    grad = jax.jit(jax.value_and_grad(lambda p: _loss(p, cfg, ids, None)))
+    text = jax.export.export(grad, platforms=["cuda"])(params).mlir_module()
+    assert "jaxchar_lstm" not in text and "stablehlo.while" in text
