@@ -96,18 +96,34 @@ void backward_cells(const float* __restrict a, const float* __restrict c,
   }
 }
 
+// put(r, k, w_h[r, column k of this thread's]) for every row r and each of the thread's 4 x
+// units columns k (gate k / units, unit first + k % units)
+template <class Put>
+void own_columns(const LayerProblem& p, int first, int units, Put put) {
+  const int H = p.hidden;
+  for (int r = 0; r < H; r++)
+    for (int k = 0; k < 4 * units; k++)
+      put(r, k, p.w_h[static_cast<int64_t>(r) * 4 * H + (k / units) * H + first + k % units]);
+}
+
+// the thread's units of a [B, H] state, as [B, units]
+inline std::vector<float> own_units(const LayerProblem& p, const float* state, int first,
+                                    int units) {
+  std::vector<float> out(static_cast<size_t>(p.batch) * units);
+  for (int b = 0; b < p.batch; b++)
+    std::copy(state + b * p.hidden + first, state + b * p.hidden + first + units, &out[b * units]);
+  return out;
+}
+
 inline void forward_work(const LayerProblem& p, LayerShared& s, int t) {
   const int H = p.hidden, B = p.batch, units = H / p.threads, first = t * units;
   const int cols = 4 * units, tiles = cols / kTile;
   // this thread's columns of w_h (gate by gate, its units), tile by tile: [tiles][H][kTile]
   std::vector<float> w(static_cast<size_t>(H) * cols);
-  for (int r = 0; r < H; r++)
-    for (int k = 0; k < cols; k++)
-      w[(static_cast<size_t>(k / kTile) * H + r) * kTile + k % kTile] =
-          p.w_h[static_cast<int64_t>(r) * 4 * H + (k / units) * H + first + k % units];
-  std::vector<float> c(static_cast<size_t>(B) * units), z(static_cast<size_t>(kBlock) * cols);
-  for (int b = 0; b < B; b++)
-    std::copy(p.c0 + b * H + first, p.c0 + b * H + first + units, &c[b * units]);
+  own_columns(p, first, units, [&](int r, int k, float v) {
+    w[(static_cast<size_t>(k / kTile) * H + r) * kTile + k % kTile] = v;
+  });
+  std::vector<float> c = own_units(p, p.c0, first, units), z(static_cast<size_t>(kBlock) * cols);
   auto cells = p.kind == 1 ? forward_cells<true> : forward_cells<false>;
   int sense = 0;
   for (int n = 0; n < p.steps; n++) {
@@ -151,15 +167,11 @@ inline void backward_work(const LayerProblem& p, LayerShared& s, int t) {
   const int cols = 4 * units, tiles = H / kTile;
   // w_h's transpose restricted to this thread's columns: [tiles of H][cols][kTile]
   std::vector<float> w(static_cast<size_t>(H) * cols);
-  for (int j = 0; j < H; j++)
-    for (int k = 0; k < cols; k++)
-      w[(static_cast<size_t>(j / kTile) * cols + k) * kTile + j % kTile] =
-          p.w_h[static_cast<int64_t>(j) * 4 * H + (k / units) * H + first + k % units];
-  std::vector<float> dc(static_cast<size_t>(B) * units), dh(static_cast<size_t>(B) * units);
-  for (int b = 0; b < B; b++) {
-    std::copy(p.d_c + b * H + first, p.d_c + b * H + first + units, &dc[b * units]);
-    std::copy(p.d_h + b * H + first, p.d_h + b * H + first + units, &dh[b * units]);
-  }
+  own_columns(p, first, units, [&](int j, int k, float v) {
+    w[(static_cast<size_t>(j / kTile) * cols + k) * kTile + j % kTile] = v;
+  });
+  std::vector<float> dc = own_units(p, p.d_c, first, units);
+  std::vector<float> dh = own_units(p, p.d_h, first, units);
   auto cells = p.kind == 1 ? backward_cells<true> : backward_cells<false>;
   int sense = 0;
   for (int n = p.steps - 1; n >= 0; n--) {
