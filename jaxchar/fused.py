@@ -150,21 +150,19 @@ def _bwd(dtype, kind, res, grads):
         dz, dc0, dh0 = jax.lax.platform_dependent(*grads, cpu=kernel, default=scan)
     else:
         dz, dc0, dh0 = _scan_backward(w_h, acts, cs, c0, d_hs, d_c_last, d_h_last, dtype, kind)
+
     # each weight gradient is one product over all [time, batch] rows, contracting both
     # dimensions rather than a reshaped [T*B] one: with the batch split over devices, a reshape
     # would gather it onto each device, where this sums a product per device
-    rows = ((0, 1), (0, 1)), ((), ())
-
-    def weight_grad(inputs):  # [T, B, K] -> [K, 4H]
+    def weight_grad(inputs, time_batch=(0, 1)):  # [T, B, K] (or [K, T, B]) -> [K, 4H]
         a, b = inputs.astype(dtype), dz.astype(dtype)
-        return jax.lax.dot_general(a, b, rows, preferred_element_type=jnp.float32)
+        dims = (time_batch, (0, 1)), ((), ())
+        return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
     if h_prev_t is None:
         d_w_h = weight_grad(jnp.concatenate([h0[None], hs[:-1]], axis=0))
-    else:  # [H, T, B], as the product wants it: contract time and batch
-        a, b = h_prev_t.astype(dtype), dz.astype(dtype)
-        dims = ((1, 2), (0, 1)), ((), ())
-        d_w_h = jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+    else:  # the kernel's [H, T, B], the layout the product wants
+        d_w_h = weight_grad(h_prev_t, (1, 2))
     if _scalar(xs):
         d_w_in = weight_grad(xs[..., None])[0]
         d_xs = jnp.dot(dz, w_in)  # [T, B]

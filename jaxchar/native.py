@@ -26,6 +26,7 @@ a device mesh (`_batch_parallel`).
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -234,17 +235,21 @@ def _backward_call(w_h, acts, cs, c0, d_hs, d_c, d_h, gate, threads):
     return call(w_h, acts, cs, c0, d_hs, d_c, d_h, gate=np.int64(gate), threads=np.int64(threads))
 
 
-# the arrays' (rank, batch dimension): [T, B, ...] sequences, [B, H] states, whole weights
-_forward = _batch_parallel(
-    _forward_call,
-    ((2, None), (3, 1), (1, None), (1, None), (2, 0), (2, 0)),
-    ((3, 1), (3, 1), (3, 1), (3, 2)),
-)
-_backward = _batch_parallel(
-    _backward_call,
-    ((2, None), (3, 1), (3, 1), (2, 0), (3, 1), (2, 0), (2, 0)),
-    ((3, 1), (2, 0), (2, 0)),
-)
+@functools.cache
+def _layer_calls():
+    """The forward and backward calls, split over the batch. The arrays' (rank, batch
+    dimension): [T, B, ...] sequences, [B, H] states, [H, T, B] h_prev, whole weights."""
+    forward = _batch_parallel(
+        _forward_call,
+        ((2, None), (3, 1), (1, None), (1, None), (2, 0), (2, 0)),
+        ((3, 1), (3, 1), (3, 1), (3, 2)),
+    )
+    backward = _batch_parallel(
+        _backward_call,
+        ((2, None), (3, 1), (3, 1), (2, 0), (3, 1), (2, 0), (2, 0)),
+        ((3, 1), (2, 0), (2, 0)),
+    )
+    return forward, backward
 
 
 def layer_forward(w_h, xs, c0, h0, w_in, bias, kind: str = "sigmoid", threads: int | None = None):
@@ -261,7 +266,8 @@ def layer_forward(w_h, xs, c0, h0, w_in, bias, kind: str = "sigmoid", threads: i
     else:
         w_in = jnp.zeros((4 * hidden,), jnp.float32)
     args = f32(w_h), f32(xs), f32(w_in).reshape(-1), f32(bias), f32(c0), f32(h0)
-    return _forward(*args, int(kind == "hard_sigmoid"), threads or threads_for(hidden))
+    forward, _ = _layer_calls()
+    return forward(*args, int(kind == "hard_sigmoid"), threads or threads_for(hidden))
 
 
 def layer_backward(
@@ -275,4 +281,5 @@ def layer_backward(
     f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
     args = f32(w_h), acts, cs, f32(c0), f32(d_hs), f32(d_c), f32(d_h)
     gate = int(kind == "hard_sigmoid")
-    return _backward(*args, gate, threads or threads_for(w_h.shape[0]))
+    _, backward = _layer_calls()
+    return backward(*args, gate, threads or threads_for(w_h.shape[0]))
