@@ -30,6 +30,7 @@ struct LayerProblem {
   bool scalar;
   const float *w_h, *xs, *w_in, *bias, *c0, *h0;
   float *hs, *acts_out, *cs_out, *hp_t;          // forward outputs (hp_t: [H, T, B])
+  float* hs_t;                                   // hs transposed, [H, T, B], or null
   const float *acts, *cs, *d_hs, *d_c, *d_h;     // backward inputs (d_c, d_h: [B, H])
   float *dz, *dc0, *dh0;                         // backward outputs
 };
@@ -115,6 +116,16 @@ inline std::vector<float> own_units(const LayerProblem& p, const float* state, i
   return out;
 }
 
+// the units [first, first + units) of a [B, H] state into step n of a [H, T, B] array
+inline void transpose_units(const LayerProblem& p, const float* h, int first, int units,
+                            float* out, int n) {
+  const int H = p.hidden, B = p.batch;
+  for (int u = first; u < first + units; u++) {
+    float* to = out + (static_cast<int64_t>(u) * p.steps + n) * B;
+    for (int b = 0; b < B; b++) to[b] = h[b * H + u];
+  }
+}
+
 inline void forward_work(const LayerProblem& p, LayerShared& s, int t) {
   const int H = p.hidden, B = p.batch, units = H / p.threads, first = t * units;
   const int cols = 4 * units, tiles = cols / kTile;
@@ -129,10 +140,8 @@ inline void forward_work(const LayerProblem& p, LayerShared& s, int t) {
   for (int n = 0; n < p.steps; n++) {
     const int64_t at = static_cast<int64_t>(n) * B;  // row (n, 0) of the [T, B, ...] arrays
     const float* h_prev = n == 0 ? p.h0 : p.hs + (at - B) * H;  // all units: [B, H]
-    for (int u = first; u < first + units; u++) {  // its units' h_{n-1}, transposed
-      float* to = p.hp_t + (static_cast<int64_t>(u) * p.steps + n) * B;
-      for (int b = 0; b < B; b++) to[b] = h_prev[b * H + u];
-    }
+    transpose_units(p, h_prev, first, units, p.hp_t, n);  // h_{n-1}: for d w_h
+    if (p.hs_t && n > 0) transpose_units(p, h_prev, first, units, p.hs_t, n - 1);
     for (int b0 = 0; b0 < B; b0 += kBlock) {
       const int block = std::min(B - b0, kBlock);
       for (int b = 0; b < block; b++) {  // the input's contribution, then the product
@@ -160,6 +169,9 @@ inline void forward_work(const LayerProblem& p, LayerShared& s, int t) {
     }
     s.barrier.wait(sense);  // this step's h complete: the next step reads all of it
   }
+  const int last = p.steps - 1;  // for the next layer's d w_in
+  if (p.hs_t) transpose_units(p, p.hs + static_cast<int64_t>(last) * B * H, first, units,
+                              p.hs_t, last);
 }
 
 inline void backward_work(const LayerProblem& p, LayerShared& s, int t) {

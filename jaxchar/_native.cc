@@ -169,13 +169,14 @@ ffi::Error CheckLayer(const jaxchar::LayerProblem& p, ffi::Buffer<ffi::F32>& w_h
 }
 
 // Forward: xs [T, B, 1] (scalar features; w_in, bias [4H]) or [T, B, 4H] (projected inputs;
-// bias [4H], w_in unread). Outputs hs, cs [T, B, H], acts [T, B, 4H] and hp_t [H, T, B].
+// bias [4H], w_in unread). Outputs hs, cs [T, B, H], acts [T, B, 4H], hp_t [H, T, B] and
+// hs_t, hs transposed to [H, T, B] (or empty: not wanted).
 ffi::Error LayerForward(ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::F32> xs,
                         ffi::Buffer<ffi::F32> w_in, ffi::Buffer<ffi::F32> bias,
                         ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::F32> h0,
                         ffi::ResultBuffer<ffi::F32> hs, ffi::ResultBuffer<ffi::F32> acts,
                         ffi::ResultBuffer<ffi::F32> cs, ffi::ResultBuffer<ffi::F32> hp_t,
-                        int64_t kind, int64_t threads, ffi::ThreadPool pool) {
+                        ffi::ResultBuffer<ffi::F32> hs_t, int64_t kind, int64_t threads, ffi::ThreadPool pool) {
   auto x = xs.dimensions();
   if (x.size() != 3)
     return ffi::Error::InvalidArgument("jaxchar lstm layer: xs must be [T, B, 1] or [T, B, 4H]");
@@ -202,6 +203,9 @@ ffi::Error LayerForward(ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::F32> xs,
   p.acts_out = acts->typed_data();
   p.cs_out = cs->typed_data();
   p.hp_t = hp_t->typed_data();
+  if (hs_t->element_count() != 0 && hs_t->element_count() != hp_t->element_count())
+    return ffi::Error::InvalidArgument("jaxchar lstm layer: hs_t must be [H, T, B] or empty");
+  p.hs_t = hs_t->element_count() ? hs_t->typed_data() : nullptr;
   if (p.steps > 0) run<jaxchar::LayerShared>(p, pool, jaxchar::forward_work);
   return ffi::Error::Success();
 }
@@ -283,6 +287,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxcharLayerForward, LayerForward,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // acts
                                   .Ret<ffi::Buffer<ffi::F32>>()  // cs
                                   .Ret<ffi::Buffer<ffi::F32>>()  // hp_t
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // hs_t
                                   .Attr<int64_t>("gate")
                                   .Attr<int64_t>("threads")
                                   .Ctx<ffi::ThreadPool>());

@@ -218,14 +218,25 @@ def _batch_parallel(call, ins: tuple, outs: tuple):
     return wrapped
 
 
-def _forward_call(w_h, xs, w_in, bias, c0, h0, gate, threads):
+def _forward(w_h, xs, w_in, bias, c0, h0, gate, threads, hs_t):
     steps, batch, hidden = xs.shape[0], xs.shape[1], w_h.shape[0]
     state = jax.ShapeDtypeStruct((steps, batch, hidden), jnp.float32)
     gates = jax.ShapeDtypeStruct((steps, batch, 4 * hidden), jnp.float32)
     prev = jax.ShapeDtypeStruct((hidden, steps, batch), jnp.float32)
-    results = state, gates, state, prev
+    # hs transposed, or nothing for the kernel to write
+    out_t = jax.ShapeDtypeStruct((hidden, steps if hs_t else 0, batch), jnp.float32)
+    results = state, gates, state, prev, out_t
     call = jax.ffi.ffi_call("jaxchar_lstm_forward", results, vmap_method="sequential")
     return call(w_h, xs, w_in, bias, c0, h0, gate=np.int64(gate), threads=np.int64(threads))
+
+
+# (custom_partitioning traces every parameter, defaults included: hs_t is fixed per function)
+def _forward_call(w_h, xs, w_in, bias, c0, h0, gate, threads):
+    return _forward(w_h, xs, w_in, bias, c0, h0, gate, threads, False)
+
+
+def _forward_call_t(w_h, xs, w_in, bias, c0, h0, gate, threads):  # hs_t too
+    return _forward(w_h, xs, w_in, bias, c0, h0, gate, threads, True)
 
 
 def _backward_call(w_h, acts, cs, c0, d_hs, d_c, d_h, gate, threads):
@@ -239,25 +250,35 @@ def _backward_call(w_h, acts, cs, c0, d_hs, d_c, d_h, gate, threads):
 def _layer_calls():
     """The forward and backward calls, split over the batch. The arrays' (rank, batch
     dimension): [T, B, ...] sequences, [B, H] states, [H, T, B] h_prev, whole weights."""
-    forward = _batch_parallel(
-        _forward_call,
-        ((2, None), (3, 1), (1, None), (1, None), (2, 0), (2, 0)),
-        ((3, 1), (3, 1), (3, 1), (3, 2)),
-    )
+    ins = (2, None), (3, 1), (1, None), (1, None), (2, 0), (2, 0)
+    outs = (3, 1), (3, 1), (3, 1), (3, 2), (3, 2)
+    forward = _batch_parallel(_forward_call, ins, outs)
+    forward_t = _batch_parallel(_forward_call_t, ins, outs)
     backward = _batch_parallel(
         _backward_call,
         ((2, None), (3, 1), (3, 1), (2, 0), (3, 1), (2, 0), (2, 0)),
         ((3, 1), (2, 0), (2, 0)),
     )
-    return forward, backward
+    return forward, forward_t, backward
 
 
-def layer_forward(w_h, xs, c0, h0, w_in, bias, kind: str = "sigmoid", threads: int | None = None):
+def layer_forward(
+    w_h,
+    xs,
+    c0,
+    h0,
+    w_in,
+    bias,
+    kind: str = "sigmoid",
+    threads: int | None = None,
+    hs_t: bool = False,
+):
     """The forward recurrence of jaxchar.fused.lstm_layer in C++: xs [T, B] scalar features
     (w_in, bias [4H]) or [T, B, 4H] projected inputs, to which the kernel adds bias [4H] (w_in
     then unused). Returns hs [T, B, H] and what the backward pass needs: the gates' outputs
     acts [T, B, 4H] (i, f, g, o), the cell states cs [T, B, H] and each step's previous h,
-    transposed: [H, T, B] (h0 first). `threads` defaults to `threads_for(hidden)`."""
+    transposed: [H, T, B] (h0 first); with `hs_t`, also hs transposed, [H, T, B] (for the
+    next layer's input-kernel gradient). `threads` defaults to `threads_for(hidden)`."""
     _require()
     hidden = w_h.shape[0]
     f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
@@ -266,8 +287,11 @@ def layer_forward(w_h, xs, c0, h0, w_in, bias, kind: str = "sigmoid", threads: i
     else:
         w_in = jnp.zeros((4 * hidden,), jnp.float32)
     args = f32(w_h), f32(xs), f32(w_in).reshape(-1), f32(bias), f32(c0), f32(h0)
-    forward, _ = _layer_calls()
-    return forward(*args, int(kind == "hard_sigmoid"), threads or threads_for(hidden))
+    forward, forward_t, _ = _layer_calls()
+    outs = (forward_t if hs_t else forward)(
+        *args, int(kind == "hard_sigmoid"), threads or threads_for(hidden)
+    )
+    return outs if hs_t else outs[:4]
 
 
 def layer_backward(
@@ -281,5 +305,5 @@ def layer_backward(
     f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
     args = f32(w_h), acts, cs, f32(c0), f32(d_hs), f32(d_c), f32(d_h)
     gate = int(kind == "hard_sigmoid")
-    _, backward = _layer_calls()
+    _, _, backward = _layer_calls()
     return backward(*args, gate, threads or threads_for(w_h.shape[0]))
