@@ -79,7 +79,7 @@ def _kernel(w_h, xs, dtype) -> bool:
     return native.layer_supports(w_h.shape[0], xs.shape[0], dtype)
 
 
-def _forward(w_h, xs, c0, h0, w_in, bias, dtype, kind):
+def _forward(w_h, xs, c0, h0, w_in, bias, dtype, kind, with_hs_t=False):
     # vector inputs: one [T*B, F] x [F, 4H] product for all timesteps, outside the loop
     gx = xs if _scalar(xs) else matmul(xs, w_in, dtype)
 
@@ -88,18 +88,23 @@ def _forward(w_h, xs, c0, h0, w_in, bias, dtype, kind):
             return _scan_forward(w_h, gx, c0, h0, w_in, bias, dtype, kind)
         return _scan_forward(w_h, gx + bias, c0, h0, None, None, dtype, kind)
 
+    def with_t(out):  # (hs, c, h) -> (hs, c, h, hs [H, T, B]) where it is asked for
+        return (*out, out[0].transpose(2, 0, 1)) if with_hs_t else out
+
     if not _kernel(w_h, xs, dtype):
         out, (acts, cs) = scan(w_h, gx, c0, h0, w_in, bias)
-        return out, (acts, cs, None)
+        return with_t(out), (acts, cs, None)
 
     def kernel(w_h, gx, c0, h0, w_in, bias):  # adds the bias to projected inputs itself
-        hs, acts, cs, h_prev_t = native.layer_forward(w_h, gx, c0, h0, w_in, bias, kind)
-        return (hs, cs[-1], hs[-1]), (acts, cs, h_prev_t)
+        hs, acts, cs, h_prev_t, *hs_t = native.layer_forward(
+            w_h, gx, c0, h0, w_in, bias, kind, hs_t=with_hs_t
+        )
+        return (hs, cs[-1], hs[-1], *hs_t), (acts, cs, h_prev_t)
 
     def scan_transposed(*args):  # what the kernel returns, elsewhere
         out, (acts, cs) = scan(*args)
         h_prev = jnp.concatenate([h0[None], out[0][:-1]], axis=0)
-        return out, (acts, cs, h_prev.transpose(2, 0, 1))
+        return with_t(out), (acts, cs, h_prev.transpose(2, 0, 1))
 
     args = w_h, gx, c0, h0, w_in, bias
     return jax.lax.platform_dependent(*args, cpu=kernel, default=scan_transposed)
@@ -120,24 +125,32 @@ def _scan_forward(w_h, xs, c0, h0, w_in, bias, dtype, kind):
     return (hs, c, h), (acts, cs)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def lstm_layer(w_h, xs, c0, h0, w_in, bias, dtype=jnp.float32, kind="sigmoid"):
+@partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def lstm_layer(
+    w_h, xs, c0, h0, w_in, bias, xs_t=None, dtype=jnp.float32, kind="sigmoid", with_hs_t=False
+):
     """Runs the layer over xs; returns (hs [T, B, H], final c, final h).
 
     xs is [T, B] scalars (then w_in is [4H], applied inside the loop) or [T, B, F] vectors
     (then w_in is [F, 4H], applied to all timesteps before it); bias is [4H]. `kind` is the
-    gates' activation (see `gate`)."""
-    return _forward(w_h, xs, c0, h0, w_in, bias, dtype, kind)[0]
+    gates' activation (see `gate`).
+
+    Between stacked layers: `with_hs_t` appends hs transposed, [H, T, B], to the outputs, and
+    a layer given `xs_t` (its vector input transposed, [F, T, B]: the same values as xs) takes
+    its input-kernel gradient from it, the layout that product wants. On a CPU the kernel
+    writes hs_t as it goes, where XLA would transpose hs in memory (4-10 ms of a stacked step).
+    hs_t carries no gradient: it stands for hs, whose gradient flows through xs."""
+    return _forward(w_h, xs, c0, h0, w_in, bias, dtype, kind, with_hs_t)[0]
 
 
-def _fwd(w_h, xs, c0, h0, w_in, bias, dtype, kind):
-    out, (acts, cs, h_prev_t) = _forward(w_h, xs, c0, h0, w_in, bias, dtype, kind)
-    return out, (w_h, xs, c0, h0, w_in, out[0], acts, cs, h_prev_t)
+def _fwd(w_h, xs, c0, h0, w_in, bias, xs_t, dtype, kind, with_hs_t):
+    out, (acts, cs, h_prev_t) = _forward(w_h, xs, c0, h0, w_in, bias, dtype, kind, with_hs_t)
+    return out, (w_h, xs, c0, h0, w_in, out[0], acts, cs, h_prev_t, xs_t)
 
 
-def _bwd(dtype, kind, res, grads):
-    w_h, xs, c0, h0, w_in, hs, acts, cs, h_prev_t = res
-    d_hs, d_c_last, d_h_last = grads
+def _bwd(dtype, kind, with_hs_t, res, grads):
+    w_h, xs, c0, h0, w_in, hs, acts, cs, h_prev_t, xs_t = res
+    d_hs, d_c_last, d_h_last = grads[:3]  # (hs_t's, if any, is dropped: see lstm_layer)
     if _kernel(w_h, xs, dtype):
 
         def kernel(*args):
@@ -167,9 +180,10 @@ def _bwd(dtype, kind, res, grads):
         d_w_in = weight_grad(xs[..., None])[0]
         d_xs = jnp.dot(dz, w_in)  # [T, B]
     else:
-        d_w_in = weight_grad(xs)
+        d_w_in = weight_grad(xs) if xs_t is None else weight_grad(xs_t, (1, 2))
         d_xs = matmul(dz, w_in.T, dtype).astype(xs.dtype)  # [T, B, F]
-    return d_w_h, d_xs, dc0, dh0, d_w_in, dz.sum(axis=(0, 1))
+    d_xs_t = None if xs_t is None else jnp.zeros_like(xs_t)
+    return d_w_h, d_xs, dc0, dh0, d_w_in, dz.sum(axis=(0, 1)), d_xs_t
 
 
 def _scan_backward(w_h, acts, cs, c0, d_hs, d_c_last, d_h_last, dtype, kind):

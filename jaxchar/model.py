@@ -33,6 +33,62 @@ def _forget_bias_init(key, shape, dtype=jnp.float32):
     return jnp.zeros(shape, dtype).at[hidden : 2 * hidden].set(1.0)
 
 
+def _fmix32(h: jax.Array) -> jax.Array:
+    """MurmurHash3's 32-bit finalizer: a bijection of uint32 in which every input bit flips
+    each output bit with probability ~1/2."""
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def keep_mask(
+    key: jax.Array,
+    shape: tuple[int, ...],
+    rate: float,
+    time_axis: int | None,
+    batch_axis: int,
+    feature_axis: int | None,
+) -> jax.Array:
+    """Dropout's keep mask (True with probability 1 - rate) for an array of `shape`, as a
+    hash of the key and each element's (time, batch, feature) position.
+
+    The same positions get the same draws whatever the layout: [time, batch, H], [batch,
+    time, H] and [H, time, batch] give one mask, transposed. So the fused layers can drop
+    the same units in the layout each product wants without moving the mask between layouts
+    (XLA's transposes of threefry's bits cost a stacked step ~10 ms on a CPU)."""
+    seed = jax.random.bits(key, (2,), jnp.uint32)
+
+    def position(axis):
+        if axis is None:
+            return jnp.uint32(0)
+        return jax.lax.broadcasted_iota(jnp.uint32, shape, axis)
+
+    row = position(time_axis) * jnp.uint32(shape[batch_axis]) + position(batch_axis)
+    h = _fmix32(row ^ seed[0])
+    h = _fmix32(h ^ seed[1] ^ position(feature_axis) * jnp.uint32(0x9E3779B9))
+    h = _fmix32(h + seed[0])
+    threshold = min(round(rate * 2.0**32), 2**32 - 1)
+    return h >= jnp.uint32(threshold)
+
+
+def dropout(
+    x: jax.Array,
+    key: jax.Array,
+    rate: float,
+    time_axis: int | None,
+    batch_axis: int,
+    feature_axis: int | None,
+) -> jax.Array:
+    """Inverted dropout with `keep_mask`: zeroes each element with probability `rate` and
+    scales the rest by 1 / (1 - rate)."""
+    if rate == 0.0:
+        return x
+    keep = keep_mask(key, x.shape, rate, time_axis, batch_axis, feature_axis)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros((), x.dtype)).astype(x.dtype)
+
+
 def _gates(z: jax.Array, c: jax.Array, kind: str) -> tuple[jax.Array, jax.Array]:
     """LSTM update from pre-activations z [batch, 4*hidden] and cell state c [batch, hidden]."""
     i, f, g, o = jnp.split(z.astype(jnp.float32), 4, axis=-1)
@@ -112,9 +168,14 @@ class LSTMLayer(nn.Module):
     impl: str = "fused"
     cell_type: str = "lstm"  # or "gru" (always the nn.scan path)
     gate_activation: str = "sigmoid"  # or "hard_sigmoid" (Keras 1)
+    # fused path: also return hs transposed, [H, time, batch], for the next layer's xs_t
+    with_hs_t: bool = False
 
     @nn.compact
-    def __call__(self, carry, inputs, mask=None):
+    def __call__(self, carry, inputs, mask=None, inputs_t=None):
+        """(c, h), [.., H] outputs, and with `with_hs_t` on the fused path the outputs as
+        [H, time, batch]; `inputs_t` is the fused path's inputs as [F, time, batch] (see
+        jaxchar.fused.lstm_layer), ignored elsewhere."""
         lstm = self.cell_type == "lstm"
         width = (4 if lstm else 3) * self.hidden
         in_dim = 1 if self.scalar_input else inputs.shape[-1]
@@ -122,7 +183,7 @@ class LSTMLayer(nn.Module):
         bias = self.param("bias", _forget_bias_init if lstm else nn.initializers.zeros, (width,))
         path = layer_path(self.impl, self.cell_type, mask, self.gate_activation)
         if path == "fused":
-            return self._fused(carry, inputs, w_in, bias)
+            return self._fused(carry, inputs, inputs_t, w_in, bias)
         if path == "cudnn":
             return self._cudnn(carry, inputs, w_in, bias)
         scan = nn.scan(
@@ -140,15 +201,18 @@ class LSTMLayer(nn.Module):
         gx = matmul(inputs, w_in, self.dtype)
         return cell(carry, gx + bias, mask, None, None)
 
-    def _fused(self, carry, inputs, w_in, bias):
+    def _fused(self, carry, inputs, inputs_t, w_in, bias):
         """Time-major: inputs [time, batch] or [time, batch, features] -> [time, batch, H]."""
         w_h = _RecurrentKernel(self.hidden, name="cell")()
         c0, h0 = carry
         # the layer projects vector inputs itself (one product before its loop), so that
         # it can also write their weight gradient as one product
         w_x = w_in[0] if self.scalar_input else w_in
-        hs, c, h = lstm_layer(w_h, inputs, c0, h0, w_x, bias, self.dtype, self.gate_activation)
-        return (c, h), hs
+        kind = self.gate_activation
+        hs, c, h, *hs_t = lstm_layer(
+            w_h, inputs, c0, h0, w_x, bias, inputs_t, self.dtype, kind, self.with_hs_t
+        )
+        return ((c, h), hs, *hs_t)
 
     def _cudnn(self, carry, inputs, w_in, bias):
         """Batch-major, like the scan: inputs [batch, time] or [batch, time, features]."""
@@ -208,11 +272,15 @@ class CharLSTM(nn.Module):
             x = jax.nn.one_hot(ids, cfg.vocab_size, dtype=dtype)
         else:
             x = nn.Embed(cfg.vocab_size, cfg.embed_dim, name="embed")(ids)
-        if cfg.input_dropout:
-            x = nn.Dropout(cfg.input_dropout, deterministic=not train)(x)
-        new_carry = []
+        # (time, batch, feature) axes of x, for dropout's positions
+        axes = (0, 1) if time_major else (1, 0)
+        x = self._dropper(cfg.input_dropout, train)(x, *axes, 2 if x.ndim == 3 else None)
+        new_carry, x_t = [], None
         for layer in range(cfg.layers):
-            layer_carry, x = LSTMLayer(
+            # training, a fused layer below another hands it its outputs as [H, time,
+            # batch] too: the layout of the upper layer's input-kernel gradient
+            with_t = time_major and train and layer < cfg.layers - 1
+            layer_carry, x, *h_t = LSTMLayer(
                 cfg.hidden,
                 scalar and layer == 0,
                 cfg.unroll,
@@ -220,16 +288,30 @@ class CharLSTM(nn.Module):
                 cfg.impl,
                 cfg.cell,
                 cfg.gate_activation,
+                with_t,
                 name=f"lstm_{layer}",
-            )(carry[layer], x, mask)
+            )(carry[layer], x, mask, x_t)
             new_carry.append(layer_carry)
+            drop = self._dropper(cfg.dropout, train)
             if last_only and layer == cfg.layers - 1:
                 x = x[-1] if time_major else x[:, -1]  # [batch, hidden]: many-to-one head
-            x = nn.Dropout(cfg.dropout, deterministic=not train)(x)
+                x = drop(x, None, 0, 1)
+                continue
+            if h_t:  # x's mask, transposed (no gradient: x carries it)
+                x_t = drop(jax.lax.stop_gradient(h_t[0]), 1, 2, 0)
+            x = drop(x, *axes, 2)
         logits = nn.Dense(cfg.vocab_size, name="head")(x).astype(jnp.float32)
         if time_major and not last_only:
             logits = logits.swapaxes(0, 1)  # [batch, time, vocab]
         return logits, tuple(new_carry)
+
+    def _dropper(self, rate: float, train: bool):
+        """(x, time axis, batch axis, feature axis) -> x after dropout at `rate` under one
+        fresh key (x itself unless training): a dropper's calls drop the same positions."""
+        if not train or rate == 0.0:
+            return lambda x, *axes: x
+        key = self.make_rng("dropout")
+        return lambda x, *axes: dropout(x, key, rate, *axes)
 
 
 def init_params(cfg: ModelConfig, key: jax.Array, seq_length: int = 1) -> dict:

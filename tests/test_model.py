@@ -6,7 +6,7 @@ from reference import lstm_forward
 
 from jaxchar.config import ModelConfig
 from jaxchar.fused import matmul
-from jaxchar.model import apply, init_carry, init_params, step
+from jaxchar.model import apply, dropout, init_carry, init_params, keep_mask, step
 
 
 def _cfg(**kw):
@@ -91,6 +91,71 @@ def test_dropout_only_when_training():
     assert not np.allclose(a, c)
 
 
+def _numpy_keep_mask(seed, shape, rate, time_axis, batch_axis, feature_axis):
+    """keep_mask written out in numpy's uint32 arithmetic, one position at a time."""
+
+    def fmix(h):
+        h ^= h >> np.uint32(16)
+        h *= np.uint32(0x85EBCA6B)
+        h ^= h >> np.uint32(13)
+        h *= np.uint32(0xC2B2AE35)
+        return h ^ (h >> np.uint32(16))
+
+    s0, s1 = (np.uint32(v) for v in seed)
+    out = np.zeros(shape, bool)
+    with np.errstate(over="ignore"):
+        for pos in np.ndindex(*shape):
+            t = np.uint32(0 if time_axis is None else pos[time_axis])
+            f = np.uint32(0 if feature_axis is None else pos[feature_axis])
+            row = t * np.uint32(shape[batch_axis]) + np.uint32(pos[batch_axis])
+            h = fmix(row ^ s0)
+            h = fmix(h ^ s1 ^ f * np.uint32(0x9E3779B9))
+            out[pos] = fmix(h + s0) >= np.uint32(round(rate * 2**32))
+    return out
+
+
+@pytest.mark.parametrize(
+    "shape, axes", [((4, 3, 5), (0, 1, 2)), ((5, 4, 3), (1, 2, 0)), ((3, 6), (None, 0, 1))]
+)
+def test_keep_mask_matches_a_numpy_reference(shape, axes):
+    key = jax.random.PRNGKey(7)
+    seed = np.asarray(jax.random.bits(key, (2,), jnp.uint32))
+    want = _numpy_keep_mask(seed, shape, 0.3, *axes)
+    np.testing.assert_array_equal(keep_mask(key, shape, 0.3, *axes), want)
+    x = jax.random.normal(key, shape)
+    np.testing.assert_allclose(dropout(x, key, 0.3, *axes), np.where(want, x / 0.7, 0.0))
+
+
+def test_keep_mask_is_one_mask_in_every_layout():
+    # what lets a fused layer take its input-kernel gradient from [H, T, B] without moving
+    # the mask: [T, B, H], [B, T, H] and [H, T, B] draw the same value at the same position
+    key, (t, b, h) = jax.random.PRNGKey(3), (7, 5, 16)
+    time_major = keep_mask(key, (t, b, h), 0.4, 0, 1, 2)
+    batch_major = keep_mask(key, (b, t, h), 0.4, 1, 0, 2)
+    transposed = keep_mask(key, (h, t, b), 0.4, 1, 2, 0)
+    np.testing.assert_array_equal(batch_major, time_major.transpose(1, 0, 2))
+    np.testing.assert_array_equal(transposed, time_major.transpose(2, 0, 1))
+
+
+@pytest.mark.parametrize("rate", [0.2, 0.5])
+def test_keep_mask_draws_look_independent(rate):
+    keep = 1 - rate
+    shape = (100, 64, 256)  # the stacked model's second layer input
+    a = np.asarray(keep_mask(jax.random.PRNGKey(0), shape, rate, 0, 1, 2))
+    b = np.asarray(keep_mask(jax.random.PRNGKey(1), shape, rate, 0, 1, 2))
+    assert abs(a.mean() - keep) < 0.002  # 1.6M draws: the mean's sd is ~4e-4
+    agree = keep**2 + rate**2  # two independent draws are both kept or both dropped
+    for x, y in (
+        (a[:, :, 1:], a[:, :, :-1]),  # neighbouring units
+        (a[:, 1:], a[:, :-1]),  # neighbouring rows of the batch
+        (a[1:], a[:-1]),  # neighbouring timesteps
+        (a, b),  # another key
+    ):
+        assert abs((x == y).mean() - agree) < 0.003
+    rows = {r.tobytes() for r in a.reshape(-1, 256)}
+    assert len(rows) == 6400  # no two [unit] rows repeat
+
+
 def test_bfloat16_compute_stays_close():
     cfg = _cfg(encoding="embed")
     params = init_params(cfg, jax.random.PRNGKey(0))
@@ -134,6 +199,30 @@ def test_fast_layers_match_the_scan_reference_in_values_and_gradients(impl, enco
     with jax.default_matmul_precision("float32"):  # no TF32 on GPUs, for either side
         want, want_grad = jax.value_and_grad(loss)(params, scan)
         got, got_grad = jax.value_and_grad(loss)(params, fused)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for g, w in zip(jax.tree.leaves(got_grad), jax.tree.leaves(want_grad), strict=True):
+        np.testing.assert_allclose(g, w, rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("encoding", ["scaled", "embed"])
+@pytest.mark.parametrize("last_only", [True, False])
+def test_fast_layers_match_the_scan_reference_with_dropout(encoding, last_only):
+    # training: the same key drops the same units on either path (the fused one time-major,
+    # the upper layer's input-kernel gradient from its [H, T, B] copy), so the losses and
+    # gradients agree
+    cfg = _cfg(encoding=encoding, dropout=0.3, input_dropout=0.2 if encoding == "embed" else 0)
+    scan = _cfg(**{**cfg.__dict__, "impl": "scan"})
+    params = init_params(cfg, jax.random.PRNGKey(3))
+    ids = jax.random.randint(jax.random.PRNGKey(4), (5, 7), 0, 11)
+
+    def loss(p, cfg):
+        logits = apply(p, cfg, ids, train=True, key=jax.random.PRNGKey(9), last_only=last_only)
+        return jnp.sum(jnp.sin(logits[0]))
+
+    want, want_grad = jax.value_and_grad(loss)(params, scan)
+    got, got_grad = jax.value_and_grad(loss)(params, cfg)
+    plain = loss(params, _cfg(**{**cfg.__dict__, "dropout": 0.0, "input_dropout": 0.0}))
+    assert abs(float(want) - float(plain)) > 1e-3  # dropout did drop something
     np.testing.assert_allclose(got, want, rtol=1e-5)
     for g, w in zip(jax.tree.leaves(got_grad), jax.tree.leaves(want_grad), strict=True):
         np.testing.assert_allclose(g, w, rtol=2e-4, atol=2e-5)

@@ -48,7 +48,10 @@ def test_recurrences_match_the_scan_loops(scalar, kind, threads):
         xs, w_in = fused.matmul(xs, w_in), None
         want = fused._scan_forward(w_h, xs + bias, c0, h0, None, None, jnp.float32, kind)
     (want_hs, want_c, want_h), (want_acts, want_cs) = want
-    hs, acts, cs, h_prev_t = native.layer_forward(w_h, xs, c0, h0, w_in, bias, kind, threads)
+    hs, acts, cs, h_prev_t, hs_t = native.layer_forward(
+        w_h, xs, c0, h0, w_in, bias, kind, threads, hs_t=True
+    )
+    np.testing.assert_array_equal(hs_t, np.asarray(hs).transpose(2, 0, 1))
     for got, want in ((hs, want_hs), (acts, want_acts), (cs, want_cs)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     h_prev = np.concatenate([np.asarray(h0)[None], np.asarray(hs)[:-1]])  # [T, B, H]
@@ -125,6 +128,35 @@ def test_the_path_for_other_platforms_matches_too(monkeypatch):
     assert "jaxchar_lstm" not in grad.lower(params, cfg, ids, carry).as_text()
     got, got_grad = grad(params, cfg, ids, carry)
     want, want_grad = grad(params, dataclasses.replace(cfg, impl="scan"), ids, carry)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    for g, w in zip(jax.tree.leaves(got_grad), jax.tree.leaves(want_grad), strict=True):
+        np.testing.assert_allclose(g, w, rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("platform", ["cpu", "other"])
+def test_training_with_dropout_between_the_layers_matches_the_scan(platform, monkeypatch):
+    # the lower layer hands the upper one its outputs as [H, T, B] (the kernel writes them;
+    # elsewhere XLA transposes), dropped by the same mask: the input-kernel gradient from
+    # them must equal the reference's
+    if platform == "other":
+        monkeypatch.setattr(jax.lax, "platform_dependent", lambda *a, cpu, default: default(*a))
+    cfg = _cfg(encoding="embed", layers=3, dropout=0.3)
+    params = init_params(cfg, jax.random.PRNGKey(3))
+    ids = jax.random.randint(jax.random.PRNGKey(4), (7, 9), 0, 11)
+
+    def loss(p, cfg):
+        logits = apply(p, cfg, ids, train=True, key=jax.random.PRNGKey(5))[0]
+        return jnp.sum(jnp.sin(logits))
+
+    grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+    text = grad.lower(params, cfg).compile().as_text()
+    calls = [line for line in text.splitlines() if "jaxchar_lstm_forward" in line]
+    assert len(calls) == (3 if platform == "cpu" else 0)
+    assert sum("f32[64,9,7]" in line and "f32[64,0,7]" not in line for line in calls) == (
+        2 if platform == "cpu" else 0
+    )  # the two lower layers write hs_t
+    got, got_grad = grad(params, cfg)
+    want, want_grad = grad(params, dataclasses.replace(cfg, impl="scan"))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     for g, w in zip(jax.tree.leaves(got_grad), jax.tree.leaves(want_grad), strict=True):
         np.testing.assert_allclose(g, w, rtol=2e-4, atol=2e-5)

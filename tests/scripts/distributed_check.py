@@ -70,7 +70,7 @@ try:
 except DistributedError as e:
     out["error"] = str(e)
 # hidden 64: the layers run jaxchar's C++ kernels, each device on its own rows of the batch
-wide = override(cfg, ["model.hidden=64", "model.encoding=scaled"])
+wide = override(cfg, ["model.hidden=64", "model.encoding=scaled", "model.layers=2"])
 out["kernel_one"] = [h["train_loss"] for h in fit(wide, corpus.train_ids).history]
 for name, sets in (("kernel_four", []), ("kernel_fsdp", ["train.shard_params=true"])):
     res = fit(override(wide, sets), corpus.train_ids, mesh=make_mesh(4))
@@ -80,8 +80,8 @@ params = init_params(wide.model, jax.random.PRNGKey(0))
 ids = jax.device_put(np.zeros((8, 16), np.int32), NamedSharding(mesh, P(DATA_AXIS)))
 
 
-def loss(p, ids):
-    return jnp.mean(apply(p, wide.model, ids)[0] ** 2)
+def loss(p, ids):  # training: the lower layer also writes its outputs as [H, T, B]
+    return jnp.mean(apply(p, wide.model, ids, train=True, key=jax.random.PRNGKey(1))[0] ** 2)
 
 
 hlo = jax.jit(jax.grad(loss)).lower(params, ids).compile().as_text()
