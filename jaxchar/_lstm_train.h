@@ -11,7 +11,12 @@
 #ifndef JAXCHAR_LSTM_TRAIN_H_
 #define JAXCHAR_LSTM_TRAIN_H_
 
+#include <cstdint>
 #include <vector>
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 #include "_lstm_loop.h"
 
@@ -60,15 +65,15 @@ inline void block_product(const float* w, int rows, size_t tile_stride, int tile
   }
 }
 
-// the gates of `units` cells from z [4 x units], written to a [4 x H]-strided row of acts,
-// and the new c and h
+// the gates of `units` cells from z [4 x units], written to a [4 x units] row a, and the new
+// c and h
 template <bool kHard>
 void forward_cells(const float* __restrict z, float* __restrict c, float* __restrict h,
-                   float* __restrict a, int H, int units) {
+                   float* __restrict a, int units) {
   for (int u = 0; u < units; u++) {
     const float i = gate<kHard>(z[u]), f = gate<kHard>(z[units + u]);
     const float g = tanh_approx(z[2 * units + u]), o = gate<kHard>(z[3 * units + u]);
-    a[u] = i, a[H + u] = f, a[2 * H + u] = g, a[3 * H + u] = o;
+    a[u] = i, a[units + u] = f, a[2 * units + u] = g, a[3 * units + u] = o;
     c[u] = f * c[u] + i * g;
     h[u] = o * tanh_approx(c[u]);
   }
@@ -80,8 +85,9 @@ inline float through_gate(float d, float a) {  // d times the gate's slope at it
   return d * a * (1.0f - a);
 }
 
-// dz of `units` cells, written to a [4 x H]-strided row, from the gradient reaching h (dh)
-// and the running dc (writing a second, packed copy stopped g++ vectorizing the loop)
+// dz of `units` cells, written to a [4 x units] row, from their gates (a [4 x H]-strided row
+// of acts), the gradient reaching h (dh) and the running dc (writing a second copy of dz
+// here stopped g++ vectorizing the loop)
 template <bool kHard>
 void backward_cells(const float* __restrict a, const float* __restrict c,
                     const float* __restrict c_prev, const float* __restrict dh,
@@ -92,7 +98,7 @@ void backward_cells(const float* __restrict a, const float* __restrict c,
     const float d = dc[u] + dh[u] * o * (1.0f - tc * tc);
     const float zi = through_gate<kHard>(d * g, i), zf = through_gate<kHard>(d * c_prev[u], f);
     const float zg = d * i * (1.0f - g * g), zo = through_gate<kHard>(dh[u] * tc, o);
-    dz[u] = zi, dz[H + u] = zf, dz[2 * H + u] = zg, dz[3 * H + u] = zo;
+    dz[u] = zi, dz[units + u] = zf, dz[2 * units + u] = zg, dz[3 * units + u] = zo;
     dc[u] = d * f;
   }
 }
@@ -116,6 +122,25 @@ inline std::vector<float> own_units(const LayerProblem& p, const float* state, i
   return out;
 }
 
+// n floats to dst past the caches (non-temporal stores: no read of dst's lines first, no
+// eviction of the packed weights) where dst is aligned; for the [T, B, 4H] arrays, written
+// once a call and read back after it (5% of a training step in an interleaved A/B)
+inline void stream_out(const float* src, float* dst, int n) {
+#ifdef __AVX512F__
+  if ((reinterpret_cast<uintptr_t>(dst) & 63) == 0 && n % 16 == 0) {
+    for (int i = 0; i < n; i += 16) _mm512_stream_ps(dst + i, _mm512_loadu_ps(src + i));
+    return;
+  }
+#endif
+  std::copy(src, src + n, dst);
+}
+
+inline void stream_fence() {
+#ifdef __AVX512F__
+  _mm_sfence();  // the streamed stores visible before the call returns
+#endif
+}
+
 // the units [first, first + units) of a [B, H] state into step n of a [H, T, B] array
 inline void transpose_units(const LayerProblem& p, const float* h, int first, int units,
                             float* out, int n) {
@@ -135,6 +160,7 @@ inline void forward_work(const LayerProblem& p, LayerShared& s, int t) {
     w[(static_cast<size_t>(k / kTile) * H + r) * kTile + k % kTile] = v;
   });
   std::vector<float> c = own_units(p, p.c0, first, units), z(static_cast<size_t>(kBlock) * cols);
+  std::vector<float> act(cols);  // a row's gates, then streamed out to acts
   auto cells = p.kind == 1 ? forward_cells<true> : forward_cells<false>;
   int sense = 0;
   for (int n = 0; n < p.steps; n++) {
@@ -162,9 +188,10 @@ inline void forward_work(const LayerProblem& p, LayerShared& s, int t) {
                     z.data(), cols, block);
       for (int b = 0; b < block; b++) {
         const int64_t row = at + b0 + b;
-        cells(&z[b * cols], &c[(b0 + b) * units], p.hs + row * H + first,
-              p.acts_out + row * 4 * H + first, H, units);
-        std::copy(&c[(b0 + b) * units], &c[(b0 + b + 1) * units], p.cs_out + row * H + first);
+        cells(&z[b * cols], &c[(b0 + b) * units], p.hs + row * H + first, act.data(), units);
+        for (int g = 0; g < 4; g++)
+          stream_out(&act[g * units], p.acts_out + row * 4 * H + g * H + first, units);
+        stream_out(&c[(b0 + b) * units], p.cs_out + row * H + first, units);
       }
     }
     s.barrier.wait(sense);  // this step's h complete: the next step reads all of it
@@ -172,6 +199,7 @@ inline void forward_work(const LayerProblem& p, LayerShared& s, int t) {
   const int last = p.steps - 1;  // for the next layer's d w_in
   if (p.hs_t) transpose_units(p, p.hs + static_cast<int64_t>(last) * B * H, first, units,
                               p.hs_t, last);
+  stream_fence();
 }
 
 inline void backward_work(const LayerProblem& p, LayerShared& s, int t) {
@@ -185,6 +213,8 @@ inline void backward_work(const LayerProblem& p, LayerShared& s, int t) {
   std::vector<float> dc = own_units(p, p.d_c, first, units);
   std::vector<float> dh = own_units(p, p.d_h, first, units);
   auto cells = p.kind == 1 ? backward_cells<true> : backward_cells<false>;
+  // the block's dz rows: the product reads them here, then they are streamed out
+  std::vector<float> dzs(static_cast<size_t>(kBlock) * cols);
   int sense = 0;
   for (int n = p.steps - 1; n >= 0; n--) {
     const int64_t at = static_cast<int64_t>(n) * B;
@@ -198,15 +228,19 @@ inline void backward_work(const LayerProblem& p, LayerShared& s, int t) {
         const float* d_out = p.d_hs + row * H + first;
         for (int u = 0; u < units; u++) dhb[u] += d_out[u];
         cells(p.acts + row * 4 * H + first, p.cs + row * H + first,
-              c_prev + (b0 + b) * H + first, dhb, &dc[(b0 + b) * units],
-              p.dz + row * 4 * H + first, H, units);
+              c_prev + (b0 + b) * H + first, dhb, &dc[(b0 + b) * units], &dzs[b * cols], H,
+              units);
       }
       float* out = mine + static_cast<size_t>(b0) * H;  // this thread's share of dh_prev
       std::fill(out, out + static_cast<size_t>(block) * H, 0.0f);
-      for (int g = 0; g < 4; g++)  // from the block's dz rows, gate by gate (in cache)
+      for (int g = 0; g < 4; g++)  // from the block's dz rows, gate by gate (in L1)
         block_product(&w[static_cast<size_t>(g) * units * kTile], units,
-                      static_cast<size_t>(cols) * kTile, tiles,
-                      p.dz + (at + b0) * 4 * H + g * H + first, 4 * H, out, H, block);
+                      static_cast<size_t>(cols) * kTile, tiles, &dzs[g * units], cols, out, H,
+                      block);
+      for (int b = 0; b < block; b++)
+        for (int g = 0; g < 4; g++)
+          stream_out(&dzs[b * cols + g * units], p.dz + (at + b0 + b) * 4 * H + g * H + first,
+                     units);
     }
     s.barrier.wait(sense);  // every share of dh_prev complete
     const float* shares = &s.partial[(n % 2) * T * static_cast<size_t>(B) * H];
@@ -219,6 +253,7 @@ inline void backward_work(const LayerProblem& p, LayerShared& s, int t) {
       }
     }
   }
+  stream_fence();
   for (int b = 0; b < B; b++) {
     std::copy(&dc[b * units], &dc[(b + 1) * units], p.dc0 + b * H + first);
     std::copy(&dh[b * units], &dh[(b + 1) * units], p.dh0 + b * H + first);

@@ -176,7 +176,8 @@ ffi::Error LayerForward(ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::F32> xs,
                         ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::F32> h0,
                         ffi::ResultBuffer<ffi::F32> hs, ffi::ResultBuffer<ffi::F32> acts,
                         ffi::ResultBuffer<ffi::F32> cs, ffi::ResultBuffer<ffi::F32> hp_t,
-                        ffi::ResultBuffer<ffi::F32> hs_t, int64_t kind, int64_t threads, ffi::ThreadPool pool) {
+                        ffi::ResultBuffer<ffi::F32> hs_t, int64_t kind, int64_t threads,
+                        ffi::ThreadPool pool) {
   auto x = xs.dimensions();
   if (x.size() != 3)
     return ffi::Error::InvalidArgument("jaxchar lstm layer: xs must be [T, B, 1] or [T, B, 4H]");
