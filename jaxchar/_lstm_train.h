@@ -26,15 +26,19 @@ constexpr int kBlock = 6;  // rows of the batch that share each weight loaded (_
 
 // Layouts (float32, row-major): w_h [H, 4H]; xs [T, B, 1] scalar features (then w_in, bias
 // [4H]) or [T, B, 4H] projected inputs (then bias [4H]); c0, h0 [B, H]; hs, cs
-// [T, B, H]; acts [T, B, 4H], the gates' outputs (i, f, g, o); hp_t [H, T, B], each step's
-// h_{t-1} (h0 first) transposed, which is how XLA's product for the recurrent kernel's
-// gradient wants it (XLA transposed a copy itself otherwise); d_hs [T, B, H]; dz [T, B, 4H].
+// [T, B, H]; acts [T, B, 4H], the gates' outputs (i, f, g, o); hp_t [H + extra, T, B], each
+// step's h_{t-1} (h0 first) transposed, which is how XLA's product for the recurrent kernel's
+// gradient wants it (XLA transposed a copy itself otherwise), then the scalar features xs
+// (scalar inputs only) and a row of ones: with them that one product over dz also gives the
+// input kernel's and the bias's gradients, instead of two more passes over dz in XLA; d_hs
+// [T, B, H]; dz [T, B, 4H].
 struct LayerProblem {
   int steps, batch, hidden, threads;
   int64_t kind;  // 0 sigmoid, 1 hard sigmoid
   bool scalar;
   const float *w_h, *xs, *w_in, *bias, *c0, *h0;
-  float *hs, *acts_out, *cs_out, *hp_t;          // forward outputs (hp_t: [H, T, B])
+  float *hs, *acts_out, *cs_out, *hp_t;          // forward outputs (hp_t: [H + 1 + scalar,
+                                                 // T, B])
   float* hs_t;                                   // hs transposed, [H, T, B], or null
   const float *acts, *cs, *d_hs, *d_c, *d_h;     // backward inputs (d_c, d_h: [B, H])
   float *dz, *dc0, *dh0;                         // backward outputs
@@ -162,6 +166,12 @@ inline void forward_work(const LayerProblem& p, LayerShared& s, int t) {
   std::vector<float> c = own_units(p, p.c0, first, units), z(static_cast<size_t>(kBlock) * cols);
   std::vector<float> act(cols);  // a row's gates, then streamed out to acts
   auto cells = p.kind == 1 ? forward_cells<true> : forward_cells<false>;
+  if (t == p.threads - 1) {  // hp_t's rows after h's: the scalar features, then ones
+    const int64_t count = static_cast<int64_t>(p.steps) * B;
+    float* extra = p.hp_t + static_cast<int64_t>(H) * count;
+    if (p.scalar) extra = std::copy(p.xs, p.xs + count, extra);
+    std::fill(extra, extra + count, 1.0f);
+  }
   int sense = 0;
   for (int n = 0; n < p.steps; n++) {
     const int64_t at = static_cast<int64_t>(n) * B;  // row (n, 0) of the [T, B, ...] arrays

@@ -169,8 +169,8 @@ ffi::Error CheckLayer(const jaxchar::LayerProblem& p, ffi::Buffer<ffi::F32>& w_h
 }
 
 // Forward: xs [T, B, 1] (scalar features; w_in, bias [4H]) or [T, B, 4H] (projected inputs;
-// bias [4H], w_in unread). Outputs hs, cs [T, B, H], acts [T, B, 4H], hp_t [H, T, B] and
-// hs_t, hs transposed to [H, T, B] (or empty: not wanted).
+// bias [4H], w_in unread). Outputs hs, cs [T, B, H], acts [T, B, 4H], hp_t [H + 1 + scalar,
+// T, B] (see _lstm_train.h) and hs_t, hs transposed to [H, T, B] (or empty: not wanted).
 ffi::Error LayerForward(ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::F32> xs,
                         ffi::Buffer<ffi::F32> w_in, ffi::Buffer<ffi::F32> bias,
                         ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::F32> h0,
@@ -204,7 +204,10 @@ ffi::Error LayerForward(ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::F32> xs,
   p.acts_out = acts->typed_data();
   p.cs_out = cs->typed_data();
   p.hp_t = hp_t->typed_data();
-  if (hs_t->element_count() != 0 && hs_t->element_count() != hp_t->element_count())
+  const auto states = static_cast<size_t>(p.steps) * p.batch * p.hidden;
+  if (hp_t->element_count() != states + (1 + p.scalar) * states / p.hidden)
+    return ffi::Error::InvalidArgument("jaxchar lstm layer: hp_t must be [H + 1 + scalar, T, B]");
+  if (hs_t->element_count() != 0 && hs_t->element_count() != states)
     return ffi::Error::InvalidArgument("jaxchar lstm layer: hs_t must be [H, T, B] or empty");
   p.hs_t = hs_t->element_count() ? hs_t->typed_data() : nullptr;
   if (p.steps > 0) run<jaxchar::LayerShared>(p, pool, jaxchar::forward_work);

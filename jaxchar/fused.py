@@ -103,8 +103,10 @@ def _forward(w_h, xs, c0, h0, w_in, bias, dtype, kind, with_hs_t=False):
 
     def scan_transposed(*args):  # what the kernel returns, elsewhere
         out, (acts, cs) = scan(*args)
-        h_prev = jnp.concatenate([h0[None], out[0][:-1]], axis=0)
-        return with_t(out), (acts, cs, h_prev.transpose(2, 0, 1))
+        h_prev = jnp.concatenate([h0[None], out[0][:-1]], axis=0).transpose(2, 0, 1)
+        extra = [xs[None]] if _scalar(xs) else []
+        extra.append(jnp.ones((1, *xs.shape[:2]), h_prev.dtype))
+        return with_t(out), (acts, cs, jnp.concatenate([h_prev, *extra], axis=0))
 
     args = w_h, gx, c0, h0, w_in, bias
     return jax.lax.platform_dependent(*args, cpu=kernel, default=scan_transposed)
@@ -172,18 +174,22 @@ def _bwd(dtype, kind, with_hs_t, res, grads):
         dims = (time_batch, (0, 1)), ((), ())
         return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
+    hidden = w_h.shape[0]
     if h_prev_t is None:
         d_w_h = weight_grad(jnp.concatenate([h0[None], hs[:-1]], axis=0))
-    else:  # the kernel's [H, T, B], the layout the product wants
-        d_w_h = weight_grad(h_prev_t, (1, 2))
+        d_bias = dz.sum(axis=(0, 1))
+        d_w_in = weight_grad(xs[..., None])[0] if _scalar(xs) else None
+    else:  # [H + 1 + scalar, T, B]: h_{t-1}, the layout the product wants, (xs,) ones
+        d = weight_grad(h_prev_t, (1, 2))
+        d_w_h, d_bias = d[:hidden], d[-1]
+        d_w_in = d[hidden] if _scalar(xs) else None
     if _scalar(xs):
-        d_w_in = weight_grad(xs[..., None])[0]
         d_xs = jnp.dot(dz, w_in)  # [T, B]
     else:
         d_w_in = weight_grad(xs) if xs_t is None else weight_grad(xs_t, (1, 2))
         d_xs = matmul(dz, w_in.T, dtype).astype(xs.dtype)  # [T, B, F]
     d_xs_t = None if xs_t is None else jnp.zeros_like(xs_t)
-    return d_w_h, d_xs, dc0, dh0, d_w_in, dz.sum(axis=(0, 1)), d_xs_t
+    return d_w_h, d_xs, dc0, dh0, d_w_in, d_bias, d_xs_t
 
 
 def _scan_backward(w_h, acts, cs, c0, d_hs, d_c_last, d_h_last, dtype, kind):

@@ -222,7 +222,8 @@ def _forward(w_h, xs, w_in, bias, c0, h0, gate, threads, hs_t):
     steps, batch, hidden = xs.shape[0], xs.shape[1], w_h.shape[0]
     state = jax.ShapeDtypeStruct((steps, batch, hidden), jnp.float32)
     gates = jax.ShapeDtypeStruct((steps, batch, 4 * hidden), jnp.float32)
-    prev = jax.ShapeDtypeStruct((hidden, steps, batch), jnp.float32)
+    extra = 1 + (xs.shape[2] == 1)  # the scalar features' row, then a row of ones
+    prev = jax.ShapeDtypeStruct((hidden + extra, steps, batch), jnp.float32)
     # hs transposed, or nothing for the kernel to write
     out_t = jax.ShapeDtypeStruct((hidden, steps if hs_t else 0, batch), jnp.float32)
     results = state, gates, state, prev, out_t
@@ -276,9 +277,11 @@ def layer_forward(
     """The forward recurrence of jaxchar.fused.lstm_layer in C++: xs [T, B] scalar features
     (w_in, bias [4H]) or [T, B, 4H] projected inputs, to which the kernel adds bias [4H] (w_in
     then unused). Returns hs [T, B, H] and what the backward pass needs: the gates' outputs
-    acts [T, B, 4H] (i, f, g, o), the cell states cs [T, B, H] and each step's previous h,
-    transposed: [H, T, B] (h0 first); with `hs_t`, also hs transposed, [H, T, B] (for the
-    next layer's input-kernel gradient). `threads` defaults to `threads_for(hidden)`."""
+    acts [T, B, 4H] (i, f, g, o), the cell states cs [T, B, H] and h_prev_t [H + 1 + scalar,
+    T, B]: each step's previous h transposed (h0 first), then for scalar features xs itself,
+    then ones (one product of h_prev_t with dz gives the gradients of w_h, of a scalar
+    w_in and of the bias); with `hs_t`, also hs transposed, [H, T, B] (for the next layer's
+    input-kernel gradient). `threads` defaults to `threads_for(hidden)`."""
     _require()
     hidden = w_h.shape[0]
     f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731

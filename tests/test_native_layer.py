@@ -55,7 +55,9 @@ def test_recurrences_match_the_scan_loops(scalar, kind, threads):
     for got, want in ((hs, want_hs), (acts, want_acts), (cs, want_cs)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     h_prev = np.concatenate([np.asarray(h0)[None], np.asarray(hs)[:-1]])  # [T, B, H]
-    np.testing.assert_array_equal(h_prev_t, h_prev.transpose(2, 0, 1))
+    extra = [np.asarray(xs)[None]] if scalar else []  # then the scalar features, then ones
+    want_t = np.concatenate([h_prev.transpose(2, 0, 1), *extra, np.ones((1, *xs.shape[:2]))])
+    np.testing.assert_array_equal(h_prev_t, want_t)
     np.testing.assert_allclose(cs[-1], want_c, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(hs[-1], want_h, rtol=1e-5, atol=1e-5)
 
