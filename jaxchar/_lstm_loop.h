@@ -13,6 +13,10 @@
 #include <thread>
 #include <vector>
 
+#ifdef __AVX512BF16__
+#include <immintrin.h>
+#endif
+
 namespace jaxchar {
 
 constexpr int kTile = 64;  // columns a thread accumulates at once: 4 gates x 16 units
@@ -82,6 +86,7 @@ struct Problem {
   const float *recurrent, *upper, *upper_bias, *table, *head, *head_bias;
   const float *c0, *h0, *logits0, *noise;
   float temperature;
+  bool bf16 = false;  // the LSTM products in bfloat16, float32 sums (model.dtype bfloat16)
   int32_t* ids;
   float *c_out, *h_out, *logits_out;
 };
@@ -210,6 +215,64 @@ inline void tile_rows(const float* __restrict w, int rows, const float* __restri
     for (int j = 0; j < kVecs; j++) reinterpret_cast<Vec16*>(z + b * z_stride)[j] = acc[b][j];
 }
 
+#ifdef __AVX512BF16__
+constexpr bool kHasBf16 = true;
+
+// tile_rows in bfloat16: w packed [pairs][kTile] of (row 2r, row 2r + 1) bfloat16 pairs, x
+// [kRows][pairs] the same pairs of each row's inputs; float32 sums, as XLA's bfloat16 products
+// with a float32 result. vdpbf16ps does two of tile_rows' multiply-adds per instruction
+template <int kRows>
+inline void tile_rows_bf16(const uint32_t* __restrict w, int pairs, const uint32_t* __restrict x,
+                           int x_stride, float* __restrict z, int z_stride) {
+  __m512 acc[kRows][kVecs];
+  for (int b = 0; b < kRows; b++)
+    for (int j = 0; j < kVecs; j++) acc[b][j] = _mm512_loadu_ps(z + b * z_stride + 16 * j);
+  for (int r = 0; r < pairs; r++, w += kTile) {
+    __m512bh wr[kVecs];
+    for (int j = 0; j < kVecs; j++) {
+      wr[j] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(w + 16 * j));
+      asm("" : "+v"(wr[j]));  // loaded once for all the rows (see in_register)
+    }
+    for (int b = 0; b < kRows; b++) {
+      const auto xr = reinterpret_cast<__m512bh>(_mm512_set1_epi32(x[b * x_stride + r]));
+      for (int j = 0; j < kVecs; j++) acc[b][j] = _mm512_dpbf16_ps(acc[b][j], xr, wr[j]);
+    }
+  }
+  for (int b = 0; b < kRows; b++)
+    for (int j = 0; j < kVecs; j++) _mm512_storeu_ps(z + b * z_stride + 16 * j, acc[b][j]);
+}
+
+// n floats (n % 32 == 0) to bfloat16, rounding to nearest even, two to a uint32
+inline void to_bf16(const float* from, uint32_t* to, int n) {
+  for (int i = 0; i < n; i += 32) {
+    const __m512bh v =
+        _mm512_cvtne2ps_pbh(_mm512_loadu_ps(from + i + 16), _mm512_loadu_ps(from + i));
+    _mm512_storeu_si512(to + i / 2, reinterpret_cast<__m512i>(v));
+  }
+}
+
+inline void product_bf16(const std::vector<uint32_t>& w16, int rows, const uint32_t* x16,
+                         int B, int H, float* z, int cols, int tiles) {
+  for (int tile = 0; tile < tiles; tile++) {
+    const uint32_t* w = &w16[static_cast<size_t>(tile) * rows / 2 * kTile];
+    for (int b = 0; b < B; b += 6) {
+      const uint32_t* xb = x16 + b * H;
+      float* zb = z + b * cols + tile * kTile;
+      switch (std::min(B - b, 6)) {
+        case 1: tile_rows_bf16<1>(w, rows / 2, xb, H, zb, cols); break;
+        case 2: tile_rows_bf16<2>(w, rows / 2, xb, H, zb, cols); break;
+        case 3: tile_rows_bf16<3>(w, rows / 2, xb, H, zb, cols); break;
+        case 4: tile_rows_bf16<4>(w, rows / 2, xb, H, zb, cols); break;
+        case 5: tile_rows_bf16<5>(w, rows / 2, xb, H, zb, cols); break;
+        default: tile_rows_bf16<6>(w, rows / 2, xb, H, zb, cols); break;
+      }
+    }
+  }
+}
+#else
+constexpr bool kHasBf16 = false;
+#endif
+
 inline void work(const Problem& p, Shared& s, int t) {
   const int H = p.hidden, L = p.layers, units = H / p.threads, first = t * units;
   const int cols = 4 * units, tiles = cols / kTile;
@@ -236,6 +299,23 @@ inline void work(const Problem& p, Shared& s, int t) {
     for (int k = 0; l > 0 && k < cols; k++)
       bias[l][k] = p.upper_bias[(l - 1) * 4 * H + source_col[k]];
   }
+#ifdef __AVX512BF16__
+  // in bfloat16: each tile's rows in pairs, [tiles][rows / 2][kTile] of (row 2r, row 2r + 1)
+  std::vector<std::vector<uint32_t>> packed16(p.bf16 ? L : 0);
+  for (int l = 0; l < static_cast<int>(packed16.size()); l++) {
+    const int rows = l == 0 ? H : 2 * H;
+    std::vector<float> pair(2 * kTile);
+    packed16[l].resize(static_cast<size_t>(rows) / 2 * cols);
+    for (int tile = 0; tile < tiles; tile++)
+      for (int r = 0; r < rows; r += 2) {
+        const float* from = &packed[l][(static_cast<size_t>(tile) * rows + r) * kTile];
+        for (int k = 0; k < kTile; k++) pair[2 * k] = from[k], pair[2 * k + 1] = from[kTile + k];
+        to_bf16(pair.data(), &packed16[l][(static_cast<size_t>(tile) * rows + r) / 2 * kTile],
+                2 * kTile);
+      }
+  }
+  std::vector<uint32_t> x16(p.bf16 ? static_cast<size_t>(p.batch) * p.hidden : 0);
+#endif
   // this thread's rows of the head, [units, vp], zero beyond the vocabulary
   const int V = p.vocab, vp = Shared::padded(V), T = p.threads;
   std::vector<float> head(static_cast<size_t>(units) * vp, 0.0f);
@@ -280,7 +360,13 @@ inline void work(const Problem& p, Shared& s, int t) {
           std::copy(bias[l].begin(), bias[l].end(), zb);
         }
       }
-      for (int tile = 0; tile < tiles; tile++) {
+#ifdef __AVX512BF16__
+      if (p.bf16) {
+        for (int b = 0; b < B; b++) to_bf16(&x[b * 2 * H], &x16[b * H], rows);
+        product_bf16(packed16[l], rows, x16.data(), B, H, z.data(), cols, tiles);
+      }
+#endif
+      for (int tile = 0; tile < tiles && !p.bf16; tile++) {
         const float* w = &packed[l][static_cast<size_t>(tile) * rows * kTile];
         for (int b = 0; b < B; b += 6) {  // the batch in blocks of up to 6 rows
           const float* xb = &x[b * 2 * H];

@@ -112,7 +112,7 @@ ffi::Error Generate(ffi::Buffer<ffi::F32> recurrent, ffi::Buffer<ffi::F32> upper
                     ffi::Buffer<ffi::F32> temperature, ffi::ResultBuffer<ffi::S32> ids,
                     ffi::ResultBuffer<ffi::F32> c_out, ffi::ResultBuffer<ffi::F32> h_out,
                     ffi::ResultBuffer<ffi::F32> logits_out, int64_t kind, int64_t threads,
-                    ffi::ThreadPool pool) {
+                    int64_t bf16, ffi::ThreadPool pool) {
   auto rec = recurrent.dimensions();
   auto tab = table.dimensions();
   auto start = c0.dimensions();
@@ -129,6 +129,9 @@ ffi::Error Generate(ffi::Buffer<ffi::F32> recurrent, ffi::Buffer<ffi::F32> upper
   p.prompt = prompt.typed_data();
   p.threads = static_cast<int>(threads);
   p.kind = kind;
+  p.bf16 = bf16 != 0;
+  if (p.bf16 && (!jaxchar::kHasBf16 || p.hidden % 32 != 0))
+    return ffi::Error::InvalidArgument("jaxchar native generate: no bfloat16 here, or hidden % 32");
   if (rec[2] != 4 * rec[1] || tab[1] != rec[2] || threads < 1 || p.hidden % (16 * threads) != 0 ||
       start[0] != rec[0] || start[2] != rec[1] || prompt.dimensions()[0] != p.batch ||
       noise.dimensions()[1] != p.batch || noise.dimensions()[2] != p.vocab)
@@ -277,6 +280,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxcharGenerate, Generate,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // logits
                                   .Attr<int64_t>("gate")
                                   .Attr<int64_t>("threads")
+                                  .Attr<int64_t>("bf16")
                                   .Ctx<ffi::ThreadPool>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxcharLayerForward, LayerForward,
@@ -327,6 +331,9 @@ static bool cpu_runs_this_build() {
 #ifdef __FMA__
   if (!__builtin_cpu_supports("fma")) return false;
 #endif
+#ifdef __AVX512BF16__
+  if (!__builtin_cpu_supports("avx512bf16")) return false;
+#endif
 #endif
   return true;
 }
@@ -343,8 +350,12 @@ static PyObject* targets(PyObject*, PyObject*) {
                        "jaxchar_lstm_backward", capsule(JaxcharLayerBackward));
 }
 
+// Whether jaxchar_generate runs bfloat16 products (a build for a CPU with AVX512-BF16)
+static PyObject* bf16(PyObject*, PyObject*) { return PyBool_FromLong(jaxchar::kHasBf16); }
+
 static PyMethodDef kMethods[] = {
     {"targets", targets, METH_NOARGS, "The XLA FFI handlers, by target name."},
+    {"bf16", bf16, METH_NOARGS, "Whether generation runs bfloat16 products."},
     {nullptr, nullptr, 0, nullptr}};
 
 static PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_native", nullptr, -1, kMethods};

@@ -65,18 +65,21 @@ def available() -> bool:
 
 
 def supports(cfg: ModelConfig, rows: int, top_k: int | None, top_p) -> bool:
-    """Whether `generate` can run this sampling: LSTM cells in float32, at most MAX_ROWS rows,
-    hidden a multiple of 16, no top-k or top-p filter, not the scan reference, kernel built."""
-    return (
-        cfg.cell == "lstm"
-        and cfg.dtype == "float32"
-        and cfg.impl != "scan"
-        and cfg.hidden % 16 == 0
-        and rows <= MAX_ROWS
-        and top_k is None
-        and top_p is None
-        and available()
-    )
+    """Whether `generate` can run this sampling: LSTM cells in float32 (hidden a multiple of
+    16) or in bfloat16 on a CPU with AVX512-BF16 (hidden a multiple of 32), at most MAX_ROWS
+    rows, no top-k or top-p filter, not the scan reference, kernel built."""
+    if not available() or cfg.cell != "lstm" or cfg.impl == "scan" or rows > MAX_ROWS:
+        return False
+    if top_k is not None or top_p is not None:
+        return False
+    if cfg.dtype == "bfloat16":
+        return cfg.hidden % 32 == 0 and bf16()
+    return cfg.dtype == "float32" and cfg.hidden % 16 == 0
+
+
+def bf16() -> bool:
+    """Whether the kernel was built with bfloat16 products (a CPU with AVX512-BF16)."""
+    return available() and bool(_native.bf16())
 
 
 def threads_for(hidden: int) -> int:
@@ -91,14 +94,18 @@ def threads_for(hidden: int) -> int:
 
 def _input_table(params: dict, cfg: ModelConfig) -> jax.Array:
     """Layer 0's input contribution for each character, bias included: [vocab, 4*hidden]."""
+    dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
     layer = params["lstm_0"]
     w_in, bias = layer["input_kernel"], layer["bias"]
     if cfg.encoding == "scaled":  # the model's id / vocab feature times the 1-row kernel
         feature = jnp.arange(cfg.vocab_size, dtype=jnp.float32) / cfg.vocab_size
         return feature[:, None] * w_in[0] + bias
-    if cfg.encoding == "onehot":  # a one-hot row picks a row of the kernel
-        return w_in + bias
-    return jnp.dot(params["embed"]["embedding"], w_in) + bias  # float32 only (supports)
+    if cfg.encoding == "onehot":  # a one-hot row picks a row of the kernel (exact in bfloat16
+        return w_in.astype(dtype).astype(jnp.float32) + bias  # too: the kernel's row, rounded)
+    table = params["embed"]["embedding"]  # as the model's product (fused.matmul) does
+    return (
+        jnp.dot(table.astype(dtype), w_in.astype(dtype), preferred_element_type=jnp.float32) + bias
+    )
 
 
 def generate(
@@ -163,6 +170,7 @@ def generate(
         temperature,
         gate=np.int64(cfg.gate_activation == "hard_sigmoid"),
         threads=np.int64(threads or threads_for(hidden)),
+        bf16=np.int64(cfg.dtype == "bfloat16"),
     )
     carry = tuple((c[layer], h[layer]) for layer in range(layers))
     return (carry, last), ids

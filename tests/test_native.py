@@ -189,6 +189,55 @@ def test_a_prompt_outside_the_vocabulary_is_an_error_not_a_wild_read():
         out.block_until_ready()
 
 
+BF16 = [dataclasses.replace(cfg, dtype="bfloat16") for cfg in CONFIGS]
+needs_bf16 = pytest.mark.skipif(not native.bf16(), reason="no AVX512-BF16 in this build")
+
+
+@needs_bf16
+@pytest.mark.parametrize("cfg", BF16, ids=["scaled-1", "embed-2", "onehot-2-hard"])
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_bfloat16_kernel_draws_the_characters_the_bfloat16_scan_draws(cfg, temperature):
+    # the same bfloat16 operands (weights and h rounded to nearest even), float32 sums
+    params = _params(cfg)
+    prompt = jax.random.randint(jax.random.PRNGKey(1), (3, 20), 0, cfg.vocab_size)
+    key = jax.random.PRNGKey(2)
+    lowered = sample.lower(params, key, prompt, cfg=cfg, length=80, temperature=temperature)
+    assert "jaxchar_generate" in lowered.as_text()
+    got = sample(params, key, prompt, cfg=cfg, length=80, temperature=temperature)
+    want = sample(params, key, prompt, cfg=_reference(cfg), length=80, temperature=temperature)
+    np.testing.assert_array_equal(got, want)
+    assert len(set(np.asarray(got).ravel().tolist())) > 1  # not one character repeated
+
+
+@needs_bf16
+def test_bfloat16_kernel_state_and_logits_match_the_bfloat16_model():
+    cfg, rows = BF16[1], 7  # two layers: the upper one's input product in bfloat16 too
+    params = _params(cfg, seed=5)
+    prompt = jax.random.randint(jax.random.PRNGKey(9), (rows, 4), 0, cfg.vocab_size)
+    keys = jax.random.split(jax.random.PRNGKey(10), 30)
+    (carry, logits), ids = jax.jit(
+        lambda params, keys: native.generate(
+            params, cfg, init_carry(cfg, rows), jnp.zeros((rows, 13)), keys, 0.0, prompt, 2
+        )
+    )(params, keys)
+    every = jnp.concatenate([prompt, ids], axis=1)
+    want_logits, want_carry = apply(params, _reference(cfg), every, init_carry(cfg, rows))
+    np.testing.assert_array_equal(ids, jnp.argmax(want_logits[:, 3:-1], axis=-1))
+    # float32 sums in another order can move an h across a bfloat16 rounding boundary
+    np.testing.assert_allclose(logits, want_logits[:, -1], rtol=1e-3, atol=1e-3)
+    for (c, h), (wc, wh) in zip(carry, want_carry, strict=True):
+        np.testing.assert_allclose(c, wc, rtol=1e-3, atol=1e-3)
+        np.testing.assert_allclose(h, wh, rtol=1e-3, atol=1e-3)
+    float32, _ = apply(params, _reference(CONFIGS[1]), every, init_carry(cfg, rows))
+    assert np.abs(np.asarray(float32[:, -1]) - np.asarray(logits)).max() > 1e-3  # it is bf16
+
+
+def test_bfloat16_generation_needs_hidden_a_multiple_of_32():
+    cfg = dataclasses.replace(BF16[0], hidden=48)
+    assert not native.supports(cfg, 1, None, None)
+    assert native.supports(CONFIGS[0], 1, None, None) and CONFIGS[0].hidden % 32 == 0
+
+
 def test_a_build_this_cpu_cannot_run_leaves_sampling_to_the_scan(monkeypatch):
     # the extension reports no targets where the CPU lacks its build's instructions
     class ForeignBuild:
