@@ -137,9 +137,10 @@ def test_kernel_draws_each_rows_characters_as_the_scan_does(rows):
     assert len({tuple(row) for row in np.asarray(got).tolist()}) == rows  # rows differ
 
 
-def test_batched_kernel_state_and_logits_match_the_model():
-    cfg = CONFIGS[2]
-    rows, params = 5, _params(cfg, seed=5)
+def _kernel_against_the_model(cfg, rows, seed, rtol, atol):
+    """Argmax characters from the kernel after a prompt per row; the model over the same
+    characters must give them, and the kernel's final state and logits. Returns the logits."""
+    params = _params(cfg, seed=seed)
     prompt = jax.random.randint(jax.random.PRNGKey(9), (rows, 4), 0, cfg.vocab_size)
     keys = jax.random.split(jax.random.PRNGKey(10), 30)
     (carry, logits), ids = jax.jit(
@@ -150,10 +151,15 @@ def test_batched_kernel_state_and_logits_match_the_model():
     every = jnp.concatenate([prompt, ids], axis=1)
     want_logits, want_carry = apply(params, _reference(cfg), every, init_carry(cfg, rows))
     np.testing.assert_array_equal(ids, jnp.argmax(want_logits[:, 3:-1], axis=-1))
-    np.testing.assert_allclose(logits, want_logits[:, -1], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(logits, want_logits[:, -1], rtol=rtol, atol=atol)
     for (c, h), (wc, wh) in zip(carry, want_carry, strict=True):
-        np.testing.assert_allclose(c, wc, rtol=1e-4, atol=1e-5)
-        np.testing.assert_allclose(h, wh, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(c, wc, rtol=rtol, atol=atol)
+        np.testing.assert_allclose(h, wh, rtol=rtol, atol=atol)
+    return logits, params, every
+
+
+def test_batched_kernel_state_and_logits_match_the_model():
+    _kernel_against_the_model(CONFIGS[2], rows=5, seed=5, rtol=1e-4, atol=1e-5)
 
 
 def test_streamed_chunks_carry_the_kernels_state_on():
@@ -211,24 +217,11 @@ def test_bfloat16_kernel_draws_the_characters_the_bfloat16_scan_draws(cfg, tempe
 
 @needs_bf16
 def test_bfloat16_kernel_state_and_logits_match_the_bfloat16_model():
-    cfg, rows = BF16[1], 7  # two layers: the upper one's input product in bfloat16 too
-    params = _params(cfg, seed=5)
-    prompt = jax.random.randint(jax.random.PRNGKey(9), (rows, 4), 0, cfg.vocab_size)
-    keys = jax.random.split(jax.random.PRNGKey(10), 30)
-    (carry, logits), ids = jax.jit(
-        lambda params, keys: native.generate(
-            params, cfg, init_carry(cfg, rows), jnp.zeros((rows, 13)), keys, 0.0, prompt, 2
-        )
-    )(params, keys)
-    every = jnp.concatenate([prompt, ids], axis=1)
-    want_logits, want_carry = apply(params, _reference(cfg), every, init_carry(cfg, rows))
-    np.testing.assert_array_equal(ids, jnp.argmax(want_logits[:, 3:-1], axis=-1))
-    # float32 sums in another order can move an h across a bfloat16 rounding boundary
-    np.testing.assert_allclose(logits, want_logits[:, -1], rtol=1e-3, atol=1e-3)
-    for (c, h), (wc, wh) in zip(carry, want_carry, strict=True):
-        np.testing.assert_allclose(c, wc, rtol=1e-3, atol=1e-3)
-        np.testing.assert_allclose(h, wh, rtol=1e-3, atol=1e-3)
-    float32, _ = apply(params, _reference(CONFIGS[1]), every, init_carry(cfg, rows))
+    # two layers: the upper one's input product in bfloat16 too; float32 sums in another
+    # order can move an h across a bfloat16 rounding boundary, hence the wider tolerance
+    cfg = BF16[1]
+    logits, params, every = _kernel_against_the_model(cfg, rows=7, seed=5, rtol=1e-3, atol=1e-3)
+    float32, _ = apply(params, _reference(CONFIGS[1]), every, init_carry(cfg, 7))
     assert np.abs(np.asarray(float32[:, -1]) - np.asarray(logits)).max() > 1e-3  # it is bf16
 
 
