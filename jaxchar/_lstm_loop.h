@@ -91,23 +91,28 @@ struct Problem {
   float *c_out, *h_out, *logits_out;
 };
 
+// the first 64-byte boundary in `v`, which has 16 floats to spare
+inline float* line_aligned(std::vector<float>& v) {
+  return v.data() + (-reinterpret_cast<uintptr_t>(v.data()) % 64) / sizeof(float);
+}
+
 struct Shared {
   explicit Shared(const Problem& p)
       : barrier(p.threads),
-        h(2 * p.layers * p.batch * p.hidden),
+        h_storage(2 * p.layers * p.batch * p.hidden + 16),
         storage(2 * p.threads * p.batch * padded(p.vocab) + 16) {
-    std::copy(p.h0, p.h0 + p.layers * p.batch * p.hidden, h.begin());  // time parity 0
+    std::copy(p.h0, p.h0 + p.layers * p.batch * p.hidden, h());  // time parity 0
   }
   Barrier barrier;
-  std::vector<float> h;  // [2, L, B, H]: the hidden states of two consecutive steps
+  // [2, L, B, H]: the hidden states of two consecutive steps, from a 64-byte boundary, so
+  // that where H / threads is a multiple of 16 no cache line holds two threads' units (the
+  // line where they met went back and forth between the cores at every row of every step)
+  float* h() { return line_aligned(h_storage); }
   // [2, threads, B, padded(V)]: each thread's share of the logits at two consecutive steps
-  // (each on cache lines of its own: storage's first 64-byte boundary on)
-  float* partial() {
-    const auto at = reinterpret_cast<uintptr_t>(storage.data());
-    return storage.data() + (-at % 64) / sizeof(float);
-  }
+  // (each on cache lines of its own)
+  float* partial() { return line_aligned(storage); }
   static int padded(int vocab) { return (vocab + 15) / 16 * 16; }
-  std::vector<float> storage;
+  std::vector<float> h_storage, storage;
 };
 
 // 16 floats as one value (a zmm register with AVX-512; two or four narrower ones without):
@@ -215,6 +220,30 @@ inline void tile_rows(const float* __restrict w, int rows, const float* __restri
     for (int j = 0; j < kVecs; j++) reinterpret_cast<Vec16*>(z + b * z_stride)[j] = acc[b][j];
 }
 
+// z[B, cols] += x[B, :rows] @ w (w: `tiles` packed tiles, `tile_stride` floats apart, the
+// first `rows` rows of each), the batch in blocks of up to 6
+// rows. Not inlined: inside work, g++ kept two of tile_rows<6>'s weight registers on the
+// stack, storing them at every row of the weights, and the product took 30% longer
+// (~190 against ~150 us of a batch-64 step).
+[[gnu::noinline]] inline void product(const float* w, int tile_stride, int rows,
+                                      const float* x, int x_stride, int B, float* z, int cols,
+                                      int tiles) {
+  for (int tile = 0; tile < tiles; tile++, w += tile_stride) {
+    for (int b = 0; b < B; b += 6) {
+      const float* xb = x + b * x_stride;
+      float* zb = z + b * cols + tile * kTile;
+      switch (std::min(B - b, 6)) {
+        case 1: tile_rows<1>(w, rows, xb, x_stride, zb, cols); break;
+        case 2: tile_rows<2>(w, rows, xb, x_stride, zb, cols); break;
+        case 3: tile_rows<3>(w, rows, xb, x_stride, zb, cols); break;
+        case 4: tile_rows<4>(w, rows, xb, x_stride, zb, cols); break;
+        case 5: tile_rows<5>(w, rows, xb, x_stride, zb, cols); break;
+        default: tile_rows<6>(w, rows, xb, x_stride, zb, cols); break;
+      }
+    }
+  }
+}
+
 #ifdef __AVX512BF16__
 constexpr bool kHasBf16 = true;
 
@@ -251,8 +280,9 @@ inline void to_bf16(const float* from, uint32_t* to, int n) {
   }
 }
 
-inline void product_bf16(const std::vector<uint32_t>& w16, int rows, const uint32_t* x16,
-                         int B, int H, float* z, int cols, int tiles) {
+[[gnu::noinline]] inline void product_bf16(const std::vector<uint32_t>& w16, int rows,
+                                           const uint32_t* x16, int B, int H, float* z, int cols,
+                                           int tiles) {
   for (int tile = 0; tile < tiles; tile++) {
     const uint32_t* w = &w16[static_cast<size_t>(tile) * rows / 2 * kTile];
     for (int b = 0; b < B; b += 6) {
@@ -316,16 +346,18 @@ inline void work(const Problem& p, Shared& s, int t) {
   }
   std::vector<uint32_t> x16(p.bf16 ? static_cast<size_t>(p.batch) * p.hidden : 0);
 #endif
-  // this thread's rows of the head, [units, vp], zero beyond the vocabulary
+  // this thread's rows of the head, [units, vp], zero beyond the vocabulary, from a 64-byte
+  // boundary (with a row's 3 loads to 12 multiply-adds, loads split over two cache lines
+  // made one thread's share take ~45% longer than the other's)
   const int V = p.vocab, vp = Shared::padded(V), T = p.threads;
-  std::vector<float> head(static_cast<size_t>(units) * vp, 0.0f);
+  std::vector<float> head_storage(static_cast<size_t>(units) * vp + 16, 0.0f);
+  float* head = line_aligned(head_storage);
   for (int u = 0; u < units; u++)
     std::copy(p.head + static_cast<int64_t>(first + u) * V,
               p.head + static_cast<int64_t>(first + u + 1) * V, &head[u * vp]);
-  // per row b of the batch: c [L, B, units], z [B, cols], x [B, 2H], logits [B, V]
+  // per row b of the batch: c [L, B, units], z [B, cols], logits [B, V]
   const int B = p.batch, P = p.prompt_length, N = p.steps;
   std::vector<float> c(static_cast<size_t>(L) * B * units), z(static_cast<size_t>(B) * cols);
-  std::vector<float> x(static_cast<size_t>(B) * 2 * H);
   // each thread computes its units' share of the logits before the barrier; after it, every
   // thread adds the shares (the same sums in the same order) and draws the same characters:
   // no second barrier to hand them over, and no thread idle while one works
@@ -338,54 +370,48 @@ inline void work(const Problem& p, Shared& s, int t) {
   const int total = P + N;
   for (int n = 0; n < total; n++) {
     const int drawn = n - P;  // < 0 while reading the prompt
-    float* prev = &s.h[(n % 2) * L * B * H];
-    float* cur = &s.h[((n + 1) % 2) * L * B * H];
+    float* prev = s.h() + (n % 2) * L * B * H;
+    float* cur = s.h() + ((n + 1) % 2) * L * B * H;
     for (int b = 0; b < B; b++) {
       next[b] = drawn < 0 ? p.prompt[b * P + n] : draw(p, &logits[b * V], drawn, b);
       if (t == 0 && drawn >= 0) p.ids[static_cast<int64_t>(b) * N + drawn] = next[b];
     }
     for (int l = 0; l < L; l++) {
-      const int rows = l == 0 ? H : 2 * H;
+      // the layer's inputs, each [B, H]: the last step's h of the layer, and for l > 0 first
+      // this step's h of the layer below (the rows of the packed kernels in that order)
+      const float* own = prev + l * B * H;
+      const float* below = l > 0 ? cur + (l - 1) * B * H : nullptr;
       for (int b = 0; b < B; b++) {
-        float* xb = &x[b * 2 * H];
         float* zb = &z[b * cols];
         if (l == 0) {
-          std::copy(prev + b * H, prev + (b + 1) * H, xb);
           const float* row = p.table + static_cast<int64_t>(next[b]) * 4 * H;
           for (int g = 0; g < 4; g++)  // this thread's units of each gate
             std::copy(row + g * H + first, row + g * H + first + units, zb + g * units);
-        } else {  // [h of the layer below at this step, this layer's h at the last one]
-          std::copy(cur + ((l - 1) * B + b) * H, cur + ((l - 1) * B + b + 1) * H, xb);
-          std::copy(prev + (l * B + b) * H, prev + (l * B + b + 1) * H, xb + H);
+        } else {
           std::copy(bias[l].begin(), bias[l].end(), zb);
         }
       }
 #ifdef __AVX512BF16__
       if (p.bf16) {
-        for (int b = 0; b < B; b++) to_bf16(&x[b * 2 * H], &x16[b * H], rows);
+        const int rows = l == 0 ? H : 2 * H;
+        for (int b = 0; b < B; b++) {
+          if (l > 0) to_bf16(below + b * H, &x16[b * H], H);
+          to_bf16(own + b * H, &x16[b * H + (rows - H) / 2], H);
+        }
         product_bf16(packed16[l], rows, x16.data(), B, H, z.data(), cols, tiles);
       }
 #endif
-      for (int tile = 0; tile < tiles && !p.bf16; tile++) {
-        const float* w = &packed[l][static_cast<size_t>(tile) * rows * kTile];
-        for (int b = 0; b < B; b += 6) {  // the batch in blocks of up to 6 rows
-          const float* xb = &x[b * 2 * H];
-          float* zb = &z[b * cols + tile * kTile];
-          switch (std::min(B - b, 6)) {
-            case 1: tile_rows<1>(w, rows, xb, 2 * H, zb, cols); break;
-            case 2: tile_rows<2>(w, rows, xb, 2 * H, zb, cols); break;
-            case 3: tile_rows<3>(w, rows, xb, 2 * H, zb, cols); break;
-            case 4: tile_rows<4>(w, rows, xb, 2 * H, zb, cols); break;
-            case 5: tile_rows<5>(w, rows, xb, 2 * H, zb, cols); break;
-            default: tile_rows<6>(w, rows, xb, 2 * H, zb, cols); break;
-          }
-        }
+      if (!p.bf16) {  // straight from the shared h, no copy
+        const float* w = packed[l].data();
+        const int stride = (l == 0 ? H : 2 * H) * kTile;  // from one tile to the next
+        if (l > 0) product(w, stride, H, below, H, B, z.data(), cols, tiles);
+        product(w + (l == 0 ? 0 : H * kTile), stride, H, own, H, B, z.data(), cols, tiles);
       }
       auto cell_update = p.kind == 1 ? update<true> : update<false>;
       for (int b = 0; b < B; b++)
         cell_update(&z[b * cols], &c[(l * B + b) * units], cur + (l * B + b) * H + first, units);
       if (l == L - 1 && n >= P - 1)  // the logits are needed after this step
-        head_share(head.data(), vp, cur + l * B * H + first, H, units, B,
+        head_share(head, vp, cur + l * B * H + first, H, units, B,
                    &s.partial()[((n % 2) * T + t) * B * vp]);
       s.barrier.wait(sense);  // the layer's new h (and the shares of the logits) complete
     }
@@ -400,7 +426,7 @@ inline void work(const Problem& p, Shared& s, int t) {
       }
     }
   }
-  const float* last = &s.h[(total % 2) * L * B * H];
+  const float* last = s.h() + (total % 2) * L * B * H;
   for (int lb = 0; lb < L * B; lb++) {
     std::copy(&c[lb * units], &c[lb * units] + units, p.c_out + lb * H + first);
     std::copy(last + lb * H + first, last + lb * H + first + units, p.h_out + lb * H + first);
