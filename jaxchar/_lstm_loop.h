@@ -21,28 +21,32 @@ namespace jaxchar {
 
 constexpr int kTile = 64;  // columns a thread accumulates at once: 4 gates x 16 units
 
-// tanh from exp(-2|x|) with exp(y) = 2^k * 2^f, f in [-1/2, 1/2], 2^f by its Taylor series
-// to degree 7 (error < 1e-8); plain arithmetic, so the compiler vectorizes the gate loops.
-// Absolute error ~1e-7 against std::tanh, the size of float32 rounding.
-inline float tanh_approx(float x) {
-  float a = std::min(std::fabs(x), 9.0f);  // tanh(9) rounds to 1 in float32
-  float y = -2.0f * 1.44269504f * a;       // log2(exp(-2a))
-  float k = std::nearbyint(y);
-  float f = (y - k) * 0.693147181f;  // ln(2^(y-k))
-  float p = 1.0f + f * (1.0f + f * (0.5f + f * (1.0f / 6 + f * (1.0f / 24 + f * (1.0f / 120 +
-                f * (1.0f / 720 + f * (1.0f / 5040)))))));
-  int32_t bits = (static_cast<int32_t>(k) + 127) << 23;  // 2^k, k in [-26, 0]
+// 2^y for y in [-126, 126] (clamped there): 2^k * 2^f with k = round(y), f in [-1/2, 1/2],
+// and 2^f by a degree-6 polynomial fitted in numpy (least squares of the relative error at
+// 400 Chebyshev nodes; relative error < 2e-9). Plain arithmetic, so that the compiler
+// vectorizes the gate loops.
+inline float exp2_approx(float y) {
+  y = std::min(std::max(y, -126.0f), 126.0f);
+  const float k = std::nearbyint(y), f = y - k;
+  const float p = 1.0f + f * (6.931472056e-1f + f * (2.402264661e-1f + f * (5.550328998e-2f +
+                  f * (9.618519534e-3f + f * (1.339986036e-3f + f * 1.533757684e-4f)))));
+  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;  // 2^k
   float scale;
   std::memcpy(&scale, &bits, sizeof scale);
-  float e = p * scale;
-  float t = (1.0f - e) / (1.0f + e);
-  return std::copysign(t, x);
+  return p * scale;
 }
+
+// 1 / (1 + e^-v) and tanh(x) = 2 / (1 + e^-2x) - 1; absolute errors below 1e-7 and 2e-7
+// against float64 (float32 rounding near 1 is 6e-8). These replaced a tanh from exp(-2|x|)
+// with its sign restored and the sigmoid as 0.5 tanh(v / 2) + 1/2: 17% less time in the
+// cell update (fewer operations per value), which is ~9% of a batch-64 generation step.
+inline float sigmoid_approx(float v) { return 1.0f / (1.0f + exp2_approx(-1.44269504f * v)); }
+inline float tanh_approx(float x) { return 2.0f / (1.0f + exp2_approx(-2.88539008f * x)) - 1.0f; }
 
 template <bool kHard>
 inline float gate(float v) {
   if constexpr (kHard) return std::clamp(0.2f * v + 0.5f, 0.0f, 1.0f);  // Keras 1's
-  return 0.5f * tanh_approx(0.5f * v) + 0.5f;                           // jaxchar.fused.gate
+  return sigmoid_approx(v);
 }
 
 // the LSTM update of `units` cells from their pre-activations z [4 x units] (i, f, g, o)
