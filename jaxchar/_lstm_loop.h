@@ -173,12 +173,14 @@ inline void head_rows(const float* w, int vp, const float* h, int h_stride, int 
 // rows of h `h_stride` apart, rows of out [rows, vp]
 inline void head_share(const float* w, int vp, const float* h, int h_stride, int units,
                        int rows, float* out) {
-  for (int b = 0; b < rows; b += 4, h += 4 * h_stride, out += 4 * vp) {
-    switch (std::min(rows - b, 4)) {
+  for (int b = 0; b < rows; b += 6, h += 6 * h_stride, out += 6 * vp) {
+    switch (std::min(rows - b, 6)) {
       case 1: head_rows<1>(w, vp, h, h_stride, units, out); break;
       case 2: head_rows<2>(w, vp, h, h_stride, units, out); break;
       case 3: head_rows<3>(w, vp, h, h_stride, units, out); break;
-      default: head_rows<4>(w, vp, h, h_stride, units, out); break;
+      case 4: head_rows<4>(w, vp, h, h_stride, units, out); break;
+      case 5: head_rows<5>(w, vp, h, h_stride, units, out); break;
+      default: head_rows<6>(w, vp, h, h_stride, units, out); break;
     }
   }
 }
@@ -420,13 +422,12 @@ inline void work(const Problem& p, Shared& s, int t) {
       s.barrier.wait(sense);  // the layer's new h (and the shares of the logits) complete
     }
     if (n >= P - 1) {  // every thread adds the shares in the same order
-      for (int b = 0; b < B; b++) {
+      for (int b = 0; b < B; b++) {  // (the share loop outside, so that v's vectorizes)
         const float* share = &s.partial()[((n % 2) * T * B + b) * vp];
-        for (int v = 0; v < V; v++) {
-          float sum = p.head_bias[v];
-          for (int u = 0; u < T; u++) sum += share[u * B * vp + v];
-          logits[b * V + v] = sum;
-        }
+        float* __restrict sum = &logits[b * V];
+        std::copy(p.head_bias, p.head_bias + V, sum);
+        for (int u = 0; u < T; u++)
+          for (int v = 0; v < V; v++) sum[v] += share[u * B * vp + v];
       }
     }
   }
