@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cstring>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #ifdef __AVX512F__
@@ -180,6 +181,20 @@ inline void in_register(Vec16& v) {
 #endif
 }
 
+// f(std::integral_constant<int, n>()) for n in [1, 6]: the row-block kernels below are
+// templates on their row count, so that their sums stay in registers
+template <class F>
+inline void with_rows(int n, const F& f) {
+  switch (n) {
+    case 1: f(std::integral_constant<int, 1>()); break;
+    case 2: f(std::integral_constant<int, 2>()); break;
+    case 3: f(std::integral_constant<int, 3>()); break;
+    case 4: f(std::integral_constant<int, 4>()); break;
+    case 5: f(std::integral_constant<int, 5>()); break;
+    default: f(std::integral_constant<int, 6>()); break;
+  }
+}
+
 // a thread's share of the logits for B rows: out[b, v] = sum over its units u of
 // h[b, u] * w[u, v], with w packed [units, vp], vp a multiple of 16 (zero beyond the
 // vocabulary), summed in registers for blocks of up to 4 rows and 64 columns. Each thread
@@ -218,16 +233,10 @@ inline void head_rows(const float* w, int vp, const float* h, int h_stride, int 
 // rows of h `h_stride` apart, rows of out [rows, vp]
 inline void head_share(const float* w, int vp, const float* h, int h_stride, int units,
                        int rows, float* out) {
-  for (int b = 0; b < rows; b += 6, h += 6 * h_stride, out += 6 * vp) {
-    switch (std::min(rows - b, 6)) {
-      case 1: head_rows<1>(w, vp, h, h_stride, units, out); break;
-      case 2: head_rows<2>(w, vp, h, h_stride, units, out); break;
-      case 3: head_rows<3>(w, vp, h, h_stride, units, out); break;
-      case 4: head_rows<4>(w, vp, h, h_stride, units, out); break;
-      case 5: head_rows<5>(w, vp, h, h_stride, units, out); break;
-      default: head_rows<6>(w, vp, h, h_stride, units, out); break;
-    }
-  }
+  for (int b = 0; b < rows; b += 6, h += 6 * h_stride, out += 6 * vp)
+    with_rows(std::min(rows - b, 6), [&](auto n) {
+      head_rows<decltype(n)::value>(w, vp, h, h_stride, units, out);
+    });
 }
 
 // row b's next character from its logits
@@ -271,28 +280,31 @@ inline void tile_rows(const float* __restrict w, int rows, const float* __restri
     for (int j = 0; j < kVecs; j++) reinterpret_cast<Vec16*>(z + b * z_stride)[j] = acc[b][j];
 }
 
-// z[B, cols] += x[B, :rows] @ w (w: `tiles` packed tiles, `tile_stride` floats apart, the
-// first `rows` rows of each), the batch in blocks of up to 6
-// rows. Not inlined: inside work, g++ kept two of tile_rows<6>'s weight registers on the
-// stack, storing them at every row of the weights, and the product took 30% longer
-// (~190 against ~150 us of a batch-64 step).
-[[gnu::noinline]] inline void product(const float* w, int tile_stride, int rows,
+constexpr int kBlock = 6;  // rows of the batch that share each weight loaded
+
+// z[b, :] += sum over r < rows of x[b, r] * w[r, :] for a block of up to kBlock rows b, for
+// every tile of a kernel packed [tiles][rows][kTile], its tiles `tile_stride` floats apart
+inline void block_product(const float* w, int rows, size_t tile_stride, int tiles,
+                          const float* x, int x_stride, float* z, int z_stride, int block) {
+  for (int tile = 0; tile < tiles; tile++) {
+    const float* wt = w + tile * tile_stride;
+    float* zt = z + tile * kTile;
+    with_rows(block, [&](auto n) {
+      tile_rows<decltype(n)::value>(wt, rows, x, x_stride, zt, z_stride);
+    });
+  }
+}
+
+// z[B, cols] += x[B, :rows] @ w, the batch in blocks of kBlock rows. Not inlined: inside
+// work, g++ kept two of tile_rows<6>'s weight registers on the stack, storing them at every
+// row of the weights, and the product took 30% longer (~190 against ~150 us of a batch-64
+// step).
+[[gnu::noinline]] inline void product(const float* w, size_t tile_stride, int rows,
                                       const float* x, int x_stride, int B, float* z, int cols,
                                       int tiles) {
-  for (int tile = 0; tile < tiles; tile++, w += tile_stride) {
-    for (int b = 0; b < B; b += 6) {
-      const float* xb = x + b * x_stride;
-      float* zb = z + b * cols + tile * kTile;
-      switch (std::min(B - b, 6)) {
-        case 1: tile_rows<1>(w, rows, xb, x_stride, zb, cols); break;
-        case 2: tile_rows<2>(w, rows, xb, x_stride, zb, cols); break;
-        case 3: tile_rows<3>(w, rows, xb, x_stride, zb, cols); break;
-        case 4: tile_rows<4>(w, rows, xb, x_stride, zb, cols); break;
-        case 5: tile_rows<5>(w, rows, xb, x_stride, zb, cols); break;
-        default: tile_rows<6>(w, rows, xb, x_stride, zb, cols); break;
-      }
-    }
-  }
+  for (int b = 0; b < B; b += kBlock)
+    block_product(w, rows, tile_stride, tiles, x + b * x_stride, x_stride, z + b * cols, cols,
+                  std::min(B - b, kBlock));
 }
 
 #ifdef __AVX512BF16__
@@ -339,14 +351,9 @@ inline void to_bf16(const float* from, uint32_t* to, int n) {
     for (int b = 0; b < B; b += 6) {
       const uint32_t* xb = x16 + b * H;
       float* zb = z + b * cols + tile * kTile;
-      switch (std::min(B - b, 6)) {
-        case 1: tile_rows_bf16<1>(w, rows / 2, xb, H, zb, cols); break;
-        case 2: tile_rows_bf16<2>(w, rows / 2, xb, H, zb, cols); break;
-        case 3: tile_rows_bf16<3>(w, rows / 2, xb, H, zb, cols); break;
-        case 4: tile_rows_bf16<4>(w, rows / 2, xb, H, zb, cols); break;
-        case 5: tile_rows_bf16<5>(w, rows / 2, xb, H, zb, cols); break;
-        default: tile_rows_bf16<6>(w, rows / 2, xb, H, zb, cols); break;
-      }
+      with_rows(std::min(B - b, 6), [&](auto n) {
+        tile_rows_bf16<decltype(n)::value>(w, rows / 2, xb, H, zb, cols);
+      });
     }
   }
 }

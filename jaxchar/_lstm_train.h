@@ -22,8 +22,6 @@
 
 namespace jaxchar {
 
-constexpr int kBlock = 6;  // rows of the batch that share each weight loaded (_lstm_loop.h)
-
 // Layouts (float32, row-major): w_h [H, 4H]; xs [T, B, 1] scalar features (then w_in, bias
 // [4H]) or [T, B, 4H] projected inputs (then bias [4H]); c0, h0 [B, H]; hs, cs
 // [T, B, H]; acts [T, B, 4H], the gates' outputs (i, f, g, o); hp_t [H + extra, T, B], each
@@ -50,24 +48,6 @@ struct LayerShared {
   Barrier barrier;
   std::vector<float> partial;  // [2, threads, B, H]: each thread's share of dh, two steps
 };
-
-// z[b, :] += sum over r < rows of x[b, r] * w[r, :] for a block of up to kBlock rows b, for
-// every tile of a kernel packed [tiles][rows][kTile], its tiles `tile_stride` floats apart
-inline void block_product(const float* w, int rows, size_t tile_stride, int tiles,
-                          const float* x, int x_stride, float* z, int z_stride, int block) {
-  for (int tile = 0; tile < tiles; tile++) {
-    const float* wt = w + tile * tile_stride;
-    float* zt = z + tile * kTile;
-    switch (block) {
-      case 1: tile_rows<1>(wt, rows, x, x_stride, zt, z_stride); break;
-      case 2: tile_rows<2>(wt, rows, x, x_stride, zt, z_stride); break;
-      case 3: tile_rows<3>(wt, rows, x, x_stride, zt, z_stride); break;
-      case 4: tile_rows<4>(wt, rows, x, x_stride, zt, z_stride); break;
-      case 5: tile_rows<5>(wt, rows, x, x_stride, zt, z_stride); break;
-      default: tile_rows<6>(wt, rows, x, x_stride, zt, z_stride); break;
-    }
-  }
-}
 
 // the gates of `units` cells from z [4 x units], written to a [4 x units] row a, and the new
 // c and h
