@@ -137,7 +137,7 @@ def test_kernel_draws_each_rows_characters_as_the_scan_does(rows):
     assert len({tuple(row) for row in np.asarray(got).tolist()}) == rows  # rows differ
 
 
-def _kernel_against_the_model(cfg, rows, seed, rtol, atol):
+def _kernel_against_the_model(cfg, rows, seed, rtol, atol, threads=2):
     """Argmax characters from the kernel after a prompt per row; the model over the same
     characters must give them, and the kernel's final state and logits. Returns the logits."""
     params = _params(cfg, seed=seed)
@@ -145,7 +145,7 @@ def _kernel_against_the_model(cfg, rows, seed, rtol, atol):
     keys = jax.random.split(jax.random.PRNGKey(10), 30)
     (carry, logits), ids = jax.jit(
         lambda params, keys: native.generate(
-            params, cfg, init_carry(cfg, rows), jnp.zeros((rows, 13)), keys, 0.0, prompt, 2
+            params, cfg, init_carry(cfg, rows), jnp.zeros((rows, 13)), keys, 0.0, prompt, threads
         )
     )(params, keys)
     every = jnp.concatenate([prompt, ids], axis=1)
@@ -158,8 +158,12 @@ def _kernel_against_the_model(cfg, rows, seed, rtol, atol):
     return logits, params, every
 
 
-def test_batched_kernel_state_and_logits_match_the_model():
-    _kernel_against_the_model(CONFIGS[2], rows=5, seed=5, rtol=1e-4, atol=1e-5)
+@pytest.mark.parametrize("rows,threads", [(5, 2), (13, 2), (30, 2), (25, 1)])
+def test_batched_kernel_state_and_logits_match_the_model(rows, threads):
+    # from 12 rows on, float32 recurrent products run by one level of Strassen's algorithm on
+    # the first multiple of 12 rows (13 = 12 + 1, 30 = 24 + 6, 25 = 24 + 1) and as before on
+    # the rest; with 64 units, each thread's gate columns split into two halves of whole tiles
+    _kernel_against_the_model(CONFIGS[2], rows, seed=rows, rtol=1e-4, atol=1e-5, threads=threads)
 
 
 def test_streamed_chunks_carry_the_kernels_state_on():
