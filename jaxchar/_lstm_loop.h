@@ -50,12 +50,15 @@ inline float gate(float v) {
   return sigmoid_approx(v);
 }
 
-// the LSTM update of `units` cells from their pre-activations z [4 x units] (i, f, g, o)
+// the LSTM update of `units` cells from their pre-activations, z [4 x units] (i, f, g, o: the
+// recurrent products) plus x (the input's contribution and the bias, gate g's at x + g x_gate)
 template <bool kHard>
-void update(const float* __restrict z, float* __restrict c, float* __restrict h, int units) {
+void update(const float* __restrict z, const float* __restrict x, int x_gate,
+            float* __restrict c, float* __restrict h, int units) {
   for (int u = 0; u < units; u++) {
-    const float i = gate<kHard>(z[u]), f = gate<kHard>(z[units + u]);
-    const float g = tanh_approx(z[2 * units + u]), o = gate<kHard>(z[3 * units + u]);
+    const float i = gate<kHard>(z[u] + x[u]), f = gate<kHard>(z[units + u] + x[x_gate + u]);
+    const float g = tanh_approx(z[2 * units + u] + x[2 * x_gate + u]);
+    const float o = gate<kHard>(z[3 * units + u] + x[3 * x_gate + u]);
     c[u] = f * c[u] + i * g;
     h[u] = o * tanh_approx(c[u]);
   }
@@ -92,13 +95,14 @@ inline __m512 tanh_16(__m512 x) {
 // 128 cells the plain loop above, vectorized by g++, took 13.9 us in a stand-alone test and
 // this one 10.3, with the same values.
 template <>
-inline void update<false>(const float* __restrict z, float* __restrict c, float* __restrict h,
-                          int units) {
+inline void update<false>(const float* __restrict z, const float* __restrict x, int x_gate,
+                          float* __restrict c, float* __restrict h, int units) {
+  auto in = [&](int g, int u) {
+    return _mm512_add_ps(_mm512_loadu_ps(z + g * units + u), _mm512_loadu_ps(x + g * x_gate + u));
+  };
   for (int u = 0; u < units; u += 16) {
-    const __m512 i = sigmoid_16(_mm512_loadu_ps(z + u));
-    const __m512 f = sigmoid_16(_mm512_loadu_ps(z + units + u));
-    const __m512 g = tanh_16(_mm512_loadu_ps(z + 2 * units + u));
-    const __m512 o = sigmoid_16(_mm512_loadu_ps(z + 3 * units + u));
+    const __m512 i = sigmoid_16(in(0, u)), f = sigmoid_16(in(1, u));
+    const __m512 g = tanh_16(in(2, u)), o = sigmoid_16(in(3, u));
     const __m512 cu = _mm512_fmadd_ps(f, _mm512_loadu_ps(c + u), _mm512_mul_ps(i, g));
     _mm512_storeu_ps(c + u, cu);
     _mm512_storeu_ps(h + u, _mm512_mul_ps(o, tanh_16(cu)));
@@ -314,7 +318,7 @@ inline void block_product(const float* w, int rows, size_t tile_stride, int tile
 template <int kOp>
 inline void tile_strassen(const float* __restrict w1, const float* __restrict w2, int rows,
                           const float* __restrict x, int x_stride, float* d1, float s1, float* d2,
-                          float s2, int z_stride) {
+                          float s2, int z_stride, int stores) {
   Vec16 acc[kBlock][kVecs];
   for (int b = 0; b < kBlock; b++)
     for (int j = 0; j < kVecs; j++) acc[b][j] = Vec16{};
@@ -333,16 +337,20 @@ inline void tile_strassen(const float* __restrict w1, const float* __restrict w2
     }
     w1 += kTile, w2 += kTile;
   } while (++r < rows);
-  if (d2) {
-    for (int b = 0; b < kBlock; b++)
-      for (int j = 0; j < kVecs; j++) {
-        reinterpret_cast<Vec16*>(d1 + b * z_stride)[j] += s1 * acc[b][j];
-        reinterpret_cast<Vec16*>(d2 + b * z_stride)[j] += s2 * acc[b][j];
-      }
-  } else {
-    for (int b = 0; b < kBlock; b++)
-      for (int j = 0; j < kVecs; j++)
-        reinterpret_cast<Vec16*>(d1 + b * z_stride)[j] += s1 * acc[b][j];
+  // the first `stores` destinations are set, the others added to (no lambda over acc here:
+  // g++ then kept the sums in memory, and the products took twice as long)
+  for (int d = 0; d < (d2 ? 2 : 1); d++) {
+    float* out = d == 0 ? d1 : d2;
+    const float sign = d == 0 ? s1 : s2;
+    if (d < stores) {
+      for (int b = 0; b < kBlock; b++)
+        for (int j = 0; j < kVecs; j++)
+          reinterpret_cast<Vec16*>(out + b * z_stride)[j] = sign * acc[b][j];
+    } else {
+      for (int b = 0; b < kBlock; b++)
+        for (int j = 0; j < kVecs; j++)
+          reinterpret_cast<Vec16*>(out + b * z_stride)[j] += sign * acc[b][j];
+    }
   }
 }
 
@@ -352,13 +360,14 @@ inline int strassen_rows(int B, int K, int tiles) {
   return K % 2 == 0 && tiles % 2 == 0 ? B / (2 * kBlock) * 2 * kBlock : 0;
 }
 
-// z[:S] += x[:S, :K] @ w as product does it, by one level of Strassen's algorithm: x and w
-// each as 2 x 2 blocks, seven block products where there were eight (12.5% fewer
-// multiply-adds). The weights' sums are formed in the tile kernel, the inputs' five in
-// `sums` (5 x S/2 x K/2 floats), and each product is added straight into its blocks of z.
+// z[:S] = x[:S, :K] @ w (or += with `add`) as product does it, by one level of Strassen's
+// algorithm: x and w each as 2 x 2 blocks, seven block products where there were eight
+// (12.5% fewer multiply-adds). The weights' sums are formed in the tile kernel, the inputs'
+// five in `sums` (5 x S/2 x K/2 floats), and each product goes straight into its blocks of
+// z, the first into each block setting it unless `add`.
 [[gnu::noinline]] inline void strassen_product(const float* w, size_t tile_stride, int K,
                                                const float* x, int x_stride, int S, float* z,
-                                               int cols, int tiles, float* sums) {
+                                               int cols, int tiles, float* sums, bool add) {
   const int m = S / 2, k = K / 2, half = tiles / 2;
   const float *a11 = x, *a12 = x + k, *a21 = x + m * x_stride, *a22 = a21 + k;
   float *s1 = sums, *s2 = s1 + m * k, *s5 = s2 + m * k, *s6 = s5 + m * k, *s7 = s6 + m * k;
@@ -375,20 +384,20 @@ inline int strassen_rows(int B, int K, int tiles) {
   const float *b11 = w, *b12 = w + half * tile_stride, *b21 = w + k * kTile, *b22 = b12 + k * kTile;
   float *c11 = z, *c12 = z + half * kTile, *c21 = z + m * cols, *c22 = c21 + half * kTile;
   auto run = [&](auto op, const float* w1, const float* w2, const float* xs, int stride,
-                 float* d1, float sign1, float* d2, float sign2) {
+                 float* d1, float sign1, float* d2, float sign2, int first_touches = 0) {
     for (int b = 0; b < m; b += kBlock)
       for (int t = 0; t < half; t++)
         tile_strassen<decltype(op)::value>(w1 + t * tile_stride, w2 + t * tile_stride, k,
                                            xs + b * stride, stride, d1 + b * cols + t * kTile,
                                            sign1, d2 ? d2 + b * cols + t * kTile : nullptr,
-                                           sign2, cols);
+                                           sign2, cols, add ? 0 : first_touches);
   };
   using Sum = std::integral_constant<int, 1>;
   using Difference = std::integral_constant<int, -1>;
   using One = std::integral_constant<int, 0>;
-  run(Sum(), b11, b22, s1, k, c11, 1, c22, 1);                // (A11 + A22)(B11 + B22)
-  run(One(), b11, b11, s2, k, c21, 1, c22, -1);               // (A21 + A22) B11
-  run(Difference(), b12, b22, a11, x_stride, c12, 1, c22, 1);  // A11 (B12 - B22)
+  run(Sum(), b11, b22, s1, k, c11, 1, c22, 1, 2);                // (A11 + A22)(B11 + B22)
+  run(One(), b11, b11, s2, k, c21, 1, c22, -1, 1);               // (A21 + A22) B11
+  run(Difference(), b12, b22, a11, x_stride, c12, 1, c22, 1, 1);  // A11 (B12 - B22)
   run(Difference(), b21, b11, a22, x_stride, c11, 1, c21, 1);  // A22 (B21 - B11)
   run(One(), b22, b22, s5, k, c11, -1, c12, 1);               // (A11 + A12) B22
   run(Sum(), b11, b12, s6, k, c22, 1, nullptr, 0);            // (A21 - A11)(B11 + B12)
@@ -456,7 +465,7 @@ inline void work(const Problem& p, Shared& s, int t) {
   for (int k = 0; k < cols; k++) source_col[k] = (k / units) * H + first + k % units;
   // this thread's columns of every layer, tile by tile, each tile contiguous over the rows
   // (layer 0: the recurrent kernel's H rows; above: the input kernel's H, then those)
-  std::vector<std::vector<float>> packed(L), bias(L);
+  std::vector<std::vector<float>> packed(L);
   for (int l = 0; l < L; l++) {
     const int rows = l == 0 ? H : 2 * H;
     packed[l].resize(static_cast<size_t>(rows) * cols);
@@ -471,9 +480,6 @@ inline void work(const Problem& p, Shared& s, int t) {
         k += run;
       }
     }
-    bias[l].assign(cols, 0.0f);
-    for (int k = 0; l > 0 && k < cols; k++)
-      bias[l][k] = p.upper_bias[(l - 1) * 4 * H + source_col[k]];
   }
 #ifdef __AVX512BF16__
   // in bfloat16: each tile's rows in pairs, [tiles][rows / 2][kTile] of (row 2r, row 2r + 1)
@@ -504,7 +510,8 @@ inline void work(const Problem& p, Shared& s, int t) {
   // per row b of the batch: c [L, B, units], z [B, cols], logits [B, V]
   const int B = p.batch, P = p.prompt_length, N = p.steps;
   std::vector<float> c(static_cast<size_t>(L) * B * units), z(static_cast<size_t>(B) * cols);
-  std::vector<float> sums(5 * (B / 2) * (H / 2));  // strassen_product's
+  std::vector<float> sums_storage(5 * (B / 2) * (H / 2));  // strassen_product's
+  float* sums = sums_storage.data();
   // each thread computes its units' share of the logits before the barrier; after it, every
   // thread adds the shares (the same sums in the same order) and draws the same characters:
   // no second barrier to hand them over, and no thread idle while one works
@@ -528,16 +535,11 @@ inline void work(const Problem& p, Shared& s, int t) {
       // this step's h of the layer below (the rows of the packed kernels in that order)
       const float* own = prev + l * B * H;
       const float* below = l > 0 ? cur + (l - 1) * B * H : nullptr;
-      for (int b = 0; b < B; b++) {
-        float* zb = &z[b * cols];
-        if (l == 0) {
-          const float* row = p.table + static_cast<int64_t>(next[b]) * 4 * H;
-          for (int g = 0; g < 4; g++)  // this thread's units of each gate
-            std::copy(row + g * H + first, row + g * H + first + units, zb + g * units);
-        } else {
-          std::copy(bias[l].begin(), bias[l].end(), zb);
-        }
-      }
+      // z = the recurrent products (rows [0, S) set by Strassen's first product, the others
+      // summed from zero); the update adds the input's contribution, which the products do
+      // not need (a copy of it into z was ~2.4 us of a batch-64 step)
+      const int S = p.bf16 ? 0 : strassen_rows(B, H, tiles);
+      std::fill(z.begin() + static_cast<size_t>(S) * cols, z.end(), 0.0f);
 #ifdef __AVX512BF16__
       if (p.bf16) {
         const int rows = l == 0 ? H : 2 * H;
@@ -551,17 +553,23 @@ inline void work(const Problem& p, Shared& s, int t) {
       if (!p.bf16) {  // straight from the shared h, no copy
         const float* w = packed[l].data();
         const int stride = (l == 0 ? H : 2 * H) * kTile;  // from one tile to the next
-        const int S = strassen_rows(B, H, tiles);  // rows by Strassen's algorithm
+        bool add = false;  // to the first call's products
         for (const float* x : {below, own}) {
           if (!x) continue;
-          if (S > 0) strassen_product(w, stride, H, x, H, S, z.data(), cols, tiles, sums.data());
-          if (S < B) product(w, stride, H, x + S * H, H, B - S, z.data() + S * cols, cols, tiles);
+          float* zs = z.data() + S * cols;  // the rows after Strassen's
+          if (S > 0) strassen_product(w, stride, H, x, H, S, z.data(), cols, tiles, sums, add);
+          if (S < B) product(w, stride, H, x + S * H, H, B - S, zs, cols, tiles);
+          add = true;
           w += H * kTile;  // the next rows of the kernel
         }
       }
       auto cell_update = p.kind == 1 ? update<true> : update<false>;
-      for (int b = 0; b < B; b++)
-        cell_update(&z[b * cols], &c[(l * B + b) * units], cur + (l * B + b) * H + first, units);
+      for (int b = 0; b < B; b++) {  // the input's contribution: the table's row, or the bias
+        const float* x = l == 0 ? p.table + static_cast<int64_t>(next[b]) * 4 * H
+                                : p.upper_bias + (l - 1) * 4 * H;
+        cell_update(&z[b * cols], x + first, H, &c[(l * B + b) * units],
+                    cur + (l * B + b) * H + first, units);
+      }
       if (l == L - 1 && n >= P - 1)  // the logits are needed after this step
         head_share(head, vp, cur + l * B * H + first, H, units, B,
                    &s.partial()[((n % 2) * T + t) * B * vp]);
