@@ -158,12 +158,21 @@ def _kernel_against_the_model(cfg, rows, seed, rtol, atol, threads=2):
     return logits, params, every
 
 
-@pytest.mark.parametrize("rows,threads", [(5, 2), (13, 2), (30, 2), (25, 1)])
-def test_batched_kernel_state_and_logits_match_the_model(rows, threads):
+SCALED_64 = ModelConfig(vocab_size=13, layers=1, hidden=64, encoding="scaled")
+
+
+@pytest.mark.parametrize(
+    "cfg,rows,threads",
+    [(CONFIGS[2], 5, 2), (CONFIGS[2], 13, 2), (CONFIGS[2], 30, 2), (CONFIGS[2], 25, 1)]
+    + [(SCALED_64, 64, 2)],
+    ids=["5", "13", "30", "25-one-thread", "64-scaled-sigmoid"],
+)
+def test_batched_kernel_state_and_logits_match_the_model(cfg, rows, threads):
     # from 12 rows on, float32 recurrent products run by one level of Strassen's algorithm on
-    # the first multiple of 12 rows (13 = 12 + 1, 30 = 24 + 6, 25 = 24 + 1) and as before on
-    # the rest; with 64 units, each thread's gate columns split into two halves of whole tiles
-    _kernel_against_the_model(CONFIGS[2], rows, seed=rows, rtol=1e-4, atol=1e-5, threads=threads)
+    # the first multiple of 12 rows (13 = 12 + 1, 30 = 24 + 6, 25 = 24 + 1, 64 = 60 + 4, as
+    # in the benchmark) and as before on the rest; with 64 units, each thread's gate columns
+    # split into two halves of whole tiles
+    _kernel_against_the_model(cfg, rows, seed=rows, rtol=1e-4, atol=1e-5, threads=threads)
 
 
 def test_streamed_chunks_carry_the_kernels_state_on():
