@@ -159,13 +159,14 @@ def _kernel_against_the_model(cfg, rows, seed, rtol, atol, threads=2):
 
 
 SCALED_64 = ModelConfig(vocab_size=13, layers=1, hidden=64, encoding="scaled")
+EMBED_128 = ModelConfig(vocab_size=13, layers=2, hidden=128, encoding="embed", embed_dim=6)
 
 
 @pytest.mark.parametrize(
     "cfg,rows,threads",
     [(CONFIGS[2], 5, 2), (CONFIGS[2], 13, 2), (CONFIGS[2], 30, 2), (CONFIGS[2], 25, 1)]
-    + [(SCALED_64, 64, 2)],
-    ids=["5", "13", "30", "25-one-thread", "64-scaled-sigmoid"],
+    + [(SCALED_64, 64, 2), (EMBED_128, 12, 4)],
+    ids=["5", "13", "30", "25-one-thread", "64-scaled-sigmoid", "12-four-threads"],
 )
 def test_batched_kernel_state_and_logits_match_the_model(cfg, rows, threads):
     # from 12 rows on, float32 recurrent products run by one level of Strassen's algorithm on
