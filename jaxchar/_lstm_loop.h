@@ -354,8 +354,8 @@ inline void tile_strassen(const float* __restrict w1, const float* __restrict w2
   }
 }
 
-// Whether strassen_product applies: rows of the batch in two halves of whole blocks, the
-// inputs and each thread's tiles in two halves
+// How many of B rows strassen_product takes (0: none): two halves of whole blocks of rows,
+// where the inputs (K) and each thread's tiles split in two halves
 inline int strassen_rows(int B, int K, int tiles) {
   return K % 2 == 0 && tiles % 2 == 0 ? B / (2 * kBlock) * 2 * kBlock : 0;
 }
@@ -395,13 +395,15 @@ inline int strassen_rows(int B, int K, int tiles) {
   using Sum = std::integral_constant<int, 1>;
   using Difference = std::integral_constant<int, -1>;
   using One = std::integral_constant<int, 0>;
-  run(Sum(), b11, b22, s1, k, c11, 1, c22, 1, 2);                // (A11 + A22)(B11 + B22)
-  run(One(), b11, b11, s2, k, c21, 1, c22, -1, 1);               // (A21 + A22) B11
+  // the seven products, in the order that sets each block of z by its first (C11 and C22 by
+  // the first, C21 by the second, C12 by the third)
+  run(Sum(), b11, b22, s1, k, c11, 1, c22, 1, 2);                 // (A11 + A22)(B11 + B22)
+  run(One(), b11, b11, s2, k, c21, 1, c22, -1, 1);                // (A21 + A22) B11
   run(Difference(), b12, b22, a11, x_stride, c12, 1, c22, 1, 1);  // A11 (B12 - B22)
-  run(Difference(), b21, b11, a22, x_stride, c11, 1, c21, 1);  // A22 (B21 - B11)
-  run(One(), b22, b22, s5, k, c11, -1, c12, 1);               // (A11 + A12) B22
-  run(Sum(), b11, b12, s6, k, c22, 1, nullptr, 0);            // (A21 - A11)(B11 + B12)
-  run(Sum(), b21, b22, s7, k, c11, 1, nullptr, 0);            // (A12 - A22)(B21 + B22)
+  run(Difference(), b21, b11, a22, x_stride, c11, 1, c21, 1);     // A22 (B21 - B11)
+  run(One(), b22, b22, s5, k, c11, -1, c12, 1);                   // (A11 + A12) B22
+  run(Sum(), b11, b12, s6, k, c22, 1, nullptr, 0);                // (A21 - A11)(B11 + B12)
+  run(Sum(), b21, b22, s7, k, c11, 1, nullptr, 0);                // (A12 - A22)(B21 + B22)
 }
 
 #ifdef __AVX512BF16__
