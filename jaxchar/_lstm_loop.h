@@ -201,7 +201,7 @@ inline void with_rows(int n, const F& f) {
 
 // a thread's share of the logits for B rows: out[b, v] = sum over its units u of
 // h[b, u] * w[u, v], with w packed [units, vp], vp a multiple of 16 (zero beyond the
-// vocabulary), summed in registers for blocks of up to 4 rows and 64 columns. Each thread
+// vocabulary), summed in registers for blocks of up to 6 rows and 64 columns. Each thread
 // used to compute all of the head from all of h, its sums going through memory at every
 // row: that was ~15% of a character at batch 1.
 template <int kRows, int kWidth>

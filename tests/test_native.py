@@ -125,7 +125,7 @@ def test_kernel_logits_for_any_vocabulary_width(vocab):
 @pytest.mark.parametrize("rows", [2, 7, 13])
 def test_kernel_draws_each_rows_characters_as_the_scan_does(rows):
     # rows of the batch go through the products in blocks of up to 6 (7 = 6 + 1, 13 =
-    # 6 + 6 + 1) and the head in blocks of up to 4; each row has a prompt of its own
+    # 6 + 6 + 1) and the head in blocks of up to 6; each row has a prompt of its own
     cfg = CONFIGS[1]
     params = _params(cfg, seed=rows)
     prompt = jax.random.randint(jax.random.PRNGKey(rows), (rows, 9), 0, cfg.vocab_size)
