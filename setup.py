@@ -1,14 +1,26 @@
-"""Builds jaxchar's optional CPU kernels (jaxchar/_native.cc, XLA FFI handlers): stateful
+"""Builds jaxchar's optional CPU kernels (jaxchar/csrc/native.cc, XLA FFI handlers): stateful
 generation, and the LSTM layer's training recurrences.
 
-Everything else is in pyproject.toml. The extension is optional: where it does not build
-(no C++ compiler, another platform), jaxchar installs without it and samples and trains with
-its lax.scan paths, which are also the references the kernels are tested against.
+Everything else is in pyproject.toml. The sources are compiled once per x86-64 instruction
+set (VARIANTS), never for the build machine's own CPU (no -march=native), so that a wheel
+runs on any x86-64 machine: at run time jaxchar.lstm.native imports the best variant this
+CPU's flags allow, and jaxchar.lstm.select decides whether a kernel is worth running. The
+extension is optional: where no variant builds (no C++ compiler, another architecture)
+jaxchar installs without it, runs on its JAX paths, and `jaxchar info` says so.
 """
 
+import platform
+import sys
 from pathlib import Path
 
 from setuptools import Extension, setup
+
+# name -> compiler flags. x86-64-v3 is AVX2 + FMA; x86-64-v4 adds AVX-512 F/BW/DQ/VL/CD.
+VARIANTS = {
+    "avx512bf16": ["-march=x86-64-v4", "-mavx512bf16"],
+    "avx512": ["-march=x86-64-v4"],
+    "avx2": ["-march=x86-64-v3"],
+}
 
 
 def _xla_headers() -> list[str]:
@@ -19,18 +31,33 @@ def _xla_headers() -> list[str]:
     return [str(Path(jaxlib.__file__).parent / "include")]
 
 
-native = Extension(
-    "jaxchar._native",
-    sources=["jaxchar/_native.cc"],
-    depends=["jaxchar/_lstm_loop.h", "jaxchar/_lstm_train.h"],
-    include_dirs=_xla_headers(),
-    language="c++",
-    # -march=native: the kernel is built where it runs (pip install from source);
-    # -fno-wrapv undoes Python's -fwrapv, under which the compiler could not prove the inner
-    # loop's addresses contiguous and gathered them one by one (7x slower)
-    extra_compile_args=["-std=c++17", "-O3", "-march=native", "-fno-wrapv", "-fvisibility=hidden"],
-    extra_link_args=["-pthread"],
-    optional=True,
-)
+def _extensions() -> list[Extension]:
+    if platform.machine().lower() not in ("x86_64", "amd64") or sys.platform == "win32":
+        return []  # the kernels are written for x86-64's vector units
+    return [
+        Extension(
+            f"jaxchar.lstm._native_{name}",
+            sources=["jaxchar/csrc/native.cc"],
+            depends=["jaxchar/csrc/lstm_loop.h", "jaxchar/csrc/lstm_train.h"],
+            include_dirs=_xla_headers(),
+            define_macros=[("JAXCHAR_VARIANT", name)],
+            language="c++",
+            # -fno-wrapv undoes Python's -fwrapv, under which the compiler could not prove the
+            # inner loop's addresses contiguous and gathered them one by one (7x slower);
+            # C++20 for std::atomic wait (the barrier's sleep)
+            extra_compile_args=[
+                "-std=c++20",
+                "-O3",
+                *flags,
+                "-mtune=generic",
+                "-fno-wrapv",
+                "-fvisibility=hidden",
+            ],
+            extra_link_args=["-pthread"],
+            optional=True,
+        )
+        for name, flags in VARIANTS.items()
+    ]
 
-setup(ext_modules=[native])
+
+setup(ext_modules=_extensions())

@@ -7,7 +7,7 @@
 (a) the tutorial's method: Keras `predict` on the whole 100-character window for each new
     character; (b) jaxchar window mode (the same computation, jitted as one lax.scan);
 (c) jaxchar stateful mode (prompt once, then one cell step per character; on a CPU, up to
-64 rows, that is jaxchar's C++ kernel, jaxchar/_native.cc, where it was built, and the
+64 rows, that is jaxchar's C++ kernel, jaxchar/csrc/native.cc, where it was built, and the
 lax.scan it replaces is timed beside it with model.impl = "scan"); (d) a PyTorch
 stateful loop (nn.LSTM with its hidden state, one step per character, no_grad); and
 (e) the kernel's loop stand-alone (benchmarks/native_loop.cc, built here with g++
@@ -91,7 +91,7 @@ def torch_runner(batch: int, length: int, dtype: str):
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NATIVE_SOURCE = os.path.join(HERE, "native_loop.cc")
-KERNEL_HEADERS = os.path.join(HERE, os.pardir, "jaxchar")  # _lstm_loop.h, jaxchar's loop
+KERNEL_HEADERS = os.path.join(HERE, os.pardir, "jaxchar", "csrc")  # lstm_loop.h, jaxchar's loop
 
 
 def build_native(directory: str) -> str:

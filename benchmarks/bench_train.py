@@ -55,7 +55,7 @@ def matmul_peak(
     import jax
     import jax.numpy as jnp
 
-    from jaxchar.fused import matmul
+    from jaxchar.lstm import matmul
 
     w = jax.random.normal(jax.random.PRNGKey(0), (hidden, 4 * hidden)).astype(dtype) * 0.01
     x = jax.random.normal(jax.random.PRNGKey(1), (batch, hidden))
@@ -73,7 +73,7 @@ def matmul_peak(
 
 
 def jaxchar_cudnn_runner(cfg, ids: np.ndarray):
-    from jaxchar import cudnn
+    from jaxchar.lstm import cudnn
 
     if not cudnn.available() or cfg.model.impl == "cudnn":
         raise ImportError(

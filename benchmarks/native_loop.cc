@@ -1,4 +1,4 @@
-// jaxchar's CPU generation kernel (jaxchar/_lstm_loop.h) run stand-alone, without JAX or XLA
+// jaxchar's CPU generation kernel (jaxchar/csrc/lstm_loop.h) run stand-alone, without JAX or XLA
 // around it: what benchmarks/bench_generate.py compares jaxchar's stateful mode with at
 // batch 1, to show what the JAX call adds (dispatch, the prompt's inputs, XLA's threads).
 //
@@ -29,7 +29,7 @@
 #include <thread>
 #include <vector>
 
-#include "_lstm_loop.h"
+#include "lstm_loop.h"
 
 namespace {
 

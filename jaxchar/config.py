@@ -69,9 +69,10 @@ class ModelConfig:
     gate_activation: str = "sigmoid"
     unroll: int = 1  # timesteps per loop iteration of the scan (speed only)
     dtype: str = "float32"  # matrix products in this type; params and loss stay float32
-    # fused: hand-written backward (fast on CPUs); scan: autodiff of nn.scan (the reference);
-    # cudnn: cuDNN through jax.experimental.rnn on GPUs (float32), the fused layer elsewhere
-    impl: str = "fused"
+    # which backend runs the LSTM layers and the sampling loop (jaxchar/lstm/backends.py):
+    # auto: the fastest correct one measured for this machine; scan: the nn.scan reference;
+    # fused: hand-written backward, no C++; native: the C++ kernels (CPUs); cudnn: NVIDIA GPUs
+    impl: str = "auto"
 
     def __post_init__(self) -> None:
         _check(self.vocab_size >= 0, "model.vocab_size must not be negative")
@@ -85,11 +86,11 @@ class ModelConfig:
         _check(self.embed_dim >= 1, "model.embed_dim must be at least 1")
         _check(self.unroll >= 1, "model.unroll must be at least 1")
         _one_of("model", "dtype", self.dtype, ("float32", "bfloat16"))
-        _one_of("model", "impl", self.impl, ("fused", "scan", "cudnn"))
+        _one_of("model", "impl", self.impl, ("auto", "scan", "fused", "native", "cudnn"))
         _check(
             self.impl != "cudnn" or self.dtype == "float32",
             "model.impl = 'cudnn' computes in float32 (jax.experimental.rnn): set "
-            "model.dtype = 'float32' or use model.impl = 'fused'",
+            "model.dtype = 'float32' or use model.impl = 'auto'",
         )
 
 

@@ -4,18 +4,24 @@
 can jit, vmap or embed it. The loop over characters is `lax.scan`; `temperature` and
 `top_p` are traced (new values do not recompile), `length`, `top_k` and the config are
 static. Temperature 0 means argmax, as in the tutorial.
+
+The stateful loop runs as the C++ generation kernel where jaxchar.lstm.backends chooses it
+(CPUs; the same ids for the same keys) and as the lax.scan below everywhere else. The model
+inside the scan loop always runs its `scan` layers: one character a step is one cell step,
+and the prompt is read once.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 
-from jaxchar import native
 from jaxchar.config import ModelConfig
+from jaxchar.lstm import native, select
 from jaxchar.model import apply, init_carry, step
 
 _NEG = -1e30  # stands for -inf without creating NaNs in softmax
@@ -60,11 +66,18 @@ def sample_logits(
     return jax.lax.cond(jnp.asarray(temperature) > 0, draw, greedy)
 
 
+def _reference(cfg: ModelConfig) -> ModelConfig:
+    """The model config the lax.scan sampling loop runs: the nn.scan layers, which every
+    other backend is tested against (and which vmap, grad and every platform take)."""
+    return cfg if cfg.impl == "scan" else dataclasses.replace(cfg, impl="scan")
+
+
 def _start(params, prompt, cfg: ModelConfig, mode: str, seq_length: int):
     """The generation state after reading the prompt [rows, P]: (carry, last logits) for
     stateful mode, (window, mask) for window mode."""
     rows = prompt.shape[0]
     if mode == "stateful":
+        cfg = _reference(cfg)
         logits, carry = apply(params, cfg, prompt, init_carry(cfg, rows))
         return carry, logits[:, -1]
     if mode == "window":
@@ -75,18 +88,52 @@ def _start(params, prompt, cfg: ModelConfig, mode: str, seq_length: int):
     raise ValueError(f"mode must be 'stateful' or 'window', not {mode!r}")
 
 
+def _kernel(cfg: ModelConfig, rows: int, top_k, top_p) -> bool:
+    """Whether the C++ generation loop runs `rows` rows (jaxchar.lstm.backends's choice)."""
+    filtered = top_k is not None or top_p is not None
+    choice = select(cfg, "sample", platform=jax.default_backend(), rows=rows, filtered=filtered)
+    return choice.backend == "native"
+
+
 def _steps(
     params, state, keys, cfg: ModelConfig, mode: str, temperature, top_k, top_p, prompt=None
 ):
     """One new character per key (keys [n, 2]): returns (state, ids [rows, n]). With `prompt`
     [rows, P] (stateful mode, `state` the initial one) the prompt is read first."""
+    rows = state[1].shape[0]
+    if mode == "stateful" and _kernel(cfg, rows, top_k, top_p):
+        scan = partial(_scan, cfg=cfg, mode=mode, top_k=top_k, top_p=top_p)
+
+        def kernel(state):
+            return native.generate(
+                params,
+                cfg,
+                *state,
+                keys,
+                temperature,
+                prompt,
+                fallback=scan,  # under vmap, where the kernel cannot take the rows
+                fits=lambda rows: _kernel(cfg, rows, top_k, top_p),
+            )
+
+        def elsewhere(state):
+            return scan(params, *state, keys, temperature, prompt)
+
+        return jax.lax.platform_dependent(state, cpu=kernel, default=elsewhere)
+    return _scan(params, *state, keys, temperature, prompt, cfg, mode, top_k, top_p)
+
+
+def _scan(params, state0, state1, keys, temperature, prompt, cfg, mode, top_k, top_p):
+    """The lax.scan loop: `_steps` by the model's nn.scan layers, one character a step.
+    state0, state1: (carry, last logits) in stateful mode, (window, mask) in window mode."""
     draw = partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
     if mode == "stateful":
+        reference = _reference(cfg)
 
         def body(state, k):
             carry, last = state
             nxt = draw(k, last)
-            last, carry = step(params, cfg, carry, nxt)
+            last, carry = step(params, reference, carry, nxt)
             return (carry, last), nxt
 
     else:
@@ -99,18 +146,11 @@ def _steps(
             mask = jnp.concatenate([mask[:, 1:], jnp.ones_like(mask[:, :1])], axis=1)
             return (window, mask), nxt
 
-    def scan(state):
-        if prompt is not None:
-            state = _start(params, prompt, cfg, mode, 0)
-        state, out = jax.lax.scan(body, state, keys)
-        return state, out.T
-
-    rows = state[1].shape[0]
-    if mode == "stateful" and native.supports(cfg, rows, top_k, top_p):
-        # the C++ loop on CPUs (same characters; 2-2.5x the scan at 1 row, 1.4x at 64), else scan
-        kernel = lambda state: native.generate(params, cfg, *state, keys, temperature, prompt)
-        return jax.lax.platform_dependent(state, cpu=kernel, default=scan)
-    return scan(state)
+    state = (state0, state1)
+    if prompt is not None and prompt.shape[-1] > 0:  # (the kernel's later calls pass none)
+        state = _start(params, prompt, cfg, mode, 0)
+    state, out = jax.lax.scan(body, state, keys)
+    return state, out.T
 
 
 def _rows(prompt, num_samples):
@@ -152,7 +192,7 @@ def sample(
     prompt, single = _rows(prompt, num_samples)
     keys = jax.random.split(key, length)
     rows = prompt.shape[0]
-    if mode == "stateful" and native.supports(cfg, rows, top_k, top_p):
+    if mode == "stateful" and _kernel(cfg, rows, top_k, top_p):
         # the CPU kernel reads the prompt too (and the scan, off the CPU)
         state = (init_carry(cfg, rows), jnp.zeros((rows, cfg.vocab_size), jnp.float32))
         _, out = _steps(params, state, keys, cfg, mode, temperature, top_k, top_p, prompt)

@@ -61,7 +61,7 @@ def test_kernels_split_the_batch_over_devices(four_devices):
     # split (replicated or sharded parameters); each device runs them on its 2 of the 8 rows,
     # and nothing gathers the batch
     if not four_devices["kernel_calls"]:
-        pytest.skip("jaxchar/_native.cc was not built")
+        pytest.skip("jaxchar/csrc/native.cc was not built")
     for name in ("kernel_four", "kernel_fsdp"):
         for a, b in zip(four_devices["kernel_one"], four_devices[name], strict=True):
             assert abs(a - b) < 1e-5

@@ -5,7 +5,7 @@ import pytest
 from reference import lstm_forward
 
 from jaxchar.config import ModelConfig
-from jaxchar.fused import matmul
+from jaxchar.lstm import matmul
 from jaxchar.model import apply, dropout, init_carry, init_params, keep_mask, step
 
 
@@ -177,7 +177,10 @@ def test_bfloat16_products_accumulate_and_return_float32():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
-@pytest.mark.parametrize("impl", ["fused", "cudnn"])  # cudnn: cuDNN on a GPU, else fused
+GPU = jax.default_backend() == "gpu"
+
+
+@pytest.mark.parametrize("impl", ["fused", "auto", *(["cudnn"] if GPU else [])])
 @pytest.mark.parametrize("encoding", ["scaled", "embed"])
 @pytest.mark.parametrize("last_only", [True, False])
 def test_fast_layers_match_the_scan_reference_in_values_and_gradients(impl, encoding, last_only):
@@ -281,8 +284,8 @@ def test_cudnn_weight_packing_matches_jax_reference_lstm(in_dim):
     # jax.experimental.rnn's own unpacking and reference LSTM, which run anywhere
     from jax.experimental import rnn
 
-    from jaxchar.cudnn import pack_weights
-    from jaxchar.model import LSTMLayer
+    from jaxchar.lstm import LSTMLayer
+    from jaxchar.lstm.cudnn import pack_weights
 
     hidden, batch, steps = 5, 3, 4
     keys = jax.random.split(jax.random.PRNGKey(5), 4)
@@ -291,7 +294,7 @@ def test_cudnn_weight_packing_matches_jax_reference_lstm(in_dim):
         jax.random.normal(keys[1], (batch, hidden)),
         jax.random.normal(keys[2], (batch, hidden)),
     )
-    layer = LSTMLayer(hidden, scalar_input=False, impl="scan")
+    layer = LSTMLayer(hidden, scalar_input=False, backend="scan")
     variables = layer.init(keys[3], carry, x)
     p = variables["params"]
     p = {**p, "bias": jax.random.normal(keys[3], p["bias"].shape)}  # not just 0s and 1s

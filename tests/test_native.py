@@ -1,4 +1,4 @@
-"""The CPU generation kernel (jaxchar/_native.cc) against the lax.scan path it stands in for."""
+"""The CPU generation kernel (jaxchar/csrc/native.cc) against the lax.scan path it stands in for."""
 
 import dataclasses
 import subprocess
@@ -9,13 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxchar import native
 from jaxchar.config import ModelConfig
+from jaxchar.lstm import native
+from jaxchar.lstm.backends import select
 from jaxchar.model import apply, init_carry, init_params
 from jaxchar.sampling import sample, sample_stream
 
 pytestmark = pytest.mark.skipif(
-    not native.available(), reason="jaxchar/_native.cc was not built (no C++ compiler?)"
+    not native.available(), reason="jaxchar/csrc/native.cc was not built (no C++ compiler?)"
 )
 
 CONFIGS = [  # every input encoding, one and two layers, both gate functions
@@ -50,17 +51,17 @@ def _reference(cfg):
 
 def test_sample_runs_the_kernel_on_the_cpu_only_where_it_applies():
     cfg = CONFIGS[0]
-    params, prompt, key = _params(cfg), jnp.arange(5), jax.random.PRNGKey(0)
+    prompt, key = jnp.arange(5), jax.random.PRNGKey(0)
 
     def lowered(cfg, **kw):
-        return sample.lower(params, key, prompt, cfg=cfg, length=8, **kw).as_text()
+        return sample.lower(_params(cfg), key, prompt, cfg=cfg, length=8, **kw).as_text()
 
     assert "jaxchar_generate" in lowered(cfg)
     assert "jaxchar_generate" not in lowered(_reference(cfg))
     assert "jaxchar_generate" not in lowered(cfg, top_k=3)
     assert "jaxchar_generate" in lowered(cfg, num_samples=2)
     assert "jaxchar_generate" not in lowered(cfg, num_samples=native.MAX_ROWS + 1)
-    assert not native.supports(dataclasses.replace(cfg, hidden=24), 1, None, None)
+    assert "jaxchar_generate" not in lowered(dataclasses.replace(cfg, hidden=24))
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=["scaled-1", "embed-2", "onehot-2-hard"])
@@ -239,22 +240,21 @@ def test_bfloat16_kernel_state_and_logits_match_the_bfloat16_model():
     assert np.abs(np.asarray(float32[:, -1]) - np.asarray(logits)).max() > 1e-3  # it is bf16
 
 
+def _sampler(cfg, rows=1):
+    return select(cfg, "sample", platform="cpu", rows=rows).backend
+
+
 def test_bfloat16_generation_needs_hidden_a_multiple_of_32():
     cfg = dataclasses.replace(BF16[0], hidden=48)
-    assert not native.supports(cfg, 1, None, None)
-    assert native.supports(CONFIGS[0], 1, None, None) and CONFIGS[0].hidden % 32 == 0
+    assert _sampler(cfg) == "scan"
+    assert _sampler(BF16[0]) == "native" and BF16[0].hidden % 32 == 0
 
 
 def test_a_build_this_cpu_cannot_run_leaves_sampling_to_the_scan(monkeypatch):
-    # the extension reports no targets where the CPU lacks its build's instructions
-    class ForeignBuild:
-        def targets(self):
-            return {}
-
-    monkeypatch.setattr(native, "_native", ForeignBuild())
-    monkeypatch.setattr(native, "_registered", False)
+    # no variant loads where the CPU lacks every built variant's instructions
+    monkeypatch.setattr(native, "variant", lambda: (None, "this CPU lacks them"))
     cfg = CONFIGS[0]
-    assert not native.supports(cfg, 1, None, None)
+    assert _sampler(cfg) == "scan"
     lowered = sample.lower(_params(cfg), jax.random.PRNGKey(0), jnp.arange(3), cfg=cfg, length=4)
     assert "jaxchar_generate" not in lowered.as_text()
 

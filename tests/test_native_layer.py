@@ -1,5 +1,5 @@
-"""The C++ training recurrences (jaxchar/_lstm_train.h) against the lax.scan loops of
-jaxchar/fused.py that they stand in for, and the model trained through them against the
+"""The C++ training recurrences (jaxchar/csrc/lstm_train.h) against the lax.scan loops of
+jaxchar/lstm/fused.py that they stand in for, and the model trained through them against the
 nn.scan reference."""
 
 import dataclasses
@@ -9,12 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxchar import fused, native
 from jaxchar.config import ModelConfig
+from jaxchar.lstm import fused, native
 from jaxchar.model import apply, init_carry, init_params
 
 pytestmark = pytest.mark.skipif(
-    not native.available(), reason="jaxchar/_native.cc was not built (no C++ compiler?)"
+    not native.available(), reason="jaxchar/csrc/native.cc was not built (no C++ compiler?)"
 )
 
 

@@ -1,23 +1,23 @@
-"""A whole LSTM layer as one function with a hand-written backward pass (speed only).
+"""A whole LSTM layer as one function with a hand-written backward pass (the `fused` and
+`native` backends).
 
 Autodiff through the scanned cell does two products per step in its backward loop
 (dh = dz W^T and the dW accumulation) and keeps more than it needs. Here the forward loop
 stores only the gate activations and the cell states; the backward loop does one product per
 step and writes dz, and the weight gradient is one [hidden, batch*time] x [batch*time,
-4*hidden] product after the loop. Measured in benchmarks/bench_train.py; the nn.scan model in
-model.py is the reference that tests compare this against (values and gradients).
+4*hidden] product after the loop. The nn.scan cells (jaxchar/lstm/cells.py) are the
+reference that tests compare this with (values and gradients).
 
 The input projection is done here too, as one product over all timesteps before the loop
 (vector inputs) or inside it (the tutorial's scalar input, where it is a broadcast multiply),
 so that its weight gradient is also one product over [batch*time] written by hand: left to
-autodiff, XLA transposed the whole [time, batch, 4*hidden] gradient in memory first (13 ms of
-the stacked model's step, measured with benchmarks/profile_step.py).
+autodiff, XLA transposed the whole [time, batch, 4*hidden] gradient in memory first.
 
-On a CPU, for float32 products and hidden sizes that are multiples of 64, both loops run in
-C++ instead (jaxchar/native.py, jaxchar/_lstm_train.h): the products of a timestep there run
-near the cores' FMA peak, where XLA's ran at ~70% of it (benchmarks/bench_train.py). The
-lax.scan loops here stay the path everywhere else and the reference the kernels are tested
-against (tests/test_native_layer.py).
+With `kernel` (the `native` backend, chosen by jaxchar.lstm.backends), both loops run in C++ on
+CPUs (jaxchar/lstm/native.py) and as the lax.scan loops below on any other platform of the
+same program. Under `jax.vmap` the kernels' batching rule folds the mapped axis into the
+batch (one call for all), unless the weights themselves are mapped: then the lax.scan loops
+run, batched by XLA.
 
 Everything is time-major here: xs [time, batch, ...], hs [time, batch, hidden].
 """
@@ -29,26 +29,8 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from jaxchar import native
-
-
-def matmul(a: jax.Array, b: jax.Array, dtype=jnp.float32) -> jax.Array:
-    """a @ b with both operands in `dtype` (the products' type) and the result in float32.
-
-    The float32 result is asked of the product itself (`preferred_element_type`), not cast
-    from a bfloat16 one: that keeps the accumulated sums' precision, and XLA's CPU backend
-    runs a bfloat16 product with a bfloat16 result slower than a float32 one (394 against
-    258 us for [128, 256] x [256, 1024] on an AVX512-BF16 CPU, 368 us in float32)."""
-    return jnp.dot(a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
-
-
-def gate(v: jax.Array, kind: str = "sigmoid") -> jax.Array:
-    """The gates' squashing function. `sigmoid` is written as 0.5 * tanh(v / 2) + 0.5 (one
-    transcendental instead of exp plus divide); `hard_sigmoid` is Keras 1's piecewise-linear
-    clip(0.2 v + 0.5, 0, 1), the default of the Keras the tutorial ran."""
-    if kind == "hard_sigmoid":
-        return jnp.clip(0.2 * v + 0.5, 0.0, 1.0)
-    return 0.5 * jnp.tanh(0.5 * v) + 0.5
+from jaxchar.lstm import native
+from jaxchar.lstm.cells import gate, matmul
 
 
 def _through_gate(d: jax.Array, a: jax.Array, kind: str) -> jax.Array:
@@ -74,12 +56,7 @@ def _scalar(xs) -> bool:
     return xs.ndim == 2  # [T, B] scalar features, else [T, B, F] vectors
 
 
-def _kernel(w_h, xs, dtype) -> bool:
-    """Whether the C++ recurrences (jaxchar/_lstm_train.h) may run this layer on a CPU."""
-    return native.layer_supports(w_h.shape[0], xs.shape[0], dtype)
-
-
-def _forward(w_h, xs, c0, h0, w_in, bias, dtype, kind, with_hs_t=False):
+def _forward(w_h, xs, c0, h0, w_in, bias, dtype, kind, with_hs_t, kernel):
     # vector inputs: one [T*B, F] x [F, 4H] product for all timesteps, outside the loop
     gx = xs if _scalar(xs) else matmul(xs, w_in, dtype)
 
@@ -91,25 +68,53 @@ def _forward(w_h, xs, c0, h0, w_in, bias, dtype, kind, with_hs_t=False):
     def with_t(out):  # (hs, c, h) -> (hs, c, h, hs [H, T, B]) where it is asked for
         return (*out, out[0].transpose(2, 0, 1)) if with_hs_t else out
 
-    if not _kernel(w_h, xs, dtype):
+    if not kernel or xs.shape[0] == 0:
         out, (acts, cs) = scan(w_h, gx, c0, h0, w_in, bias)
         return with_t(out), (acts, cs, None)
 
-    def kernel(w_h, gx, c0, h0, w_in, bias):  # adds the bias to projected inputs itself
+    def on_cpu(w_h, gx, c0, h0, w_in, bias):  # adds the bias to projected inputs itself
         hs, acts, cs, h_prev_t, *hs_t = native.layer_forward(
-            w_h, gx, c0, h0, w_in, bias, kind, hs_t=with_hs_t
+            w_h, gx, c0, h0, w_in, bias, kind, hs_t=with_hs_t, fallback=_kernel_forward_xla(kind)
         )
         return (hs, cs[-1], hs[-1], *hs_t), (acts, cs, h_prev_t)
 
-    def scan_transposed(*args):  # what the kernel returns, elsewhere
+    def elsewhere(*args):  # what the kernel returns, on other platforms
         out, (acts, cs) = scan(*args)
-        h_prev = jnp.concatenate([h0[None], out[0][:-1]], axis=0).transpose(2, 0, 1)
-        extra = [xs[None]] if _scalar(xs) else []
-        extra.append(jnp.ones((1, *xs.shape[:2]), h_prev.dtype))
-        return with_t(out), (acts, cs, jnp.concatenate([h_prev, *extra], axis=0))
+        return with_t(out), (acts, cs, _h_prev_t(h0, out[0], xs))
 
     args = w_h, gx, c0, h0, w_in, bias
-    return jax.lax.platform_dependent(*args, cpu=kernel, default=scan_transposed)
+    return jax.lax.platform_dependent(*args, cpu=on_cpu, default=elsewhere)
+
+
+def _h_prev_t(h0, hs, xs):
+    """[H + 1 + scalar, T, B]: each step's h_{t-1} transposed (h0 first), then for scalar
+    inputs xs, then ones: the kernel's third residual (see native.layer_forward)."""
+    h_prev = jnp.concatenate([h0[None], hs[:-1]], axis=0).transpose(2, 0, 1)
+    extra = [xs[None]] if _scalar(xs) else []
+    extra.append(jnp.ones((1, *xs.shape[:2]), h_prev.dtype))
+    return jnp.concatenate([h_prev, *extra], axis=0)
+
+
+def _kernel_forward_xla(kind):
+    """native.layer_forward's raw call in plain JAX (its batching rule's fallback)."""
+
+    def forward(w_h, xs, w_in, bias, c0, h0):  # xs [T, B, 1] scalars or [T, B, 4H]
+        scalar = xs.shape[2] == 1
+        inputs = xs[..., 0] if scalar else xs + bias
+        (hs, _, _), (acts, cs) = _scan_forward(
+            w_h,
+            inputs,
+            c0,
+            h0,
+            w_in if scalar else None,
+            bias if scalar else None,
+            jnp.float32,
+            kind,
+        )
+        hs_t = jnp.zeros((w_h.shape[0], 0, xs.shape[1]), jnp.float32)
+        return hs, acts, cs, _h_prev_t(h0, hs, inputs if scalar else xs), hs_t
+
+    return forward
 
 
 def _scan_forward(w_h, xs, c0, h0, w_in, bias, dtype, kind):
@@ -127,9 +132,19 @@ def _scan_forward(w_h, xs, c0, h0, w_in, bias, dtype, kind):
     return (hs, c, h), (acts, cs)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+@partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
 def lstm_layer(
-    w_h, xs, c0, h0, w_in, bias, xs_t=None, dtype=jnp.float32, kind="sigmoid", with_hs_t=False
+    w_h,
+    xs,
+    c0,
+    h0,
+    w_in,
+    bias,
+    xs_t=None,
+    dtype=jnp.float32,
+    kind="sigmoid",
+    with_hs_t=False,
+    kernel=False,
 ):
     """Runs the layer over xs; returns (hs [T, B, H], final c, final h).
 
@@ -141,28 +156,36 @@ def lstm_layer(
     a layer given `xs_t` (its vector input transposed, [F, T, B]: the same values as xs) takes
     its input-kernel gradient from it, the layout that product wants. On a CPU the kernel
     writes hs_t as it goes, where XLA would transpose hs in memory (4-10 ms of a stacked step).
-    hs_t carries no gradient: it stands for hs, whose gradient flows through xs."""
-    return _forward(w_h, xs, c0, h0, w_in, bias, dtype, kind, with_hs_t)[0]
+    hs_t carries no gradient: it stands for hs, whose gradient flows through xs.
+
+    `kernel` runs both recurrences in C++ on CPUs (float32, hidden % 64 == 0; the caller,
+    jaxchar.lstm.backends, has checked)."""
+    return _forward(w_h, xs, c0, h0, w_in, bias, dtype, kind, with_hs_t, kernel)[0]
 
 
-def _fwd(w_h, xs, c0, h0, w_in, bias, xs_t, dtype, kind, with_hs_t):
-    out, (acts, cs, h_prev_t) = _forward(w_h, xs, c0, h0, w_in, bias, dtype, kind, with_hs_t)
+def _fwd(w_h, xs, c0, h0, w_in, bias, xs_t, dtype, kind, with_hs_t, kernel):
+    out, (acts, cs, h_prev_t) = _forward(
+        w_h, xs, c0, h0, w_in, bias, dtype, kind, with_hs_t, kernel
+    )
     return out, (w_h, xs, c0, h0, w_in, out[0], acts, cs, h_prev_t, xs_t)
 
 
-def _bwd(dtype, kind, with_hs_t, res, grads):
+def _bwd(dtype, kind, with_hs_t, kernel, res, grads):
     w_h, xs, c0, h0, w_in, hs, acts, cs, h_prev_t, xs_t = res
     d_hs, d_c_last, d_h_last = grads[:3]  # (hs_t's, if any, is dropped: see lstm_layer)
-    if _kernel(w_h, xs, dtype):
+    if h_prev_t is not None:  # the forward pass ran the kernel
 
-        def kernel(*args):
-            return native.layer_backward(w_h, acts, cs, c0, *args, kind)
+        def xla(w_h, acts, cs, c0, *args):
+            return _scan_backward(w_h, acts, cs, c0, *args, jnp.float32, kind)
 
-        def scan(*args):
+        def on_cpu(*args):
+            return native.layer_backward(w_h, acts, cs, c0, *args, kind, fallback=xla)
+
+        def elsewhere(*args):
             return _scan_backward(w_h, acts, cs, c0, *args, dtype, kind)
 
         grads = d_hs, d_c_last, d_h_last
-        dz, dc0, dh0 = jax.lax.platform_dependent(*grads, cpu=kernel, default=scan)
+        dz, dc0, dh0 = jax.lax.platform_dependent(*grads, cpu=on_cpu, default=elsewhere)
     else:
         dz, dc0, dh0 = _scan_backward(w_h, acts, cs, c0, d_hs, d_c_last, d_h_last, dtype, kind)
 

@@ -1,7 +1,7 @@
 // The loop of jaxchar's CPU generation kernel, without XLA: the LSTM cells, the head and
-// the draw, split over threads by hidden unit. Included by jaxchar/_native.cc (the XLA FFI
+// the draw, split over threads by hidden unit. Included by jaxchar/csrc/native.cc (the XLA FFI
 // handler) and by benchmarks/native_loop.cc (the same loop run stand-alone, to measure what
-// JAX and XLA add around it). See _native.cc for the layout of a Problem's arrays.
+// JAX and XLA add around it). See native.cc for the layout of a Problem's arrays.
 #ifndef JAXCHAR_LSTM_LOOP_H_
 #define JAXCHAR_LSTM_LOOP_H_
 
@@ -110,27 +110,43 @@ inline void update<false>(const float* __restrict z, const float* __restrict x, 
 }
 #endif
 
-class Barrier {  // sense-reversing; spins (~0.1 us a wait), yields if a thread is late
+// Sense-reversing barrier that spins briefly, then sleeps. On a quiet machine every thread
+// arrives within a microsecond or two of the others and the spin catches it (~0.1 us a
+// wait). When another process holds a core, a late thread may be off the CPU for a whole
+// scheduler slice (milliseconds): a waiter that kept spinning would take the very core the
+// late thread needs, so after kSpins tries it sleeps on the sense word (a futex on Linux,
+// C++20 atomic wait) and the last thread to arrive wakes it.
+class Barrier {
  public:
   explicit Barrier(int n) : n_(n) {}
   void wait(int& sense) {
     sense ^= 1;
     if (arrived_.fetch_add(1, std::memory_order_acq_rel) == n_ - 1) {
       arrived_.store(0, std::memory_order_relaxed);
-      sense_.store(sense, std::memory_order_release);
+      // seq_cst on sense_ and sleepers_ (here and below): a waiter either sees the new sense
+      // or is counted before this load sees sleepers_, never neither
+      sense_.store(sense);
+      if (sleepers_.load() > 0) sense_.notify_all();
       return;
     }
-    for (int tries = 1; sense_.load(std::memory_order_acquire) != sense; tries++)
-      if (tries % 4096 == 0) std::this_thread::yield();
+    for (int tries = 0; tries < kSpins; tries++)
+      if (sense_.load(std::memory_order_acquire) == sense) return;
+    sleepers_.fetch_add(1);
+    for (int old; (old = sense_.load()) != sense;) sense_.wait(old);
+    sleepers_.fetch_sub(1);
   }
 
  private:
+  // ~2-4 us of loads on a 2-3 GHz core: well above a quiet machine's skew between threads,
+  // far below a scheduler slice
+  static constexpr int kSpins = 4096;
   const int n_;
   // on a cache line of their own: a neighbour read at every step (the Shared's vector, a
   // caller's locals) would otherwise bounce between the cores with them
   alignas(64) std::atomic<int> arrived_{0};
   std::atomic<int> sense_{0};
-  char pad_[64 - 2 * sizeof(std::atomic<int>)];
+  std::atomic<int> sleepers_{0};
+  char pad_[64 - 3 * sizeof(std::atomic<int>)];
 };
 
 struct Problem {

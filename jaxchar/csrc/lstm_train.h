@@ -1,12 +1,12 @@
 // The two recurrences of an LSTM layer's training step, without XLA: the forward loop (which
 // keeps what the backward pass needs) and the backward loop (which writes the gradient of
 // the pre-activations, dz). Both split the hidden units between threads as the generation
-// loop does (_lstm_loop.h): a thread packs its units' columns of the recurrent kernel once a
+// loop does (lstm_loop.h): a thread packs its units' columns of the recurrent kernel once a
 // call, so they stay in its core's L2 for all the timesteps, and the threads meet once a
 // timestep. The weight gradients are one product over all timesteps each, left to XLA
-// (jaxchar/fused.py), which runs those near the machine's matrix-multiply peak.
+// (jaxchar/lstm/fused.py), which runs those near the machine's matrix-multiply peak.
 //
-// The maths is jaxchar/fused.py's, which stays the reference that tests/test_native.py
+// The maths is jaxchar/lstm/fused.py's, the reference that tests/test_native_layer.py
 // compares this with (values and gradients).
 #ifndef JAXCHAR_LSTM_TRAIN_H_
 #define JAXCHAR_LSTM_TRAIN_H_
@@ -18,7 +18,7 @@
 #include <immintrin.h>
 #endif
 
-#include "_lstm_loop.h"
+#include "lstm_loop.h"
 
 namespace jaxchar {
 
@@ -64,7 +64,7 @@ void forward_cells(const float* __restrict z, float* __restrict c, float* __rest
 }
 
 #ifdef __AVX512F__
-// the same on 16 lanes (_lstm_loop.h's sigmoid_16 and tanh_16; units % 16 == 0, as the
+// the same on 16 lanes (lstm_loop.h's sigmoid_16 and tanh_16; units % 16 == 0, as the
 // 64-column tiles make it): the same values, 30% less time than g++'s vectorized loop
 template <>
 inline void forward_cells<false>(const float* __restrict z, float* __restrict c,

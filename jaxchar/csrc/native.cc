@@ -1,16 +1,16 @@
 // jaxchar's CPU kernels as XLA FFI calls: the stateful generation loop of an LSTM model at
 // small batches (below), and the forward and backward recurrences of an LSTM layer's
-// training step (LayerForward, LayerBackward; the loops are in _lstm_train.h).
+// training step (LayerForward, LayerBackward; the loops are in lstm_train.h).
 //
 // At batch 1 a character's work is a few matrix-vector products (the recurrent kernel alone
 // is 1 MB at hidden 256) and XLA runs them on one core, streaming the kernels from the
 // shared L3 cache at every step. Here the hidden units are split between threads, each
 // thread packs its share of every kernel once per call (so it stays in that core's L2 for
 // the whole loop), and the threads meet at a spinning barrier after each layer; the loop
-// itself is in _lstm_loop.h (benchmarks/native_loop.cc runs it without XLA). The maths
-// is the model's (jaxchar/model.py, jaxchar/fused.py) and the draw is sample_logits':
+// itself is in lstm_loop.h (benchmarks/native_loop.cc runs it without XLA). The maths
+// is the model's (jaxchar/lstm/cells.py, jaxchar/lstm/fused.py) and the draw is sample_logits':
 // argmax at temperature 0, else argmax(logits / temperature + Gumbel noise), the noise
-// drawn by JAX from the same keys (jax.random.categorical's method). jaxchar/native.py
+// drawn by JAX from the same keys (jax.random.categorical's method). jaxchar/lstm/native.py
 // prepares the inputs; tests/test_native.py compares the ids, state and logits with the
 // lax.scan path.
 //
@@ -31,8 +31,8 @@
 #include <thread>
 #include <vector>
 
-#include "_lstm_loop.h"
-#include "_lstm_train.h"
+#include "lstm_loop.h"
+#include "lstm_train.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -47,7 +47,7 @@ using jaxchar::work;
 // the cores (they spin a while when idle), which made two threads slower than one. But XLA
 // may be running other work on them, this very kernel included (several samples dispatched
 // at once): so the helpers first report that they started, and if they all have not within
-// 2 ms the call cancels them and runs on one thread (returning false). A helper started
+// 2 ms the call cancels them (returning false) and the caller starts threads of its own. A helper started
 // after that only reads the shared gate, which outlives the call.
 template <class Work>  // Work: void(int thread), thread 0 being the caller's
 bool run_on_pool(int threads, ffi::ThreadPool& pool, const Work& work) {
@@ -81,26 +81,21 @@ bool run_on_pool(int threads, ffi::ThreadPool& pool, const Work& work) {
   return true;
 }
 
-// Runs work(p, shared, t) on p.threads threads (XLA's, else our own), or on one thread if
-// XLA's are busy; S is the problem's shared state, built for the thread count that runs.
+// Runs work(p, shared, t) on p.threads threads: XLA's where they are free, else threads of
+// our own. Never on fewer: how the units and the partial sums are split between threads
+// decides the order of the float additions, so the thread count is part of the result, and
+// the same call must give the same bits whether or not XLA's pool was busy at that moment.
+// S is the problem's shared state.
 template <class S, class P, class Work>
 void run(const P& p, ffi::ThreadPool& pool, Work work) {
-  if (p.threads > 1 && pool.num_threads() >= p.threads) {
-    S shared(p);
-    if (run_on_pool(p.threads, pool, [&](int t) { work(p, shared, t); })) return;
-  } else if (p.threads > 1) {  // XLA's pool is too small: threads of our own
-    S shared(p);
-    std::vector<std::thread> helpers;
-    for (int t = 1; t < p.threads; t++)
-      helpers.emplace_back([&, t] { work(p, shared, t); });
-    work(p, shared, 0);
-    for (auto& helper : helpers) helper.join();
+  S shared(p);
+  if (p.threads > 1 && pool.num_threads() >= p.threads &&
+      run_on_pool(p.threads, pool, [&](int t) { work(p, shared, t); }))
     return;
-  }
-  P alone = p;  // one thread, or the pool's threads were busy
-  alone.threads = 1;
-  S shared(alone);
-  work(alone, shared, 0);
+  std::vector<std::thread> helpers;
+  for (int t = 1; t < p.threads; t++) helpers.emplace_back([&, t] { work(p, shared, t); });
+  work(p, shared, 0);
+  for (auto& helper : helpers) helper.join();
 }
 
 ffi::Error Generate(ffi::Buffer<ffi::F32> recurrent, ffi::Buffer<ffi::F32> upper,
@@ -159,7 +154,7 @@ ffi::Error Generate(ffi::Buffer<ffi::F32> recurrent, ffi::Buffer<ffi::F32> upper
   return ffi::Error::Success();
 }
 
-// the training recurrences (_lstm_train.h): w_h [H, 4H], c0, h0 [B, H] and the layout below
+// the training recurrences (lstm_train.h): w_h [H, 4H], c0, h0 [B, H] and the layout below
 ffi::Error CheckLayer(const jaxchar::LayerProblem& p, ffi::Buffer<ffi::F32>& w_h,
                       ffi::Buffer<ffi::F32>& c0, int64_t h0_count, int64_t threads) {
   auto w = w_h.dimensions();
@@ -173,7 +168,7 @@ ffi::Error CheckLayer(const jaxchar::LayerProblem& p, ffi::Buffer<ffi::F32>& w_h
 
 // Forward: xs [T, B, 1] (scalar features; w_in, bias [4H]) or [T, B, 4H] (projected inputs;
 // bias [4H], w_in unread). Outputs hs, cs [T, B, H], acts [T, B, 4H], hp_t [H + 1 + scalar,
-// T, B] (see _lstm_train.h) and hs_t, hs transposed to [H, T, B] (or empty: not wanted).
+// T, B] (see lstm_train.h) and hs_t, hs transposed to [H, T, B] (or empty: not wanted).
 ffi::Error LayerForward(ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::F32> xs,
                         ffi::Buffer<ffi::F32> w_in, ffi::Buffer<ffi::F32> bias,
                         ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::F32> h0,
@@ -316,20 +311,38 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxcharLayerBackward, LayerBackward,
                                   .Attr<int64_t>("threads")
                                   .Ctx<ffi::ThreadPool>());
 
-// The extension is built with -march=native. On a CPU without the vector instructions that
-// allowed (a build copied to another machine, such as an image built elsewhere) the kernel
-// would die of an illegal instruction; there `targets()` is empty and the scan serves.
+// setup.py builds this file once per instruction-set variant (-march=x86-64-v3 for AVX2,
+// x86-64-v4 for AVX-512, and x86-64-v4 plus AVX512-BF16), each as a module of its own
+// (JAXCHAR_VARIANT names it). jaxchar/lstm/native.py imports only a variant that this CPU's
+// flags allow; this check repeats that here, from the compiler's own view of what it used,
+// so that a variant loaded on a CPU without its instructions offers no targets rather than
+// dying of an illegal instruction.
 static bool cpu_runs_this_build() {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
   __builtin_cpu_init();
-#ifdef __AVX512F__
-  if (!__builtin_cpu_supports("avx512f")) return false;
-#endif
 #ifdef __AVX2__
   if (!__builtin_cpu_supports("avx2")) return false;
 #endif
 #ifdef __FMA__
   if (!__builtin_cpu_supports("fma")) return false;
+#endif
+#ifdef __BMI2__
+  if (!__builtin_cpu_supports("bmi2")) return false;
+#endif
+#ifdef __AVX512F__
+  if (!__builtin_cpu_supports("avx512f")) return false;
+#endif
+#ifdef __AVX512BW__
+  if (!__builtin_cpu_supports("avx512bw")) return false;
+#endif
+#ifdef __AVX512DQ__
+  if (!__builtin_cpu_supports("avx512dq")) return false;
+#endif
+#ifdef __AVX512VL__
+  if (!__builtin_cpu_supports("avx512vl")) return false;
+#endif
+#ifdef __AVX512CD__
+  if (!__builtin_cpu_supports("avx512cd")) return false;
 #endif
 #ifdef __AVX512BF16__
   if (!__builtin_cpu_supports("avx512bf16")) return false;
@@ -358,6 +371,15 @@ static PyMethodDef kMethods[] = {
     {"bf16", bf16, METH_NOARGS, "Whether generation runs bfloat16 products."},
     {nullptr, nullptr, 0, nullptr}};
 
-static PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_native", nullptr, -1, kMethods};
+#ifndef JAXCHAR_VARIANT
+#define JAXCHAR_VARIANT native
+#endif
+#define JAXCHAR_CAT(a, b) a##b
+#define JAXCHAR_INIT(variant) JAXCHAR_CAT(PyInit__native_, variant)
+#define JAXCHAR_STR2(x) #x
+#define JAXCHAR_STR(x) JAXCHAR_STR2(x)
 
-PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&kModule); }
+static PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_native_" JAXCHAR_STR(JAXCHAR_VARIANT),
+                              nullptr, -1, kMethods};
+
+PyMODINIT_FUNC JAXCHAR_INIT(JAXCHAR_VARIANT)(void) { return PyModule_Create(&kModule); }

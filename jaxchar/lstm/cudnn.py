@@ -6,8 +6,8 @@ keeps jaxchar's parameters (input_kernel [in, 4H], recurrent_kernel [H, 4H], bia
 gates i, f, g, o as in Keras and cuDNN) and packs them into cuDNN's flat weight vector on
 each call, so checkpoints are the same whichever implementation trained them.
 
-cuDNN has no CPU kernel: `available()` says whether this process can use it, and the model
-takes the fused path (jaxchar.fused, same parameters, same function) where it cannot.
+cuDNN has no CPU kernel: `available()` says whether this process can use it, and the
+selector (jaxchar.lstm.backends) picks it only where this is true.
 Batch-major: x [batch, time, in] -> hs [batch, time, H].
 """
 

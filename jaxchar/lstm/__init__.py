@@ -1,0 +1,13 @@
+"""The LSTM layer as one concept with several backends (see jaxchar/lstm/backends.py).
+
+cells.py holds the definition (nn.scan cells, the reference); fused.py the layer with a
+hand-written backward pass; native.py the C++ kernels' wrappers (sources in jaxchar/csrc/);
+cudnn.py the layer through cuDNN; layer.py the flax module that runs whichever `select`
+picks.
+"""
+
+from jaxchar.lstm.backends import BackendError, Choice, select
+from jaxchar.lstm.cells import GRUCell, LSTMCell, gate, matmul
+from jaxchar.lstm.layer import LSTMLayer
+
+__all__ = ["BackendError", "Choice", "GRUCell", "LSTMCell", "LSTMLayer", "gate", "matmul", "select"]

@@ -1,0 +1,164 @@
+"""The one place that decides which backend runs an LSTM layer or a sampling loop.
+
+Backends: `scan` (the nn.scan cells, jaxchar/lstm/cells.py: the definition and reference),
+`fused` (jaxchar/lstm/fused.py: the layer with a hand-written backward pass, lax.scan loops),
+`native` (the fused layer's loops, or the whole stateful sampling loop, in C++ on CPUs:
+jaxchar/lstm/native.py) and `cudnn` (jaxchar/lstm/cudnn.py, NVIDIA GPUs).
+
+`model.impl = "auto"` picks a backend only where it is correct under jit, vmap and grad,
+deterministic for a seed, and measured faster on that kind of machine (docs/benchmarks.md):
+
+- layer (training, evaluation), CPU with an AVX-512 kernel variant loaded: `native` (float32,
+  hidden % 64 == 0), else `fused`: the kernels measured faster than the fused layer.
+- layer, CPU with only the AVX2 variant: `fused`: the AVX2 kernels measured ~10x slower.
+- layer, GPU or TPU: `fused`: cuDNN has not been measured on a GPU yet.
+- layer, GRU cells or masked (left-padded) steps: `scan`, whatever the impl.
+- sample (stateful loop), CPU with an AVX-512 variant: `native` up to 64 rows without
+  top-k/top-p (measured faster than the scan); everywhere else `scan`.
+
+A forced backend (`scan`, `fused`, `native`, `cudnn`) runs wherever it applies; where this
+machine cannot run it at all (no GPU for cuDNN, no kernels for native) `select` raises
+`BackendError` saying why. Where a forced backend does not apply to a call (a GRU, a masked
+window, top-k sampling with native) that call takes the reference, and the reason says so.
+Under `jax.vmap` the kernels fold the mapped axis into their rows (one call); mapped weights
+run the lax.scan loops instead (see native.py), and sampling folds only while the rows fit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax.numpy as jnp
+
+from jaxchar.config import ModelConfig
+from jaxchar.lstm import cudnn, native
+
+# kernel variants that benchmarks showed faster than the JAX paths on their kind of CPU
+MEASURED_FASTER = ("avx512bf16", "avx512")
+
+
+class BackendError(ValueError):
+    """A forced `model.impl` that this machine cannot run."""
+
+
+@dataclass(frozen=True)
+class Choice:
+    backend: str  # scan | fused | native | cudnn
+    reason: str
+
+
+def select(
+    cfg: ModelConfig,
+    purpose: str,
+    *,
+    platform: str,
+    rows: int = 1,
+    masked: bool = False,
+    filtered: bool = False,
+) -> Choice:
+    """The backend for `purpose` ("layer": the model over sequences, training and
+    evaluation; "sample": the stateful sampling loop) of a model `cfg` on `platform`
+    ("cpu", "gpu", "tpu"), for `rows` rows, with masked (left-padded) steps, or with a
+    top-k/top-p filter."""
+    impl = cfg.impl
+    if impl == "native" and (platform != "cpu" or not native.available()):
+        where = f"this is a {platform}" if platform != "cpu" else native.variant()[1]
+        raise BackendError(f"model.impl = 'native' cannot run here: {where}; use auto")
+    if impl == "cudnn" and (platform != "gpu" or not cudnn.available()):
+        raise BackendError(
+            f"model.impl = 'cudnn' needs an NVIDIA GPU (this is a {platform}); use auto"
+        )
+    if purpose == "layer":
+        return _layer(cfg, platform, masked)
+    if purpose == "sample":
+        return _sampler(cfg, platform, rows, filtered)
+    raise ValueError(f"purpose must be 'layer' or 'sample', not {purpose!r}")
+
+
+def _layer(cfg: ModelConfig, platform: str, masked: bool) -> Choice:
+    if cfg.cell != "lstm":
+        return Choice("scan", "GRU cells run on the nn.scan reference")
+    if masked:
+        return Choice("scan", "masked (left-padded) steps run on the nn.scan reference")
+    if cfg.impl in ("scan", "fused"):
+        return Choice(cfg.impl, f"model.impl = '{cfg.impl}'")
+    if cfg.impl == "cudnn":
+        if cfg.gate_activation != "sigmoid":
+            return Choice("fused", "cuDNN has only the sigmoid gate: the fused layer")
+        return Choice("cudnn", "model.impl = 'cudnn'")
+    fits, why = native.layer_supports(cfg.hidden, _dtype(cfg))
+    if cfg.impl == "native":
+        if fits:
+            return Choice("native", f"model.impl = 'native' ({native.variant()[0]})")
+        return Choice("fused", f"model.impl = 'native', but {why}: the fused layer")
+    if platform != "cpu":
+        return Choice("fused", f"auto on {platform}: cuDNN is not measured on a GPU yet")
+    if not fits:
+        return Choice("fused", f"auto: {why}")
+    name = native.variant()[0]
+    if name not in MEASURED_FASTER:
+        return Choice("fused", f"auto: the {name} kernels measured slower than the fused layer")
+    return Choice("native", f"auto: C++ recurrences ({name}), measured faster on this CPU kind")
+
+
+def _sampler(cfg: ModelConfig, platform: str, rows: int, filtered: bool) -> Choice:
+    if cfg.impl not in ("auto", "native"):
+        return Choice("scan", f"model.impl = '{cfg.impl}': the lax.scan loop")
+    if platform != "cpu":
+        return Choice("scan", f"the lax.scan loop on {platform}")
+    if filtered:
+        return Choice("scan", "top-k/top-p: the lax.scan loop (the kernel draws from all ids)")
+    fits, why = native.generate_supports(cfg, rows)
+    if not fits:
+        return Choice("scan", f"{why}: the lax.scan loop")
+    name = native.variant()[0]
+    if cfg.impl == "auto" and name not in MEASURED_FASTER:
+        return Choice("scan", f"auto: the {name} kernel measured slower than the scan")
+    return Choice("native", f"{cfg.impl}: C++ generation loop ({name})")
+
+
+def _dtype(cfg: ModelConfig):
+    return jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
+
+
+def choices(cfg: ModelConfig, platform: str) -> dict[str, Choice]:
+    """What `cfg` runs here: training and evaluation, sampling one row and 64 rows, and
+    sampling with a top-k/top-p filter (a BackendError's reason where forced and impossible)."""
+    cases = {
+        "train": dict(purpose="layer"),
+        "sample, 1 row": dict(purpose="sample", rows=1),
+        "sample, 64 rows": dict(purpose="sample", rows=64),
+        "sample, top-k/top-p": dict(purpose="sample", filtered=True),
+    }
+    out = {}
+    for name, kwargs in cases.items():
+        try:
+            out[name] = select(cfg, platform=platform, **kwargs)
+        except BackendError as err:
+            out[name] = Choice("none", str(err))
+    return out
+
+
+def machine() -> dict[str, str]:
+    """What this machine offers the backends: platform and devices, the CPU's vector
+    instruction sets, the C++ kernels' state, cuDNN."""
+    import jax
+
+    flags = native.cpu_flags()
+    wanted = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "amx_bf16")
+    devices = jax.devices()
+    return {
+        "platform": jax.default_backend(),
+        "devices": f"{len(devices)} x {devices[0].device_kind}",
+        "jax": jax.__version__,
+        "cpu": platform_name(),
+        "cpu instruction sets": " ".join(f for f in wanted if f in flags) or "unknown",
+        "C++ kernels": (native.variant()[0] or "not used") + f" ({native.variant()[1]})",
+        "cuDNN": "available" if cudnn.available() else "no (not an NVIDIA GPU)",
+    }
+
+
+def platform_name() -> str:
+    import platform
+
+    return f"{platform.machine()}, {native.cpu_model() or 'model unknown'}"
