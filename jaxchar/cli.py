@@ -196,6 +196,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = with_vocab(cfg, len(corpus.vocab))
         if args.run_dir is None:
             raise ConfigError("give --run-dir DIR: the folder where checkpoints are kept")
+        _backend(cfg.model, "layer")  # a forced backend this machine lacks: refused here
         if distributed.is_single_process():
             run = RunDir.create(args.run_dir, cfg, corpus.vocab, overwrite=args.overwrite)
         else:  # files by process 0, then orbax's collective manager on every process
@@ -206,19 +207,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         if primary:
             _write_corpus_note(run.path, corpus_path)
     _info(corpus.summary(cfg.data.seq_length), args.quiet)
-    if cfg.model.impl == "cudnn":
-        from jaxchar import cudnn
-
-        if cfg.model.gate_activation != "sigmoid":
-            _info(
-                "note: cuDNN's gates are sigmoids; model.gate_activation = "
-                f"'{cfg.model.gate_activation}' runs on the fused layer",
-                args.quiet,
-            )
-        elif not cudnn.available():
-            _info(
-                "note: model.impl = 'cudnn' needs an NVIDIA GPU; using the fused layer", args.quiet
-            )
+    if args.resume:
+        cfg = _runnable(cfg, args.quiet)
+    choice = _backend(cfg.model, "layer")
+    _info(f"backend: {choice.backend} ({choice.reason})", args.quiet)
     stop = _StopFlag(args.quiet)
     stop.install()
     progress = _Progress(args.quiet)
@@ -353,7 +345,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from jaxchar.config import SampleConfig
 
     run = RunDir.open(args.run_dir)
-    cfg = run.cfg
+    cfg = _runnable(run.cfg, args.quiet)
     s = cfg.sample
     opts = SampleConfig(
         length=args.length if args.length is not None else s.length,
@@ -489,7 +481,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         spans = sentence_spans(ids, run.vocab, d.seq_length)
         if not len(spans):
             raise ConfigError(f"{args.file} has no sentence of two or more characters to score")
-    loss = evaluate(params, run.cfg, ids, spans)
+    loss = evaluate(params, _runnable(run.cfg, args.quiet), ids, spans)
     print(
         f"{args.file}: {loss:.4f} nats/char, {loss / LN2:.4f} bits/char "
         f"({len(ids)} characters, checkpoint step {step})"
@@ -558,6 +550,53 @@ def cmd_info(args: argparse.Namespace) -> int:
             bpc = m.get("val_bpc", m.get("train_bpc"))
             mark = "  <- best, used by generate" if step == best else ""
             print(f"{step:>8} {m['epoch']:>6} {m['train_loss']:>11.4f} {val:>9} {bpc:>9.3f}{mark}")
+    import jax
+
+    from jaxchar.lstm.backends import choices
+
+    model = _runnable(cfg, args.quiet).model
+    for purpose, choice in choices(model, jax.default_backend()).items():
+        print(f"backend, {purpose}: {choice.backend} ({choice.reason})")
+    return 0
+
+
+def _backend(model, purpose: str):
+    """jaxchar.lstm's choice for `model` on this machine (BackendError if forced and
+    impossible)."""
+    import jax
+
+    from jaxchar.lstm import select
+
+    return select(model, purpose, platform=jax.default_backend())
+
+
+def _runnable(cfg: Config, quiet: bool) -> Config:
+    """A stored run's config with a backend this machine can run (see lstm.backends)."""
+    import jax
+
+    from jaxchar.lstm.backends import runnable
+
+    model, note = runnable(cfg.model, jax.default_backend())
+    if note:
+        _info(note, quiet)
+    return dataclasses.replace(cfg, model=model)
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    """What this machine has, and which backend each config runs for training and sampling."""
+    import jax
+
+    from jaxchar.lstm.backends import choices, machine
+
+    for name, value in machine().items():
+        print(f"{name + ':':<22}{value}")
+    names = args.config or sorted(p.stem for p in REPO_CONFIGS.glob("*.toml"))
+    for name in names:
+        cfg = load_config(resolve_config_path(name))
+        model = dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size or 64)
+        print(f"\nconfig {name} (impl = {model.impl}, {model.layers} x {model.hidden}):")
+        for purpose, choice in choices(model, jax.default_backend()).items():
+            print(f"  {purpose + ':':<22}{choice.backend:<7} {choice.reason}")
     return 0
 
 
@@ -715,6 +754,17 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("run_dir")
     _add_common(info)
     info.set_defaults(func=cmd_info)
+
+    env = sub.add_parser(
+        "env",
+        help="show this machine (devices, CPU instruction sets, C++ kernels) and the backend "
+        "each config runs",
+    )
+    env.add_argument(
+        "--config", action="append", help="a config name or TOML file (default: every shipped one)"
+    )
+    _add_common(env)
+    env.set_defaults(func=cmd_env)
     return parser
 
 
@@ -722,12 +772,20 @@ def main(argv: list[str] | None = None) -> int:
     from jaxchar.checkpoint import CheckpointError
     from jaxchar.corpus import CorpusError
     from jaxchar.distributed import DistributedError
+    from jaxchar.lstm import BackendError
     from jaxchar.train import TrainingError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, CorpusError, CheckpointError, TrainingError, DistributedError) as err:
+    except (
+        ConfigError,
+        CorpusError,
+        CheckpointError,
+        TrainingError,
+        DistributedError,
+        BackendError,
+    ) as err:
         if args.debug:
             raise
         _err(str(err))

@@ -1,4 +1,5 @@
-"""The README's Python examples run as written (paths pointed at a tiny run)."""
+"""The README's Python examples run as written, against a run with the default (`fast`)
+config's shapes trained for a few steps: the model users get, on its default backends."""
 
 import re
 from pathlib import Path
@@ -13,8 +14,15 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     # train first (the last block), then run the others against that run
     train, uses = blocks[-1], blocks[:-1]
+    few_steps = (
+        "\nimport dataclasses\ncfg = dataclasses.replace(cfg, train=dataclasses.replace("
+        "cfg.train, max_steps=3, batch_size=8, steps_per_call=1, sample_chars=0))\n"
+    )
+    assert 'load_config("configs/fast.toml")\n' in train
     train = (
-        train.replace("configs/fast.toml", "configs/tiny.toml")
+        train.replace(
+            'load_config("configs/fast.toml")\n', 'load_config("configs/fast.toml")' + few_steps
+        )
         .replace("../shared/data/wonderland.txt", str(DATA / "wonderland.txt"))
         .replace("runs/mine", str(tmp_path / "mine"))
     )
@@ -28,3 +36,4 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch):
             namespace,
         )
     assert namespace["ids"].shape[0] == 8  # the last example: 8 continuations in a user's jit
+    assert namespace["cfg"].model.hidden == 256 and namespace["cfg"].model.layers == 2

@@ -26,6 +26,7 @@ run the lax.scan loops instead (see native.py), and sampling folds only while th
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import jax.numpy as jnp
@@ -162,3 +163,15 @@ def platform_name() -> str:
     import platform
 
     return f"{platform.machine()}, {native.cpu_model() or 'model unknown'}"
+
+
+def runnable(cfg: ModelConfig, platform: str) -> tuple[ModelConfig, str | None]:
+    """`cfg` as it can run here: a run trained with a backend this machine lacks (cuDNN on a
+    GPU, read on a laptop) is read with `auto` instead, and the note says so; else (cfg,
+    None). Parameters do not depend on the backend, so the results are the same model's."""
+    try:
+        select(cfg, "layer", platform=platform)
+        return cfg, None
+    except BackendError as err:
+        note = f"note: {err}; this run is read with model.impl = 'auto' here"
+        return dataclasses.replace(cfg, impl="auto"), note
