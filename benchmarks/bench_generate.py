@@ -2,7 +2,7 @@
 
     python benchmarks/bench_generate.py [--length 1000] [--reps 3] [--batches 1 64]
                                         [--dtype float32|bfloat16]
-                                        [--peers tutorial torch native]
+                                        [--peers tutorial torch native] [--load]
 
 (a) the tutorial's method: Keras `predict` on the whole 100-character window for each new
     character; (b) jaxchar window mode (the same computation, jitted as one lax.scan);
@@ -17,6 +17,9 @@ speed does not depend on the weights. Batch 1 and batch 64 independent samples; 
 time reported apart. On a GPU the PyTorch loop runs on CUDA. Writes
 benchmarks/results/generate.json (generate_gpu.json on a GPU).
 
+`--load` runs a competing CPU-bound process on every core throughout (results in
+generate_load.json): jaxchar's default path there must be no slower than its lax.scan.
+
 With `--dtype bfloat16` every tool runs its products in bfloat16 on float32 weights:
 jaxchar with model.dtype = "bfloat16", PyTorch under `torch.autocast`, Keras with the
 `mixed_bfloat16` policy (results in generate_bfloat16.json).
@@ -25,6 +28,7 @@ jaxchar with model.dtype = "bfloat16", PyTorch under `torch.autocast`, Keras wit
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import statistics
@@ -40,7 +44,7 @@ import common  # noqa: E402
 VOCAB, HIDDEN, SEQ = 45, 256, 100
 
 
-def jaxchar_runner(mode: str, batch: int, length: int, dtype: str, impl: str = "fused"):
+def jaxchar_runner(mode: str, batch: int, length: int, dtype: str, impl: str = "auto"):
     import jax
 
     from jaxchar.config import ModelConfig
@@ -176,8 +180,26 @@ def main() -> None:
         default=["tutorial", "torch", "native"],
         help="the peers to time beside jaxchar; --peers alone times jaxchar only",
     )
+    parser.add_argument(
+        "--load", action="store_true", help="a competing CPU-bound process on every core"
+    )
     args = parser.parse_args()
 
+    load = common.Load(os.cpu_count() or 1) if args.load else contextlib.nullcontext()
+    with load:
+        results, rows = run_all(args)
+    print(
+        common.table(rows, ["batch", "method", "chars/s", "compile s", "vs tutorial", "vs torch"])
+    )
+    name = "generate" if args.dtype == "float32" else f"generate_{args.dtype}"
+    name += "_load" if args.load else ""
+    summary = {"length": args.length, "reps": args.reps, "dtype": args.dtype, "results": results}
+    summary["load"] = args.load
+    path = common.save(name, summary)
+    print(f"written to {path}", file=sys.stderr)
+
+
+def run_all(args) -> tuple[dict, list]:
     results, rows = {}, []
     for batch in args.batches:
         dt = args.dtype
@@ -233,13 +255,7 @@ def main() -> None:
                 ]
             )
         results[str(batch)] = entry
-    print(
-        common.table(rows, ["batch", "method", "chars/s", "compile s", "vs tutorial", "vs torch"])
-    )
-    name = "generate" if args.dtype == "float32" else f"generate_{args.dtype}"
-    summary = {"length": args.length, "reps": args.reps, "dtype": args.dtype, "results": results}
-    path = common.save(name, summary)
-    print(f"written to {path}", file=sys.stderr)
+    return results, rows
 
 
 if __name__ == "__main__":

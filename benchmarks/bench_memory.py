@@ -1,6 +1,13 @@
 """Peak resident memory of training against corpus size: jaxchar vs the tutorial's approach.
 
     python benchmarks/bench_memory.py [--sizes 1 10 100] [--steps 3]
+    python benchmarks/bench_memory.py --sampling [--rows 64] [--lengths 200 20000]
+
+`--sampling` measures generation instead: peak RSS of one stateful sample of each length at
+64 rows with the fast config's shapes, by the default backend (the C++ kernel on CPUs that
+choose it) and by the lax.scan loop, each in a fresh process; the growth from the shortest
+to the longest length must stay within a few tens of MB (the noise is drawn per kernel
+call, O(rows x vocab), not [length, rows, vocab] up front). Writes memory_sampling.json.
 
 Corpora of 1, 10 and 100 MB are built by concatenating the files in ../shared/data. Each
 measurement runs in a fresh process (peak RSS from getrusage): jaxchar loads the corpus and
@@ -81,6 +88,58 @@ def child_tutorial(path: str) -> dict:
     return {"baseline_mb": baseline, "peak_mb": peak_rss_mb(), "x_bytes": x.nbytes + y.nbytes}
 
 
+def child_sample(length: int, rows: int, impl: str) -> dict:
+    import dataclasses
+
+    import jax
+
+    from jaxchar.cli import resolve_config_path
+    from jaxchar.config import load_config
+    from jaxchar.lstm import select
+    from jaxchar.model import init_params
+    from jaxchar.sampling import sample
+
+    model = dataclasses.replace(
+        load_config(resolve_config_path("fast")).model, vocab_size=60, impl=impl
+    )
+    params = init_params(model, jax.random.PRNGKey(0))
+    prompt = jax.numpy.arange(100) % 60
+    baseline = peak_rss_mb()
+    out = sample(
+        params,
+        jax.random.PRNGKey(1),
+        prompt,
+        cfg=model,
+        length=length,
+        temperature=0.8,
+        num_samples=rows,
+    )
+    jax.block_until_ready(out)
+    backend = select(model, "sample", platform="cpu", rows=rows).backend
+    return {"baseline_mb": baseline, "peak_mb": peak_rss_mb(), "backend": backend}
+
+
+def sampling(args) -> None:
+    rows, results = [], {}
+    for impl in ("auto", "scan"):
+        for length in args.lengths:
+            proc = subprocess.run(
+                [sys.executable, __file__, "--child", "sample", f"{length},{args.rows}", impl],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            got = json.loads(proc.stdout.strip().splitlines()[-1])
+            results.setdefault(impl, {})[str(length)] = got
+            rows.append([impl, got["backend"], length, args.rows, f"{got['peak_mb']:,.0f}"])
+        peaks = [results[impl][str(n)]["peak_mb"] for n in args.lengths]
+        results[impl]["growth_mb"] = peaks[-1] - peaks[0]
+        rows.append([impl, "", "growth", "", f"{peaks[-1] - peaks[0]:,.0f}"])
+    print(common.table(rows, ["impl", "backend", "length", "rows", "peak RSS MB"]))
+    path = common.save("memory_sampling", {"rows": args.rows, "results": results})
+    print(f"written to {path}", file=sys.stderr)
+
+
 def tutorial_arrays_gb(chars: int, vocab: int = 65) -> float:
     """X as float64 [n, 100, 1] (numpy's default for the division) plus float32 one-hot y."""
     n = chars - 100
@@ -93,11 +152,23 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--tutorial-max-mb", type=int, default=1)
     parser.add_argument("--child", nargs=3, metavar=("WHAT", "PATH", "STEPS"))
+    parser.add_argument("--sampling", action="store_true", help="generation's memory instead")
+    parser.add_argument("--rows", type=int, default=64)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[200, 20000])
     args = parser.parse_args()
     if args.child:
         what, path, steps = args.child
-        out = child_jaxchar(path, int(steps)) if what == "jaxchar" else child_tutorial(path)
+        if what == "sample":
+            length, rows = (int(v) for v in path.split(","))
+            out = child_sample(length, rows, steps)
+        elif what == "jaxchar":
+            out = child_jaxchar(path, int(steps))
+        else:
+            out = child_tutorial(path)
         print(json.dumps(out))
+        return
+    if args.sampling:
+        sampling(args)
         return
 
     rows, results = [], {}

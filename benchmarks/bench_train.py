@@ -23,6 +23,7 @@ config's layer (`fused`) and with `model.impl = "cudnn"`. Writes benchmarks/resu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import sys
@@ -218,8 +219,22 @@ def main() -> None:
         help="peer tools; --peers alone times jaxchar only",
     )
     parser.add_argument("--set", action="append", default=[], help="section.key=value")
+    parser.add_argument(
+        "--load", action="store_true", help="a competing CPU-bound process on every core"
+    )
     args = parser.parse_args()
+    with common.Load(os.cpu_count() or 1) if args.load else contextlib.nullcontext():
+        run_all(args)
 
+
+def _fused_runner(cfg, ids):
+    """jaxchar with the fused layer's lax.scan loops: the JAX path the C++ recurrences
+    stand in for, timed beside the default."""
+    model = dataclasses.replace(cfg.model, impl="fused")
+    return jaxchar_runner(dataclasses.replace(cfg, model=model), ids)
+
+
+def run_all(args) -> None:
     from jaxchar.cli import resolve_config_path
     from jaxchar.config import load_config, override
     from jaxchar.corpus import load_corpus
@@ -237,12 +252,13 @@ def main() -> None:
         makers = {
             "jaxchar": jaxchar_runner,
             "jaxchar cudnn": jaxchar_cudnn_runner,
+            "jaxchar fused": _fused_runner,
             "torch": torch_runner,
             "keras": keras_runner,
         }
         spe = steps_per_epoch(cfg, len(corpus.train_ids))
         runners, per_call, compile_s = {}, {}, {}
-        for tool in ["jaxchar", "jaxchar cudnn", *args.peers]:
+        for tool in ["jaxchar", "jaxchar cudnn", "jaxchar fused", *args.peers]:
             try:
                 fn, k = makers[tool](cfg, corpus.train_ids)
             except ImportError as err:
@@ -307,9 +323,8 @@ def main() -> None:
     ]
     print(common.table(rows, header))
     half = any(r["config"]["model"]["dtype"] == "bfloat16" for r in results.values())
-    path = common.save(
-        "train_bfloat16" if half else "train", {"reps": args.reps, "results": results}
-    )
+    name = ("train_bfloat16" if half else "train") + ("_load" if args.load else "")
+    path = common.save(name, {"reps": args.reps, "load": args.load, "results": results})
     print(f"written to {path}", file=sys.stderr)
 
 

@@ -113,3 +113,29 @@ def table(rows: list[list], header: list[str]) -> str:
     lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+class Load:
+    """A competing CPU-bound process on every core while the block runs (`with Load(n):`),
+    as on a shared cloud VM or a laptop running a training job beside a sampler. Each one
+    spins in pure Python; they end with the block (and are killed if it raises)."""
+
+    def __init__(self, processes: int):
+        self.processes = processes
+        self.children: list = []
+
+    def __enter__(self):
+        import subprocess
+        import sys
+
+        spin = "import time\nend = time.time() + 3600\nwhile time.time() < end: pass"
+        self.children = [
+            subprocess.Popen([sys.executable, "-c", spin]) for _ in range(self.processes)
+        ]
+        time.sleep(0.5)  # let the scheduler see them
+        return self
+
+    def __exit__(self, *exc):
+        for child in self.children:
+            child.kill()
+            child.wait()

@@ -225,16 +225,35 @@ def test_gru_on_padded_sentences_trains_evaluates_and_generates(tmp_path, small_
     assert len(got.out.rstrip("\n")) == 40 and "stateful mode" in got.err
 
 
-def test_cudnn_impl_trains_on_the_fused_layer_without_a_gpu(tmp_path, small_text, capsys):
+def test_a_forced_backend_this_machine_lacks_is_refused_before_the_run_exists(
+    tmp_path, small_text, capsys
+):
     import jax
 
+    if jax.default_backend() == "gpu":
+        pytest.skip("cuDNN can run here")
     run = tmp_path / "cudnn"
     args = ["train", str(small_text), "--config", "tiny", "--run-dir", str(run)]
-    assert main([*args, "--set", "model.impl=cudnn", "--max-steps", "4"]) == 0
+    assert main([*args, "--set", "model.impl=cudnn", "--max-steps", "4"]) == 2
     err = capsys.readouterr().err
-    assert ("using the fused layer" in err) == (jax.default_backend() != "gpu")
+    assert err.count("\n") == 1 and "cudnn" in err and "NVIDIA GPU" in err
+    assert not run.exists()  # refused before anything was written
+
+
+def test_a_run_trained_on_a_backend_missing_here_generates_with_auto(tmp_path, small_text, capsys):
+    # a run trained with cuDNN on a GPU, generated from on a CPU: same parameters, auto here
+    import json
+
+    run = tmp_path / "moved"
+    args = ["train", str(small_text), "--config", "tiny", "--run-dir", str(run)]
+    assert main([*args, "--max-steps", "4"]) == 0
+    capsys.readouterr()
+    info = json.loads((run / "run.json").read_text())
+    info["config"]["model"]["impl"] = "cudnn"
+    (run / "run.json").write_text(json.dumps(info))
     assert main(["generate", str(run), "--length", "20", "--prompt", "alice "]) == 0
-    assert len(capsys.readouterr().out.rstrip("\n")) == 20
+    got = capsys.readouterr()
+    assert len(got.out.rstrip("\n")) == 20 and "read with model.impl = 'auto'" in got.err
 
 
 def test_hard_sigmoid_gates_are_kept_in_the_checkpoint(tmp_path, small_text, capsys):
@@ -242,9 +261,9 @@ def test_hard_sigmoid_gates_are_kept_in_the_checkpoint(tmp_path, small_text, cap
 
     run = tmp_path / "hard"
     args = ["train", str(small_text), "--config", "tiny", "--run-dir", str(run)]
-    sets = ["--set", "model.gate_activation=hard_sigmoid", "--set", "model.impl=cudnn"]
+    sets = ["--set", "model.gate_activation=hard_sigmoid"]
     assert main([*args, *sets, "--max-steps", "4"]) == 0
-    assert "cuDNN's gates are sigmoids" in capsys.readouterr().err
+    capsys.readouterr()
     _, cfg, _ = jaxchar.load_checkpoint(run)
     assert cfg.model.gate_activation == "hard_sigmoid"
     assert main(["generate", str(run), "--length", "20", "--prompt", "alice "]) == 0
