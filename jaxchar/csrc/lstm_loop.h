@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -114,8 +115,8 @@ inline void update<false>(const float* __restrict z, const float* __restrict x, 
 // arrives within a microsecond or two of the others and the spin catches it (~0.1 us a
 // wait). When another process holds a core, a late thread may be off the CPU for a whole
 // scheduler slice (milliseconds): a waiter that kept spinning would take the very core the
-// late thread needs, so after kSpins tries it sleeps on the sense word (a futex on Linux,
-// C++20 atomic wait) and the last thread to arrive wakes it.
+// late thread needs, so after kSpin it sleeps on the sense word (a futex on Linux, C++20
+// atomic wait) and the last thread to arrive wakes it.
 class Barrier {
  public:
   explicit Barrier(int n) : n_(n) {}
@@ -129,17 +130,24 @@ class Barrier {
       if (sleepers_.load() > 0) sense_.notify_all();
       return;
     }
-    for (int tries = 0; tries < kSpins; tries++)
+    const auto until = std::chrono::steady_clock::now() + kSpin;
+    for (int tries = 1;; tries++) {
       if (sense_.load(std::memory_order_acquire) == sense) return;
+      if (tries % 256 == 0 && std::chrono::steady_clock::now() > until) break;
+    }
     sleepers_.fetch_add(1);
     for (int old; (old = sense_.load()) != sense;) sense_.wait(old);
     sleepers_.fetch_sub(1);
+    slept_.fetch_add(1, std::memory_order_relaxed);
   }
+  int sleeps() const { return slept_.load(std::memory_order_relaxed); }
 
  private:
-  // ~2-4 us of loads on a 2-3 GHz core: well above a quiet machine's skew between threads,
-  // far below a scheduler slice
-  static constexpr int kSpins = 4096;
+  // well above a quiet machine's skew between threads (a batch-1 step is ~4 us) and above a
+  // futex wake-up on a virtual machine (tens to hundreds of us): with a 50 us spin, one
+  // late wake-up made the other thread sleep at the next barrier, and so on, a convoy that
+  // ran a batch-1 loop at a tenth of its speed. Below a scheduler slice (~1-4 ms).
+  static constexpr std::chrono::microseconds kSpin{500};
   const int n_;
   // on a cache line of their own: a neighbour read at every step (the Shared's vector, a
   // caller's locals) would otherwise bounce between the cores with them
@@ -147,6 +155,7 @@ class Barrier {
   std::atomic<int> sense_{0};
   std::atomic<int> sleepers_{0};
   char pad_[64 - 3 * sizeof(std::atomic<int>)];
+  std::atomic<int> slept_{0};  // waits that ended asleep (read after the call)
 };
 
 struct Problem {

@@ -86,17 +86,47 @@ bool run_on_pool(int threads, ffi::ThreadPool& pool, const Work& work) {
 // decides the order of the float additions, so the thread count is part of the result, and
 // the same call must give the same bits whether or not XLA's pool was busy at that moment.
 // S is the problem's shared state.
+// Returns how many barrier waits ended asleep (a sign that the cores are shared).
 template <class S, class P, class Work>
-void run(const P& p, ffi::ThreadPool& pool, Work work) {
+int run(const P& p, ffi::ThreadPool& pool, Work work) {
   S shared(p);
   if (p.threads > 1 && pool.num_threads() >= p.threads &&
       run_on_pool(p.threads, pool, [&](int t) { work(p, shared, t); }))
-    return;
+    return shared.barrier.sleeps();
   std::vector<std::thread> helpers;
   for (int t = 1; t < p.threads; t++) helpers.emplace_back([&, t] { work(p, shared, t); });
   work(p, shared, 0);
   for (auto& helper : helpers) helper.join();
+  return shared.barrier.sleeps();
 }
+
+// Generation on a machine whose cores other processes hold. Its threads meet once a layer
+// a character (every ~4 us at one row): when a partner thread is off its core the others
+// wait a scheduler slice, and two threads made 3-4x fewer characters a second than one
+// (benchmarks/bench_backends.py --load). So a call in which more than 1 barrier wait in 20
+// outlasted the spin (0-1 in 600 on a quiet machine) marks the machine busy for the next
+// second, and calls in that second run on one thread.
+// The training recurrences keep their thread count (their sums' order is part of the
+// result); generation's only changes the order of the logits' float sums, as the lax.scan
+// path's differs from it, so the ids are the same but where two logits tie to rounding.
+class Contention {
+ public:
+  bool busy() const { return now() < busy_until_.load(std::memory_order_relaxed); }
+  void report(int sleeps, int waits) {
+    if (waits >= 16 && 20 * sleeps > waits)  // more than 1 wait in 20 asleep
+      busy_until_.store(now() + 1'000'000'000, std::memory_order_relaxed);
+  }
+
+ private:
+  static int64_t now() {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(
+               std::chrono::steady_clock::now().time_since_epoch())
+        .count();
+  }
+  std::atomic<int64_t> busy_until_{0};
+};
+
+Contention contention;
 
 ffi::Error Generate(ffi::Buffer<ffi::F32> recurrent, ffi::Buffer<ffi::F32> upper,
                     ffi::Buffer<ffi::F32> upper_bias, ffi::Buffer<ffi::F32> table,
@@ -150,7 +180,9 @@ ffi::Error Generate(ffi::Buffer<ffi::F32> recurrent, ffi::Buffer<ffi::F32> upper
     if (p.prompt[n] < 0 || p.prompt[n] >= p.vocab)
       return ffi::Error::InvalidArgument(
           "jaxchar native generate: a prompt id is outside the vocabulary");
-  run<Shared>(p, pool, work);
+  if (contention.busy()) p.threads = 1;
+  const int sleeps = run<Shared>(p, pool, work);
+  if (p.threads > 1) contention.report(sleeps, (p.prompt_length + p.steps) * p.layers);
   return ffi::Error::Success();
 }
 
