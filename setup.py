@@ -10,10 +10,12 @@ jaxchar installs without it, runs on its JAX paths, and `jaxchar info` says so.
 """
 
 import platform
+import shutil
 import sys
 from pathlib import Path
 
 from setuptools import Extension, setup
+from setuptools.command.build_py import build_py
 
 # name -> compiler flags. x86-64-v3 is AVX2 + FMA; x86-64-v4 adds AVX-512 F/BW/DQ/VL/CD.
 VARIANTS = {
@@ -60,4 +62,16 @@ def _extensions() -> list[Extension]:
     ]
 
 
-setup(ext_modules=_extensions())
+class BuildWithConfigs(build_py):
+    """Also copies the top-level configs/*.toml into the built package (jaxchar/configs/),
+    so that a wheel or a non-editable install finds the shipped configs by name."""
+
+    def run(self):
+        super().run()
+        target = Path(self.build_lib) / "jaxchar" / "configs"
+        target.mkdir(parents=True, exist_ok=True)
+        for config in sorted(Path(__file__).resolve().parent.joinpath("configs").glob("*.toml")):
+            shutil.copy(config, target / config.name)
+
+
+setup(ext_modules=_extensions(), cmdclass={"build_py": BuildWithConfigs})

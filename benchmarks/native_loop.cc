@@ -6,7 +6,7 @@
 // argmax. Random weights unless a file gives them (speed does not depend on them;
 // tests/test_benchmarks.py gives jaxchar's and checks that the ids are jaxchar's).
 //
-//   g++ -O3 -march=native -std=c++17 -pthread -Ijaxchar native_loop.cc -o native_loop
+//   g++ -O3 -march=native -std=c++20 -pthread -Ijaxchar native_loop.cc -o native_loop
 //   ./native_loop THREADS LENGTH ROWS [WEIGHTS]
 // WEIGHTS: raw little-endian float32, in this order: recurrent kernel [256, 1024], input
 // kernel [1024], bias [1024], head kernel [256, 45], head bias [45] (jaxchar's names and

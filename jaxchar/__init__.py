@@ -13,10 +13,10 @@ from jaxchar.corpus import Corpus, Vocab, load_corpus
 from jaxchar.model import CharLSTM, init_carry, init_params, step
 from jaxchar.sampling import sample, sample_logits
 from jaxchar.train import evaluate, fit, with_vocab
-
-__version__ = "0.1.0"
+from jaxchar.version import __version__
 
 __all__ = [
+    "__version__",
     "CharLSTM",
     "Config",
     "Corpus",

@@ -27,6 +27,7 @@ import orbax.checkpoint as ocp
 
 from jaxchar.config import Config, ConfigError, from_dict
 from jaxchar.corpus import Vocab
+from jaxchar.version import __version__
 
 FORMAT_VERSION = 1
 RUN_FILE = "run.json"
@@ -77,6 +78,7 @@ class RunDir:
 
     def __init__(self, path: Path, cfg: Config, vocab: Vocab, monitor: str):
         self.path, self.cfg, self.vocab, self.monitor = path, cfg, vocab, monitor
+        self.written_by: str | None = __version__  # the jaxchar that created the run
         # orbax keeps every save; `_prune` applies keep-best itself, by the metrics in each
         # save's own `meta`. (orbax 0.12 writes a preservation policy's metrics nowhere, so
         # after --resume its BestN saw the earlier saves without them and deleted the best.)
@@ -121,6 +123,7 @@ class RunDir:
         monitor = "val_loss" if cfg.data.val_fraction > 0 else "train_loss"
         info = {
             "format_version": FORMAT_VERSION,
+            "jaxchar_version": __version__,
             "config": cfg.to_dict(),
             "vocab": list(vocab.chars),
             "monitor": monitor,
@@ -133,7 +136,9 @@ class RunDir:
         path = Path(path).absolute()
         info = _read_run_file(path)
         cfg = _config_from(info, path / RUN_FILE)
-        return cls(path, cfg, Vocab(tuple(info["vocab"])), info["monitor"])
+        run = cls(path, cfg, Vocab(tuple(info["vocab"])), info["monitor"])
+        run.written_by = info.get("jaxchar_version")  # None: before versions were stored
+        return run
 
     # --- saving -------------------------------------------------------------------------
 
@@ -150,6 +155,7 @@ class RunDir:
         }
         meta = {
             "format_version": FORMAT_VERSION,
+            "jaxchar_version": __version__,
             "config": self.cfg.to_dict(),
             "vocab": list(self.vocab.chars),
             "metrics": metrics,

@@ -16,9 +16,10 @@ import sys
 import time
 from pathlib import Path
 
-from jaxchar.config import Config, ConfigError, load_config, override
+from jaxchar.config import Config, ConfigError, load_config, override, shipped_dir
+from jaxchar.version import __version__
 
-REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+REPO_CONFIGS = shipped_dir()
 DEFAULT_CONFIG = "fast"
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 
@@ -534,7 +535,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     with RunDir.open(args.run_dir) as run:
         cfg = run.cfg
         best = run.best_step()
-        print(f"run: {run.path}")
+        print(f"run: {run.path} (written by jaxchar {run.written_by or 'before 0.2.0'})")
+        print(f"this jaxchar: {__version__}")
         print(f"vocabulary ({len(run.vocab)}): {''.join(run.vocab.chars)!r}")
         print(f"monitored: {run.monitor} (lower is better)")
         for name, section in cfg.to_dict().items():
@@ -610,6 +612,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="jaxchar",
         description="Train a character-level LSTM on a text file and generate text from it.",
     )
+    parser.add_argument("--version", action="version", version=f"jaxchar {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser(

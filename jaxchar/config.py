@@ -16,6 +16,14 @@ from pathlib import Path
 from typing import Any
 
 
+def shipped_dir() -> Path:
+    """The folder of the shipped configs (small, stacked, fast, shakespeare, tiny): the copy
+    installed inside the package (setup.py puts configs/ there in wheels), else the source
+    tree's top-level configs/ (an editable install or a checkout)."""
+    installed = Path(__file__).resolve().parent / "configs"
+    return installed if installed.is_dir() else installed.parent.parent / "configs"
+
+
 class ConfigError(ValueError):
     """A config file, key or value that cannot be used."""
 

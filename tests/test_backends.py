@@ -255,3 +255,50 @@ def test_training_twice_with_a_seed_gives_the_same_bits_on_the_default_backend(a
         np.testing.assert_array_equal(x, y)
     losses = [[e["loss"] for e in run if "loss" in e] for run in events]
     assert losses[0] and losses[0] == losses[1]
+
+
+AVX2 = """
+import dataclasses, jax, jax.numpy as jnp, numpy as np
+from jaxchar.config import ModelConfig
+from jaxchar.lstm import native, select
+from jaxchar.model import apply, init_params
+from jaxchar.sampling import sample
+assert native.variant()[0] == "avx2", native.variant()
+cfg = ModelConfig(vocab_size=45, layers=2, hidden=128, encoding="embed", impl="native")
+ref = dataclasses.replace(cfg, impl="scan")
+assert select(dataclasses.replace(cfg, impl="auto"), "layer", platform="cpu").backend == "fused"
+params = init_params(cfg, jax.random.PRNGKey(0))
+key, prompt = jax.random.PRNGKey(1), jnp.arange(20) % 45
+for rows in (1, 13):
+    got = sample(params, key, prompt, cfg=cfg, length=60, temperature=0.8, num_samples=rows)
+    want = sample(params, key, prompt, cfg=ref, length=60, temperature=0.8, num_samples=rows)
+    np.testing.assert_array_equal(got, want)
+ids = jax.random.randint(jax.random.PRNGKey(2), (5, 30), 0, 45)
+loss = lambda p, c: jnp.sum(jnp.sin(apply(p, c, ids)[0]))
+grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+assert "jaxchar_lstm_backward" in grad.lower(params, cfg).as_text()
+(a, ga), (b, gb) = grad(params, cfg), grad(params, ref)
+np.testing.assert_allclose(a, b, rtol=1e-5)
+for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+    np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-5)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(
+    not {"avx2", "fma", "bmi2"} <= native.cpu_flags(), reason="this CPU has no AVX2"
+)
+def test_the_avx2_variant_computes_what_the_reference_does():
+    # what an AVX2-only CPU loads: the same kernels compiled for x86-64-v3, forced here
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("jaxchar.lstm._native_avx2") is None:
+        pytest.skip("the avx2 variant was not built")
+    env = {**os.environ, "JAXCHAR_NATIVE": "avx2"}
+    done = subprocess.run(
+        [sys.executable, "-c", AVX2], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]

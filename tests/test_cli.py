@@ -268,3 +268,27 @@ def test_hard_sigmoid_gates_are_kept_in_the_checkpoint(tmp_path, small_text, cap
     assert cfg.model.gate_activation == "hard_sigmoid"
     assert main(["generate", str(run), "--length", "20", "--prompt", "alice "]) == 0
     assert len(capsys.readouterr().out.rstrip("\n")) == 20
+
+
+def test_a_run_written_with_the_old_default_impl_generates_the_same_text(
+    tmp_path, small_text, capsys
+):
+    # runs written before `auto` store model.impl = "fused" (then the default): they load,
+    # and generate the very text a run read with `auto` generates
+    import json
+
+    run = tmp_path / "old"
+    args = ["train", str(small_text), "--config", "tiny", "--run-dir", str(run)]
+    assert main([*args, "--max-steps", "4", "--set", "model.hidden=64"]) == 0
+    gen = ["generate", str(run), "--length", "60", "--prompt", "alice ", "--seed", "3"]
+    capsys.readouterr()
+    texts = []
+    for impl in ("auto", "fused", "scan"):
+        info = json.loads((run / "run.json").read_text())
+        info["config"]["model"]["impl"] = impl
+        (run / "run.json").write_text(json.dumps(info))
+        for temperature in ("0", "0.9"):
+            assert main([*gen, "--temperature", temperature]) == 0
+            texts.append(capsys.readouterr().out)
+    assert texts[0::2] == [texts[0]] * 3 and texts[1::2] == [texts[1]] * 3
+    assert len(texts[1].strip()) == 60

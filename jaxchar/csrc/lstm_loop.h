@@ -92,9 +92,9 @@ inline __m512 tanh_16(__m512 x) {
   return _mm512_sub_ps(_mm512_div_ps(_mm512_set1_ps(2.0f), _mm512_add_ps(one, e)), one);
 }
 
-// units % 16 == 0 (the generation kernel's units are: hidden % (16 x threads) == 0). For 64 x
-// 128 cells the plain loop above, vectorized by g++, took 13.9 us in a stand-alone test and
-// this one 10.3, with the same values.
+// units % 16 == 0 (the generation kernel's units are: hidden % (16 x threads) == 0). Same
+// values as the plain loop above, in fewer instructions than g++'s vectorization of it
+// (docs/benchmarks.md).
 template <>
 inline void update<false>(const float* __restrict z, const float* __restrict x, int x_gate,
                           float* __restrict c, float* __restrict h, int units) {
@@ -115,48 +115,67 @@ inline void update<false>(const float* __restrict z, const float* __restrict x, 
 // arrives within a microsecond or two of the others and the spin catches it (~0.1 us a
 // wait). When another process holds a core, a late thread may be off the CPU for a whole
 // scheduler slice (milliseconds): a waiter that kept spinning would take the very core the
-// late thread needs, so after kSpin it sleeps on the sense word (a futex on Linux, C++20
-// atomic wait) and the last thread to arrive wakes it.
+// late thread needs (and our process's share of the CPU), so after `spin` it sleeps on the
+// sense word (a futex on Linux, C++20 atomic wait) and the last thread to arrive wakes it.
+//
+// The spin must outlast a futex wake-up on a virtual machine (tens to hundreds of us) where
+// steps are short: with one row a step is ~4 us, and with a 50 us spin one late wake-up made
+// the partner sleep at the next barrier, and so on, a convoy that ran the loop at a tenth of
+// its speed (kShortSteps). Steps of many rows (training, generation from 12 rows) take
+// 100 us or more, a late wake-up is a small share of one, and a short spin (kLongSteps)
+// wastes less of a loaded machine's time.
 class Barrier {
  public:
-  explicit Barrier(int n) : n_(n) {}
+  static constexpr std::chrono::microseconds kShortSteps{500}, kLongSteps{50};
+  Barrier(int n, std::chrono::microseconds spin) : n_(n), spin_(spin) {}
   void wait(int& sense) {
     sense ^= 1;
     if (arrived_.fetch_add(1, std::memory_order_acq_rel) == n_ - 1) {
       arrived_.store(0, std::memory_order_relaxed);
+      rounds_.store(rounds_.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
       // seq_cst on sense_ and sleepers_ (here and below): a waiter either sees the new sense
       // or is counted before this load sees sleepers_, never neither
       sense_.store(sense);
       if (sleepers_.load() > 0) sense_.notify_all();
       return;
     }
-    const auto until = std::chrono::steady_clock::now() + kSpin;
+    const auto start = std::chrono::steady_clock::now(), until = start + spin_;
     for (int tries = 1;; tries++) {
-      if (sense_.load(std::memory_order_acquire) == sense) return;
+      if (sense_.load(std::memory_order_acquire) == sense) {
+        if (tries > 256 && std::chrono::steady_clock::now() - start > kLate) late();
+        return;
+      }
       if (tries % 256 == 0 && std::chrono::steady_clock::now() > until) break;
     }
     sleepers_.fetch_add(1);
     for (int old; (old = sense_.load()) != sense;) sense_.wait(old);
     sleepers_.fetch_sub(1);
-    slept_.fetch_add(1, std::memory_order_relaxed);
+    late();
   }
-  int sleeps() const { return slept_.load(std::memory_order_relaxed); }
+  // waits that lasted over kLate: a sign that a partner thread was off its core
+  int late_waits() const { return late_.load(std::memory_order_relaxed); }
+  static constexpr std::chrono::microseconds kLate{100};
 
  private:
-  // well above a quiet machine's skew between threads (a batch-1 step is ~4 us) and above a
-  // futex wake-up on a virtual machine (tens to hundreds of us): with a 50 us spin, one
-  // late wake-up made the other thread sleep at the next barrier, and so on, a convoy that
-  // ran a batch-1 loop at a tenth of its speed. Below a scheduler slice (~1-4 ms).
-  static constexpr std::chrono::microseconds kSpin{500};
+  void late() {  // (the first kWarm rounds start cold: caches, threads waking; not counted)
+    if (rounds_.load(std::memory_order_relaxed) >= kWarm)
+      late_.fetch_add(1, std::memory_order_relaxed);
+  }
+  static constexpr int kWarm = 64;
   const int n_;
+  const std::chrono::microseconds spin_;
   // on a cache line of their own: a neighbour read at every step (the Shared's vector, a
   // caller's locals) would otherwise bounce between the cores with them
   alignas(64) std::atomic<int> arrived_{0};
   std::atomic<int> sense_{0};
   std::atomic<int> sleepers_{0};
   char pad_[64 - 3 * sizeof(std::atomic<int>)];
-  std::atomic<int> slept_{0};  // waits that ended asleep (read after the call)
+  std::atomic<int> late_{0}, rounds_{0};
 };
+
+// Below this many rows a generation step is a few microseconds (matrix-vector products); from
+// it on the recurrent products run by Strassen's algorithm and a step is 100 us or more.
+constexpr int kFewRows = 12;
 
 struct Problem {
   int layers, hidden, vocab, batch, prompt_length, steps, threads;
@@ -177,7 +196,7 @@ inline float* line_aligned(std::vector<float>& v) {
 
 struct Shared {
   explicit Shared(const Problem& p)
-      : barrier(p.threads),
+      : barrier(p.threads, p.batch < kFewRows ? Barrier::kShortSteps : Barrier::kLongSteps),
         h_storage(2 * p.layers * p.batch * p.hidden + 16),
         storage(2 * p.threads * p.batch * padded(p.vocab) + 16) {
     std::copy(p.h0, p.h0 + p.layers * p.batch * p.hidden, h());  // time parity 0
@@ -226,9 +245,8 @@ inline void with_rows(int n, const F& f) {
 
 // a thread's share of the logits for B rows: out[b, v] = sum over its units u of
 // h[b, u] * w[u, v], with w packed [units, vp], vp a multiple of 16 (zero beyond the
-// vocabulary), summed in registers for blocks of up to 6 rows and 64 columns. Each thread
-// used to compute all of the head from all of h, its sums going through memory at every
-// row: that was ~15% of a character at batch 1.
+// vocabulary), summed in registers for blocks of up to 6 rows and 64 columns, so that no
+// thread computes all of the head from all of h with its sums going through memory.
 template <int kRows, int kWidth>
 inline void head_block(const float* __restrict w, int vp, const float* __restrict h,
                        int h_stride, int units, float* __restrict out, int out_stride) {
@@ -324,10 +342,9 @@ inline void block_product(const float* w, int rows, size_t tile_stride, int tile
   }
 }
 
-// z[B, cols] += x[B, :rows] @ w, the batch in blocks of kBlock rows. Not inlined: inside
-// work, g++ kept two of tile_rows<6>'s weight registers on the stack, storing them at every
-// row of the weights, and the product took 30% longer (~190 against ~150 us of a batch-64
-// step).
+// z[B, cols] += x[B, :rows] @ w, the batch in blocks of kBlock rows. Not inlined: inlined
+// into work, g++ keeps two of tile_rows<6>'s weight registers on the stack and stores them at
+// every row of the weights.
 [[gnu::noinline]] inline void product(const float* w, size_t tile_stride, int rows,
                                       const float* x, int x_stride, int B, float* z, int cols,
                                       int tiles) {
@@ -397,7 +414,7 @@ inline int strassen_rows(int B, int K, int tiles) {
   const float *a11 = x, *a12 = x + k, *a21 = x + m * x_stride, *a22 = a21 + k;
   float *s1 = sums, *s2 = s1 + m * k, *s5 = s2 + m * k, *s6 = s5 + m * k, *s7 = s6 + m * k;
   auto sum = [k](const float* __restrict a, float sign, const float* __restrict b,
-                 float* __restrict out) {  // restrict: else g++ left the loop scalar (~6 us)
+                 float* __restrict out) {  // restrict: else g++ leaves the loop scalar
     for (int r = 0; r < k; r++) out[r] = a[r] + sign * b[r];
   };
   for (int b = 0; b < m; b++) {
@@ -564,7 +581,7 @@ inline void work(const Problem& p, Shared& s, int t) {
       const float* below = l > 0 ? cur + (l - 1) * B * H : nullptr;
       // z = the recurrent products (rows [0, S) set by Strassen's first product, the others
       // summed from zero); the update adds the input's contribution, which the products do
-      // not need (a copy of it into z was ~2.4 us of a batch-64 step)
+      // not need (no copy of it into z)
       const int S = p.bf16 ? 0 : strassen_rows(B, H, tiles);
       std::fill(z.begin() + static_cast<size_t>(S) * cols, z.end(), 0.0f);
 #ifdef __AVX512BF16__

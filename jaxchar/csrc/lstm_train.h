@@ -44,7 +44,8 @@ struct LayerProblem {
 
 struct LayerShared {
   explicit LayerShared(const LayerProblem& p)
-      : barrier(p.threads), partial(2 * static_cast<size_t>(p.threads) * p.batch * p.hidden) {}
+      : barrier(p.threads, Barrier::kLongSteps),
+        partial(2 * static_cast<size_t>(p.threads) * p.batch * p.hidden) {}
   Barrier barrier;
   std::vector<float> partial;  // [2, threads, B, H]: each thread's share of dh, two steps
 };

@@ -47,8 +47,8 @@ using jaxchar::work;
 // the cores (they spin a while when idle), which made two threads slower than one. But XLA
 // may be running other work on them, this very kernel included (several samples dispatched
 // at once): so the helpers first report that they started, and if they all have not within
-// 2 ms the call cancels them (returning false) and the caller starts threads of its own. A helper started
-// after that only reads the shared gate, which outlives the call.
+// 2 ms the call cancels them (returning false) and the caller starts threads of its own. A
+// helper started after that only reads the shared gate, which outlives the call.
 template <class Work>  // Work: void(int thread), thread 0 being the caller's
 bool run_on_pool(int threads, ffi::ThreadPool& pool, const Work& work) {
   struct Gate {
@@ -86,34 +86,36 @@ bool run_on_pool(int threads, ffi::ThreadPool& pool, const Work& work) {
 // decides the order of the float additions, so the thread count is part of the result, and
 // the same call must give the same bits whether or not XLA's pool was busy at that moment.
 // S is the problem's shared state.
-// Returns how many barrier waits ended asleep (a sign that the cores are shared).
+// Returns how many barrier waits were late (Barrier::late_waits: the cores are shared).
 template <class S, class P, class Work>
 int run(const P& p, ffi::ThreadPool& pool, Work work) {
   S shared(p);
   if (p.threads > 1 && pool.num_threads() >= p.threads &&
       run_on_pool(p.threads, pool, [&](int t) { work(p, shared, t); }))
-    return shared.barrier.sleeps();
+    return shared.barrier.late_waits();
   std::vector<std::thread> helpers;
   for (int t = 1; t < p.threads; t++) helpers.emplace_back([&, t] { work(p, shared, t); });
   work(p, shared, 0);
   for (auto& helper : helpers) helper.join();
-  return shared.barrier.sleeps();
+  return shared.barrier.late_waits();
 }
 
-// Generation on a machine whose cores other processes hold. Its threads meet once a layer
-// a character (every ~4 us at one row): when a partner thread is off its core the others
-// wait a scheduler slice, and two threads made 3-4x fewer characters a second than one
-// (benchmarks/bench_backends.py --load). So a call in which more than 1 barrier wait in 20
-// outlasted the spin (0-1 in 600 on a quiet machine) marks the machine busy for the next
-// second, and calls in that second run on one thread.
-// The training recurrences keep their thread count (their sums' order is part of the
-// result); generation's only changes the order of the logits' float sums, as the lax.scan
-// path's differs from it, so the ids are the same but where two logits tie to rounding.
+// Generation of few rows on a machine whose cores other processes hold. Its threads meet
+// once a layer a character (every ~4 us at one row): when a partner thread is off its core,
+// the others wait a scheduler slice, and two threads made 2-4x fewer characters a second
+// than one (benchmarks/bench_backends.py --load). So a call in which more than 1 barrier
+// wait in 100 was late (over Barrier::kLate) marks the machine busy for the next second, and
+// few-row calls in that second run on one thread. (One row, two layers, 1200 waits: 0-1
+// late back to back on a quiet machine, 14-68 after an idle second, 29-54 under load.)
+// Steps of many rows (and the training recurrences) keep their thread count: their sums'
+// order is part of the result. For few rows one thread changes only the order of the
+// logits' float sums, as the lax.scan path's order differs from the kernel's: the ids agree
+// but where two logits tie to rounding.
 class Contention {
  public:
   bool busy() const { return now() < busy_until_.load(std::memory_order_relaxed); }
-  void report(int sleeps, int waits) {
-    if (waits >= 16 && 20 * sleeps > waits)  // more than 1 wait in 20 asleep
+  void report(int late, int waits) {
+    if (waits >= 100 && 100 * late > waits)  // more than 1 wait in 100 late
       busy_until_.store(now() + 1'000'000'000, std::memory_order_relaxed);
   }
 
@@ -180,9 +182,10 @@ ffi::Error Generate(ffi::Buffer<ffi::F32> recurrent, ffi::Buffer<ffi::F32> upper
     if (p.prompt[n] < 0 || p.prompt[n] >= p.vocab)
       return ffi::Error::InvalidArgument(
           "jaxchar native generate: a prompt id is outside the vocabulary");
-  if (contention.busy()) p.threads = 1;
-  const int sleeps = run<Shared>(p, pool, work);
-  if (p.threads > 1) contention.report(sleeps, (p.prompt_length + p.steps) * p.layers);
+  const bool few = p.batch < jaxchar::kFewRows;  // many rows: 100 us steps share cores well
+  if (few && contention.busy()) p.threads = 1;
+  const int late = run<Shared>(p, pool, work);
+  if (few && p.threads > 1) contention.report(late, (p.prompt_length + p.steps) * p.layers);
   return ffi::Error::Success();
 }
 

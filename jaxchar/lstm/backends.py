@@ -148,7 +148,10 @@ def machine() -> dict[str, str]:
     flags = native.cpu_flags()
     wanted = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "amx_bf16")
     devices = jax.devices()
+    from jaxchar.version import __version__
+
     return {
+        "jaxchar": __version__,
         "platform": jax.default_backend(),
         "devices": f"{len(devices)} x {devices[0].device_kind}",
         "jax": jax.__version__,
