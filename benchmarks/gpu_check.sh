@@ -3,8 +3,9 @@
 # already has jax (CUDA), flax, optax, orbax-checkpoint and torch installed.
 #   JAXCHAR_DATA=/path/to/shared/data bash benchmarks/gpu_check.sh
 # 1. facts: GPU, driver, JAX version and devices;
-# 2. the model tests on the GPU: the cuDNN layer (model.impl = "cudnn") and the fused layer
-#    against the nn.scan reference, values and gradients;
+# 2. the model and backend tests on the GPU: the cuDNN layer (model.impl = "cudnn") and the
+#    fused layer against the nn.scan reference, values and gradients; the sampler under jit
+#    and vmap on every shipped config;
 # 3. bench_train on small, stacked and fast: jaxchar fused, jaxchar cudnn and PyTorch's
 #    cuDNN nn.LSTM, interleaved; the epoch column answers "small epoch under 5 s";
 # 4. bench_generate at batch 1 and 64 (the PyTorch loop on CUDA);
@@ -21,9 +22,10 @@ export JAXCHAR_DATA="${JAXCHAR_DATA:-$PWD/../shared/data}"
 status=0
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || status=1
 python3 -c "import jax, flax, optax; print('jax', jax.__version__, jax.devices())" || exit 1
+python3 -m jaxchar env || status=1  # the backends each config runs on this GPU
 # float32 products (no TF32), so that the tolerances written for the CPU hold; one process
 # (-o addopts="": pytest-xdist need not be installed there)
-JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=highest python3 -m pytest -q -o addopts="" -p no:cacheprovider tests/test_model.py || status=1
+JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=highest python3 -m pytest -q -o addopts="" -p no:cacheprovider tests/test_model.py tests/test_backends.py || status=1
 python3 benchmarks/bench_train.py --configs small stacked fast --reps 20 --peers torch || status=1
 python3 benchmarks/bench_generate.py --batches 1 64 --reps 5 || status=1
 python3 benchmarks/profile_step.py train --config small || status=1
