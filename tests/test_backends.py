@@ -172,8 +172,10 @@ def test_sample_vmapped_over_prompts_without_jit_and_inside_a_scan(shipped):
     np.testing.assert_array_equal(one, _loop(params, cfg, keys, [prompts[0, :1]] * 4))
 
 
-def test_vmap_over_params_runs_the_reference_loop(shipped):
-    cfg, params = shipped
+@pytest.mark.parametrize("name", ["small", "fast"])  # one layer and two
+def test_vmap_over_params_runs_the_reference_loop(name):
+    cfg = _model(name)
+    params = init_params(cfg, jax.random.PRNGKey(0))
     two = jax.tree.map(lambda x: jnp.stack([x, 0.5 * x]), params)
     key, prompt = jax.random.PRNGKey(4), jnp.arange(4)
     got = jax.vmap(lambda p: sample(p, key, prompt, cfg=cfg, length=12, temperature=0.8))(two)

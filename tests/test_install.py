@@ -52,7 +52,7 @@ def _env(venv: Path, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     env.update(
         PATH=f"{venv / 'bin'}{os.pathsep}{env['PATH']}",
-        JAXCHAR_DATA=str(DATA),
+        JAXCHAR_DATA=str(DATA.resolve()),
         JAX_PLATFORMS="cpu",
         **extra,
     )
@@ -102,8 +102,10 @@ def test_the_sdist_without_a_compiler_runs_on_the_jax_paths(dists, venv, tmp_pat
         (fake / name).chmod(0o755)
     env = _env(venv, CC=str(fake / "gcc"), CXX=str(fake / "g++"))
     env["PATH"] = f"{fake}{os.pathsep}{env['PATH']}"
-    pip = [venv / "bin" / "python", "-m", "pip", "install", "-q", "--force-reinstall"]
-    _run([*pip, "--no-deps", "--no-build-isolation", dists[0]], tmp_path, env, timeout=1800)
+    pip = [venv / "bin" / "python", "-m", "pip", "install", "-q"]
+    _run([*pip, "setuptools>=70.1"], tmp_path, _env(venv))  # the build backend, in the venv
+    reinstall = [*pip, "--force-reinstall", "--no-deps", "--no-build-isolation", dists[0]]
+    _run(reinstall, tmp_path, env, timeout=1800)
     jaxchar = venv / "bin" / "jaxchar"
     out = _run([jaxchar, "env", "--config", "fast"], tmp_path, _env(venv))
     assert "not built" in out and "native" not in out.split("config fast")[1]
