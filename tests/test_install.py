@@ -1,7 +1,8 @@
 """jaxchar as users install it: `python -m build` makes an sdist and a wheel from it; each is
 installed non-editably into a fresh virtual environment and run from outside the source tree
-(every shipped config found by name, a few training steps, a generation, `jaxchar env`); and
-the sdist installed where no C++ compiler works runs on the JAX paths and says so.
+(the wheel: every shipped config found by name, a few training steps, generations, `jaxchar
+env`; the sdist: its kernels built and loaded, training and generation); and the sdist
+installed where no C++ compiler works runs on the JAX paths and says so.
 
 Slow (a venv, the dependencies from pip's cache or the index, three kernel builds): marked
 `slow`; the README's test command runs it."""
@@ -77,6 +78,8 @@ def test_the_wheel_trains_and_generates_with_every_shipped_config(dists, venv, t
     jaxchar = venv / "bin" / "jaxchar"
     out = _run([jaxchar, "env"], tmp_path, env)
     assert "C++ kernels:" in out and "config fast" in out
+    if _x86_with_avx2():  # the wheel's kernels load from the installed package
+        assert "C++ kernels:          avx" in out, out
     version = _run([jaxchar, "--version"], tmp_path, env).strip()
     for config in sorted(p.stem for p in (REPO / "configs").glob("*.toml")):
         run = tmp_path / config
@@ -93,6 +96,33 @@ def test_the_wheel_trains_and_generates_with_every_shipped_config(dists, venv, t
     assert f"written by {version}" in info
 
 
+def _x86_with_avx2() -> bool:
+    from jaxchar.lstm import native
+
+    return {"avx2", "fma", "bmi2"} <= native.cpu_flags()
+
+
+def _reinstall_sdist(dists, venv, tmp_path, env):
+    pip = [venv / "bin" / "python", "-m", "pip", "install", "-q"]
+    _run([*pip, "setuptools>=70.1"], tmp_path, _env(venv))  # the build backend, in the venv
+    reinstall = [*pip, "--force-reinstall", "--no-deps", "--no-build-isolation", dists[0]]
+    _run(reinstall, tmp_path, env, timeout=1800)
+
+
+def test_the_sdist_builds_the_kernels_and_runs(dists, venv, tmp_path):
+    _reinstall_sdist(dists, venv, tmp_path, _env(venv))
+    jaxchar, env = venv / "bin" / "jaxchar", _env(venv)
+    if _x86_with_avx2():
+        assert "C++ kernels:          avx" in _run(
+            [jaxchar, "env", "--config", "fast"], tmp_path, env
+        )
+    run = tmp_path / "run"
+    args = ["train", "alice", "--run-dir", run, "--max-steps", "2", "--set", "train.batch_size=4"]
+    out = _run([jaxchar, *args, "--set", "train.sample_chars=0"], tmp_path, env)
+    assert "backend: " in out
+    assert len(_run([jaxchar, "generate", run, "--length", "20", "--quiet"], tmp_path, env)) >= 20
+
+
 def test_the_sdist_without_a_compiler_runs_on_the_jax_paths(dists, venv, tmp_path):
     # no working C++ compiler: the kernels' build fails, the install does not
     fake = tmp_path / "nocc"
@@ -102,10 +132,7 @@ def test_the_sdist_without_a_compiler_runs_on_the_jax_paths(dists, venv, tmp_pat
         (fake / name).chmod(0o755)
     env = _env(venv, CC=str(fake / "gcc"), CXX=str(fake / "g++"))
     env["PATH"] = f"{fake}{os.pathsep}{env['PATH']}"
-    pip = [venv / "bin" / "python", "-m", "pip", "install", "-q"]
-    _run([*pip, "setuptools>=70.1"], tmp_path, _env(venv))  # the build backend, in the venv
-    reinstall = [*pip, "--force-reinstall", "--no-deps", "--no-build-isolation", dists[0]]
-    _run(reinstall, tmp_path, env, timeout=1800)
+    _reinstall_sdist(dists, venv, tmp_path, env)
     jaxchar = venv / "bin" / "jaxchar"
     out = _run([jaxchar, "env", "--config", "fast"], tmp_path, _env(venv))
     assert "not built" in out and "native" not in out.split("config fast")[1]
