@@ -363,7 +363,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.prompt_file:
         from jaxchar.corpus import read_text
 
-        prompt = read_text(args.prompt_file)
+        prompt = read_text(args.prompt_file, corpus=False)
     elif args.prompt is not None:
         prompt = args.prompt
     else:
@@ -626,8 +626,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--run-dir", help="folder for checkpoints, config and metrics")
     t.add_argument("--config", help=f"a TOML file or a shipped name (default: {DEFAULT_CONFIG})")
-    t.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
-    t.add_argument("--overwrite", action="store_true", help="replace an existing run in --run-dir")
+    start = t.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
+    start.add_argument(
+        "--overwrite", action="store_true", help="replace an existing run in --run-dir"
+    )
     t.add_argument("--print-config", action="store_true", help="print the resolved config, exit")
     t.add_argument(
         "--tensorboard",
@@ -700,8 +703,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate text from a run's best checkpoint; the text alone goes to stdout.",
     )
     gen.add_argument("run_dir", help="the --run-dir of a training run")
-    gen.add_argument("--prompt", help="text to start from (default: a random window of the text)")
-    gen.add_argument("--prompt-file", help="read the prompt from this file")
+    given = gen.add_mutually_exclusive_group()
+    given.add_argument("--prompt", help="text to start from (default: a random window of the text)")
+    given.add_argument("--prompt-file", help="read the prompt from this file")
     gen.add_argument("--length", type=int, help="characters to generate (default 1000)")
     gen.add_argument("--temperature", type=float, help="0 = argmax, as the tutorial (default 0)")
     gen.add_argument("--top-k", type=int, help="sample among the k most likely characters")
@@ -781,6 +785,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except BrokenPipeError:  # stdout closed early (`| head`): end quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (
         ConfigError,
         CorpusError,

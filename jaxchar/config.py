@@ -9,6 +9,7 @@ with a message that names the key and says what would work.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -152,7 +153,10 @@ class SampleConfig:
 
     def __post_init__(self) -> None:
         _check(self.length >= 1, "sample.length must be at least 1")
-        _check(self.temperature >= 0, "sample.temperature must not be negative")
+        _check(
+            math.isfinite(self.temperature) and self.temperature >= 0,
+            f"sample.temperature = {self.temperature} must be a finite number >= 0 (0 = argmax)",
+        )
         _check(self.top_k >= 0, "sample.top_k must not be negative (0 turns it off)")
         _check(0 < self.top_p <= 1, "sample.top_p must be in (0, 1]")
         _one_of("sample", "mode", self.mode, ("auto", "stateful", "window"))

@@ -68,17 +68,19 @@ def resolve_corpus(
     return target
 
 
-def read_text(path: str | Path, encoding: str = "utf-8", errors: str = "strict") -> str:
-    """Reads a text file; drops a leading byte-order mark and turns CRLF into LF."""
+def read_text(
+    path: str | Path, encoding: str = "utf-8", errors: str = "strict", corpus: bool = True
+) -> str:
+    """Reads a text file; drops a leading byte-order mark and turns CRLF into LF. `corpus`:
+    the file is a corpus (a missing one's message names the built-in corpora)."""
     path = Path(path)
     if path.is_dir():
         raise CorpusError(f"{path} is a directory: give the path of a text file inside it")
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        raise CorpusError(
-            f"{path} does not exist: check the path (or use alice, shakespeare)"
-        ) from None
+        hint = " (or use alice, shakespeare)" if corpus else ""
+        raise CorpusError(f"{path} does not exist: check the path{hint}") from None
     except PermissionError:
         raise CorpusError(f"{path} cannot be read (permission denied)") from None
     if not raw.strip():

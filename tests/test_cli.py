@@ -135,6 +135,10 @@ def test_info_lists_checkpoints(trained, capsys):
     "args, words",
     [
         (["--temperature", "-1"], "temperature"),
+        (["--temperature", "nan"], "finite"),
+        (["--temperature", "inf"], "finite"),
+        (["--top-p", "nan"], "top_p"),
+        (["--prompt-file", "no-such-prompt.txt"], "no-such-prompt.txt does not exist"),
         (["--top-k", "0"], "top-k"),
         (["--top-k", "999"], "top-k"),
         (["--top-p", "1.5"], "top_p"),
@@ -148,6 +152,43 @@ def test_generate_bad_input(trained, capsys, args, words):
     assert main(["generate", str(trained), *args]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("jaxchar: error:") and words in err and "\n" not in err
+    assert "alice, shakespeare" not in err  # the corpus hint belongs to corpora only
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["generate", "{run}", "--prompt", "a", "--prompt-file", "p.txt"],
+        ["train", "{small}", "--run-dir", "{run}", "--resume", "--overwrite"],
+    ],
+    ids=["prompt-and-prompt-file", "resume-and-overwrite"],
+)
+def test_conflicting_options_are_refused(trained, small_text, capsys, argv):
+    argv = [a.format(run=trained, small=small_text) for a in argv]
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
+PIPED = """
+import sys
+from jaxchar.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_closed_stdout_ends_the_command_quietly(trained):
+    # `jaxchar generate RUN | head -c 5`: the reader goes away while the text streams; no
+    # error, no traceback
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-c", PIPED, "generate", str(trained), "--length", "100000"]
+    writer = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    writer.stdout.read(5)
+    writer.stdout.close()  # as `head` does once it has what it wants
+    err = writer.stderr.read().decode()
+    assert writer.wait(timeout=300) == 0 and "error" not in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize(
