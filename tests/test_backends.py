@@ -104,6 +104,18 @@ def test_a_forced_backend_that_cannot_run_says_why(monkeypatch, variant, impl, p
     assert model.impl == "auto" and impl in note
 
 
+@pytest.mark.parametrize("mode", ["stateful", "window"])
+def test_a_run_forced_onto_a_backend_missing_here_still_samples(monkeypatch, mode):
+    # jaxchar.load_checkpoint of a cuDNN run on a CPU: sampling takes the scan, same ids
+    cfg = dataclasses.replace(_model("tiny"), impl="cudnn")
+    assert select(cfg, "sample", platform="cpu").backend == "scan"
+    params = init_params(_scan(cfg), jax.random.PRNGKey(0))
+    key, prompt = jax.random.PRNGKey(1), jnp.arange(6)
+    kw = dict(length=10, temperature=0.8, mode=mode, seq_length=8)
+    got = sample(params, key, prompt, cfg=cfg, **kw)
+    np.testing.assert_array_equal(got, sample(params, key, prompt, cfg=_scan(cfg), **kw))
+
+
 def test_jaxchar_native_0_keeps_the_kernels_unloaded():
     import subprocess
     import sys

@@ -18,7 +18,8 @@ deterministic for a seed, and measured faster on that kind of machine (docs/benc
 
 A forced backend (`scan`, `fused`, `native`, `cudnn`) runs wherever it applies; where this
 machine cannot run it at all (no GPU for cuDNN, no kernels for native) `select` raises
-`BackendError` saying why. Where a forced backend does not apply to a call (a GRU, a masked
+`BackendError` saying why for the layers, while sampling takes the lax.scan loop (so that
+a stored run generates anywhere). Where a forced backend does not apply to a call (a GRU, a masked
 window, top-k sampling with native) that call takes the reference, and the reason says so.
 Under `jax.vmap` the kernels fold the mapped axis into their rows (one call); mapped weights
 run the lax.scan loops instead (see native.py), and sampling folds only while the rows fit.
@@ -61,19 +62,26 @@ def select(
     evaluation; "sample": the stateful sampling loop) of a model `cfg` on `platform`
     ("cpu", "gpu", "tpu"), for `rows` rows, with masked (left-padded) steps, or with a
     top-k/top-p filter."""
-    impl = cfg.impl
-    if impl == "native" and (platform != "cpu" or not native.available()):
-        where = f"this is a {platform}" if platform != "cpu" else native.variant()[1]
-        raise BackendError(f"model.impl = 'native' cannot run here: {where}; use auto")
-    if impl == "cudnn" and (platform != "gpu" or not cudnn.available()):
-        raise BackendError(
-            f"model.impl = 'cudnn' needs an NVIDIA GPU (this is a {platform}); use auto"
-        )
+    impossible = _impossible(cfg, platform)
     if purpose == "layer":
+        if impossible and cfg.cell == "lstm" and not masked:
+            raise BackendError(impossible)
         return _layer(cfg, platform, masked)
-    if purpose == "sample":
+    if purpose == "sample":  # a stored run generates anywhere: its forced layer backend
+        if impossible:  # does not decide the sampling loop
+            return Choice("scan", f"{impossible.split(';')[0]}: the lax.scan loop")
         return _sampler(cfg, platform, rows, filtered)
     raise ValueError(f"purpose must be 'layer' or 'sample', not {purpose!r}")
+
+
+def _impossible(cfg: ModelConfig, platform: str) -> str | None:
+    """Why this machine cannot run the forced `cfg.impl` at all, or None."""
+    if cfg.impl == "native" and (platform != "cpu" or not native.available()):
+        where = f"this is a {platform}" if platform != "cpu" else native.variant()[1]
+        return f"model.impl = 'native' cannot run here: {where}; use auto"
+    if cfg.impl == "cudnn" and (platform != "gpu" or not cudnn.available()):
+        return f"model.impl = 'cudnn' needs an NVIDIA GPU (this is a {platform}); use auto"
+    return None
 
 
 def _layer(cfg: ModelConfig, platform: str, masked: bool) -> Choice:
