@@ -57,13 +57,12 @@ def peak_rss_mb() -> float:
 
 
 def child_jaxchar(path: str, steps: int) -> dict:
-    from jaxchar.cli import resolve_config_path
     from jaxchar.config import load_config, override
     from jaxchar.corpus import load_corpus
     from jaxchar.train import fit, with_vocab
 
     baseline = peak_rss_mb()
-    cfg = override(load_config(resolve_config_path("small")), [f"train.max_steps={steps}"])
+    cfg = override(load_config("small"), [f"train.max_steps={steps}"])
     corpus = load_corpus(path, cfg.data)
     cfg = with_vocab(cfg, len(corpus.vocab))
     if corpus.total_chars < 0.99 * os.path.getsize(path):
@@ -93,15 +92,12 @@ def child_sample(length: int, rows: int, impl: str) -> dict:
 
     import jax
 
-    from jaxchar.cli import resolve_config_path
     from jaxchar.config import load_config
     from jaxchar.lstm import select
     from jaxchar.model import init_params
     from jaxchar.sampling import sample
 
-    model = dataclasses.replace(
-        load_config(resolve_config_path("fast")).model, vocab_size=60, impl=impl
-    )
+    model = dataclasses.replace(load_config("fast").model, vocab_size=60, impl=impl)
     params = init_params(model, jax.random.PRNGKey(0))
     prompt = jax.numpy.arange(100) % 60
     baseline = peak_rss_mb()

@@ -98,7 +98,6 @@ def main() -> None:
     args = parser.parse_args()
     name = f"quality_{args.name or args.config}"
 
-    from jaxchar.cli import resolve_config_path
     from jaxchar.config import load_config, override
     from jaxchar.corpus import load_corpus
     from jaxchar.train import fit, with_vocab
@@ -106,7 +105,7 @@ def main() -> None:
     sets = ["data.val_fraction=0.1", *args.set]
     if args.save_every:
         sets.append(f"train.save_every_steps={args.save_every}")
-    cfg = override(load_config(resolve_config_path(args.config)), sets)
+    cfg = override(load_config(args.config), sets)
     corpus = load_corpus(common.DATA / args.corpus, cfg.data)
     cfg = with_vocab(cfg, len(corpus.vocab))
     target = TARGETS.get(args.config, DEFAULT_TARGET)

@@ -235,14 +235,13 @@ def _fused_runner(cfg, ids):
 
 
 def run_all(args) -> None:
-    from jaxchar.cli import resolve_config_path
     from jaxchar.config import load_config, override
     from jaxchar.corpus import load_corpus
-    from jaxchar.train import steps_per_epoch, with_vocab
+    from jaxchar.train import Plan, with_vocab
 
     results, rows = {}, []
     for name in args.configs:
-        cfg = override(load_config(resolve_config_path(name)), args.set)
+        cfg = override(load_config(name), args.set)
         corpus = load_corpus(common.DATA / "wonderland.txt", cfg.data)
         cfg = with_vocab(cfg, len(corpus.vocab))
         b = cfg.train.batch_size
@@ -256,7 +255,7 @@ def run_all(args) -> None:
             "torch": torch_runner,
             "keras": keras_runner,
         }
-        spe = steps_per_epoch(cfg, len(corpus.train_ids))
+        spe = Plan.of(cfg, len(corpus.train_ids)).steps_per_epoch
         runners, per_call, compile_s = {}, {}, {}
         for tool in ["jaxchar", "jaxchar cudnn", "jaxchar fused", *args.peers]:
             try:

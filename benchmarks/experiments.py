@@ -75,12 +75,11 @@ def repetition_share(text: str, width: int = 20) -> float:
 
 def experiment_config(name: str):
     """The config one experiment trains with (vocabulary size not yet set)."""
-    from jaxchar.cli import resolve_config_path
     from jaxchar.config import load_config, override
 
     base, sets, _ = EXPERIMENTS[name]
     cfg = override(
-        load_config(resolve_config_path(base)),
+        load_config(base),
         [
             "data.val_fraction=0.1",
             "train.eval_batches=40",

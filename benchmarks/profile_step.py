@@ -140,12 +140,11 @@ def _trace_events(directory: str) -> list[dict]:
 def _train_target(args):
     import jax
 
-    from jaxchar.cli import resolve_config_path
     from jaxchar.config import load_config, override
     from jaxchar.corpus import load_corpus
     from jaxchar.train import create_state, make_optimizer, run_steps, with_vocab, zero_totals
 
-    cfg = override(load_config(resolve_config_path(args.config)), args.set)
+    cfg = override(load_config(args.config), args.set)
     corpus = load_corpus(common.DATA / "wonderland.txt", cfg.data)
     cfg = with_vocab(cfg, len(corpus.vocab))
     tx = make_optimizer(cfg.train, 10_000)

@@ -31,6 +31,7 @@ from jaxchar.version import __version__
 
 FORMAT_VERSION = 1
 RUN_FILE = "run.json"
+CORPUS_FILE = "corpus.json"  # where the training text came from
 
 
 class CheckpointError(RuntimeError):
@@ -139,6 +140,28 @@ class RunDir:
         run = cls(path, cfg, Vocab(tuple(info["vocab"])), info["monitor"])
         run.written_by = info.get("jaxchar_version")  # None: before versions were stored
         return run
+
+    def update_config(self, cfg: Config, write: bool = True) -> None:
+        """Replaces the stored config (a resumed run given more epochs or steps); `write`
+        False (every process but the first) changes it in memory only."""
+        if write:
+            info = _read_run_file(self.path)
+            info["config"] = cfg.to_dict()
+            _write_json_atomic(self.path / RUN_FILE, info)
+        self.cfg = cfg
+
+    def record_corpus(self, corpus_path: str | Path) -> None:
+        """Notes where the training text came from (corpus.json), so that generation can
+        draw its default prompt from the text."""
+        note = {"path": str(Path(corpus_path).absolute())}
+        _write_json_atomic(self.path / CORPUS_FILE, note)
+
+    def corpus_path(self) -> Path | None:
+        """The training text's path as recorded at creation (None if unknown)."""
+        try:
+            return Path(json.loads((self.path / CORPUS_FILE).read_text())["path"])
+        except (OSError, KeyError, TypeError, ValueError):
+            return None
 
     # --- saving -------------------------------------------------------------------------
 

@@ -29,6 +29,27 @@ class ConfigError(ValueError):
     """A config file, key or value that cannot be used."""
 
 
+DEFAULT_CONFIG = "fast"  # what `jaxchar train` uses without --config
+
+
+def shipped_names() -> list[str]:
+    """The names of the shipped configs, sorted."""
+    return sorted(p.stem for p in shipped_dir().glob("*.toml"))
+
+
+def find_config(spec: str | Path) -> Path:
+    """A config file's path, or the file of a shipped config's name (small, fast, ...)."""
+    path = Path(spec)
+    if path.suffix == ".toml" or path.exists():
+        return path
+    shipped = shipped_dir() / f"{spec}.toml"
+    if shipped.is_file():
+        return shipped
+    raise ConfigError(
+        f"no config file {str(spec)!r}: give a .toml path or one of {', '.join(shipped_names())}"
+    )
+
+
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
@@ -232,8 +253,9 @@ def from_dict(values: dict[str, Any], base: Config | None = None) -> Config:
 
 
 def load_config(path: str | Path) -> Config:
-    """Reads a TOML config file; keys not in the file keep their defaults."""
-    path = Path(path)
+    """Reads a TOML config file, or a shipped config by name (`load_config("fast")`); keys
+    not in the file keep their defaults."""
+    path = find_config(path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:

@@ -277,5 +277,26 @@ def prepare(text: str, cfg: DataConfig, vocab: Vocab | None = None) -> Corpus:
     return Corpus(vocab, train_ids, val_ids, len(text), stripped, *spans)
 
 
+def encode_text(
+    text: str, cfg: DataConfig, vocab: Vocab, unknown: str = "error"
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Any text prepared as a run's training text was (Gutenberg stripping, normalization)
+    and encoded with the run's vocabulary: ids, and the sentence spans for the sentences
+    objective (else None). For evaluating a run on another text."""
+    if cfg.strip_gutenberg:
+        text = strip_gutenberg(text)[0]
+    ids = vocab.encode(normalize(text, cfg.lowercase, cfg.remove_punctuation), unknown)
+    if len(ids) < cfg.seq_length + 1:
+        raise CorpusError(
+            f"the text has {len(ids)} characters, fewer than seq_length + 1 = {cfg.seq_length + 1}"
+        )
+    if cfg.objective != "sentences":
+        return ids, None
+    spans = sentence_spans(ids, vocab, cfg.seq_length)
+    if not len(spans):
+        raise CorpusError("the text has no sentence of two or more characters to score")
+    return ids, spans
+
+
 def load_corpus(path: str | Path, cfg: DataConfig) -> Corpus:
     return prepare(read_text(path, cfg.encoding, cfg.errors), cfg)

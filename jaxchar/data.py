@@ -6,14 +6,22 @@ order is a pseudo-random permutation of all windows evaluated element by element
 network with cycle walking), so no [n] permutation array is ever stored either. Memory stays
 proportional to the corpus; the same (key, epoch, step) always gives the same batch, which
 is what makes a resumed run identical to an uninterrupted one.
+
+Each training objective is one small object (`Window`, `Sequence`, `Streams`, `Sentences`,
+built by `objective(cfg)`) that knows its steps per epoch, its training batches and its
+evaluation batches; the training loop asks it and never switches on the objective's name.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
+
+from jaxchar.config import Config
 
 _ROUNDS = 4
 
@@ -47,7 +55,7 @@ def permute(index: jax.Array, n: int, key: jax.Array) -> jax.Array:
     return x.astype(jnp.int32)
 
 
-def steps_per_epoch(n_items: int, batch: int) -> int:
+def batch_count(n_items: int, batch: int) -> int:
     """Batches in one pass over n_items; the last one may be partial (masked), as in Keras."""
     return -(-n_items // batch)
 
@@ -143,3 +151,136 @@ def sentence_batch(
     change any real position's output: the zero weights mask them out of the loss."""
     items, valid = shuffled_positions(key, epoch, step, batch, spans.shape[0])
     return span_batch(ids, spans, items, valid, seq_length)
+
+
+def in_order_windows(ids, i, batch: int, seq_length: int) -> dict[str, jax.Array]:
+    """Evaluation batch i of the window objective: windows i*batch .. (i+1)*batch - 1 in
+    text order; those past the last window wrap around with weight 0."""
+    count = window_count(ids.shape[0], seq_length)
+    pos = i * batch + jnp.arange(batch)
+    chunk = gather_windows(ids, pos % count, seq_length + 1)
+    weights = (pos < count).astype(jnp.float32)
+    return {"inputs": chunk[:, :-1], "targets": chunk[:, -1], "weights": weights}
+
+
+@dataclass(frozen=True)
+class Window:
+    """The tutorial's objective: every stride-1 window predicts its next character."""
+
+    batch: int
+    seq_length: int
+    last_only: ClassVar[bool] = True  # the loss reads the last position only
+    carries_state: ClassVar[bool] = False  # the LSTM state between training steps
+    eval_carries_state: ClassVar[bool] = False  # ... between evaluation steps
+    needs_spans: ClassVar[bool] = False
+    # how `generate` reads a trained model: windows of seq_length like training, or one
+    # stream with the state carried
+    sampling_mode: ClassVar[str] = "window"
+
+    @property
+    def chars_per_step(self) -> int:  # targets scored per training step
+        return self.batch
+
+    def steps_per_epoch(self, n_chars: int, n_spans: int = 0) -> int:
+        return batch_count(window_count(n_chars, self.seq_length), self.batch)
+
+    def train_batch(self, ids, spans, key, epoch, step) -> dict[str, jax.Array]:
+        return window_batch(ids, key, epoch, step, self.batch, self.seq_length)
+
+    def for_evaluation(self, n_chars: int) -> Window:
+        return self
+
+    def eval_steps(self, n_chars: int, n_spans: int = 0) -> int:
+        return self.steps_per_epoch(n_chars)
+
+    def eval_batch(self, ids, spans, i) -> dict[str, jax.Array]:
+        """Every window once, in order, each from a fresh state."""
+        return in_order_windows(ids, i, self.batch, self.seq_length)
+
+
+@dataclass(frozen=True)
+class Sequence(Window):
+    """Many-to-many on shuffled non-overlapping chunks, each from a fresh state; evaluated
+    as in-order streams with the state carried, so every character has its context."""
+
+    last_only: ClassVar[bool] = False
+    eval_carries_state: ClassVar[bool] = True
+    sampling_mode: ClassVar[str] = "stateful"
+
+    @property
+    def chars_per_step(self) -> int:
+        return self.batch * self.seq_length
+
+    def steps_per_epoch(self, n_chars: int, n_spans: int = 0) -> int:
+        return batch_count(chunk_count(n_chars, self.seq_length), self.batch)
+
+    def train_batch(self, ids, spans, key, epoch, step) -> dict[str, jax.Array]:
+        return sequence_batch(ids, key, epoch, step, self.batch, self.seq_length)
+
+    def for_evaluation(self, n_chars: int) -> Sequence:
+        """A text too short for `batch` streams is evaluated with fewer of them."""
+        if stream_steps(n_chars, self.batch, self.seq_length) >= 1:
+            return self
+        return type(self)(max(1, (n_chars - 1) // self.seq_length), self.seq_length)
+
+    def eval_steps(self, n_chars: int, n_spans: int = 0) -> int:
+        return stream_steps(n_chars, self.batch, self.seq_length)
+
+    def eval_batch(self, ids, spans, i) -> dict[str, jax.Array]:
+        """Step i of `batch` in-order streams: the caller carries the state across steps."""
+        return stream_batch(ids, i, self.batch, self.seq_length)
+
+
+@dataclass(frozen=True)
+class Streams(Sequence):
+    """Stateful many-to-many: the text cut into `batch` streams read in order, the LSTM
+    state carried from each training step to the next (reset at each epoch)."""
+
+    carries_state: ClassVar[bool] = True
+
+    def steps_per_epoch(self, n_chars: int, n_spans: int = 0) -> int:
+        return stream_steps(n_chars, self.batch, self.seq_length)
+
+    def train_batch(self, ids, spans, key, epoch, step) -> dict[str, jax.Array]:
+        return stream_batch(ids, step, self.batch, self.seq_length)
+
+
+@dataclass(frozen=True)
+class Sentences(Window):
+    """Sentence-padded many-to-many: each row one sentence span from a fresh state."""
+
+    last_only: ClassVar[bool] = False
+    needs_spans: ClassVar[bool] = True
+    sampling_mode: ClassVar[str] = "stateful"
+
+    @property
+    def chars_per_step(self) -> int:  # an upper bound: padded positions are counted too
+        return self.batch * self.seq_length
+
+    def steps_per_epoch(self, n_chars: int, n_spans: int = 0) -> int:
+        return batch_count(n_spans, self.batch)
+
+    def train_batch(self, ids, spans, key, epoch, step) -> dict[str, jax.Array]:
+        return sentence_batch(ids, spans, key, epoch, step, self.batch, self.seq_length)
+
+    def eval_steps(self, n_chars: int, n_spans: int = 0) -> int:
+        return batch_count(n_spans, self.batch)
+
+    def eval_batch(self, ids, spans, i) -> dict[str, jax.Array]:
+        """Every sentence once, in order."""
+        items = i * self.batch + jnp.arange(self.batch)
+        valid = items < spans.shape[0]
+        return span_batch(ids, spans, items % spans.shape[0], valid, self.seq_length)
+
+
+Objective = Window | Sequence | Streams | Sentences
+
+
+def objective(cfg: Config) -> Objective:
+    """The object for cfg.data.objective (and data.stateful) at cfg.train.batch_size."""
+    d, b = cfg.data, cfg.train.batch_size
+    if d.objective == "sentences":
+        return Sentences(b, d.seq_length)
+    if d.objective == "sequence":
+        return Streams(b, d.seq_length) if d.stateful else Sequence(b, d.seq_length)
+    return Window(b, d.seq_length)

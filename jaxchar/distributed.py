@@ -139,3 +139,20 @@ def barrier(name: str) -> None:
 def is_primary() -> bool:
     """Only process 0 prints and writes files that are not collective."""
     return jax.process_index() == 0
+
+
+def start(
+    multi_host: bool = False,
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    num_devices: int | None = None,
+) -> Mesh | None:
+    """The devices a training run uses: `jax.distributed.initialize` first when `multi_host`
+    (before any other JAX call), then a `data` mesh over all devices (or the first
+    num_devices); None, plain single-device jit, when there is one device and one process."""
+    if multi_host:
+        initialize(coordinator, num_processes, process_id)
+    if (num_devices or jax.device_count()) == 1 and jax.process_count() == 1:
+        return None
+    return make_mesh(num_devices)

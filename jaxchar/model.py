@@ -121,12 +121,12 @@ class CharLSTM(nn.Module):
         # (time, batch, feature) axes of x, for dropout's positions
         axes = (0, 1) if time_major else (1, 0)
         x = self._dropper(cfg.input_dropout, train)(x, *axes, 2 if x.ndim == 3 else None)
-        new_carry, x_t = [], None
+        new_carry, x_fm = [], None
         for layer in range(cfg.layers):
             # training, a fused layer below another hands it its outputs as [H, time,
             # batch] too: the layout of the upper layer's input-kernel gradient
-            with_t = time_major and train and layer < cfg.layers - 1
-            layer_carry, x, *h_t = LSTMLayer(
+            with_fm = time_major and train and layer < cfg.layers - 1
+            layer_carry, x, *h_fm = LSTMLayer(
                 cfg.hidden,
                 scalar and layer == 0,
                 cfg.unroll,
@@ -134,17 +134,17 @@ class CharLSTM(nn.Module):
                 backend.backend,
                 cfg.cell,
                 cfg.gate_activation,
-                with_t,
+                with_fm,
                 name=f"lstm_{layer}",
-            )(carry[layer], x, mask, x_t)
+            )(carry[layer], x, mask, x_fm)
             new_carry.append(layer_carry)
             drop = self._dropper(cfg.dropout, train)
             if last_only and layer == cfg.layers - 1:
                 x = x[-1] if time_major else x[:, -1]  # [batch, hidden]: many-to-one head
                 x = drop(x, None, 0, 1)
                 continue
-            if h_t:  # x's mask, transposed (no gradient: x carries it)
-                x_t = drop(jax.lax.stop_gradient(h_t[0]), 1, 2, 0)
+            if h_fm:  # x's mask, transposed (no gradient: x carries it)
+                x_fm = drop(jax.lax.stop_gradient(h_fm[0]), 1, 2, 0)
             x = drop(x, *axes, 2)
         logits = nn.Dense(cfg.vocab_size, name="head")(x).astype(jnp.float32)
         if time_major and not last_only:

@@ -74,15 +74,21 @@ def make_optimizer(cfg: TrainConfig, total_steps: int) -> optax.GradientTransfor
 
 def create_state(cfg: Config, tx: optax.GradientTransformation, key: jax.Array) -> TrainState:
     params = init_params(cfg.model, key, cfg.data.seq_length)
-    carry = init_carry(cfg.model, cfg.train.batch_size) if cfg.data.stateful else ()
+    stateful = data.objective(cfg).carries_state
+    carry = init_carry(cfg.model, cfg.train.batch_size) if stateful else ()
     return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), carry)
 
 
 def loss_fn(params, cfg: Config, batch: dict, key, carry=None, train: bool = True):
     """Mean cross-entropy over the weighted targets, nats/char; also the new carry."""
-    window = cfg.data.objective == "window"
     logits, new_carry = apply(
-        params, cfg.model, batch["inputs"], carry or None, train=train, key=key, last_only=window
+        params,
+        cfg.model,
+        batch["inputs"],
+        carry or None,
+        train=train,
+        key=key,
+        last_only=data.objective(cfg).last_only,
     )  # [batch, vocab] (window) or [batch, time, vocab]
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
     weight = jnp.sum(batch["weights"])
@@ -91,18 +97,19 @@ def loss_fn(params, cfg: Config, batch: dict, key, carry=None, train: bool = Tru
 
 
 def train_step(state: TrainState, batch: dict, key, *, cfg: Config, tx) -> tuple[TrainState, dict]:
+    stateful = data.objective(cfg).carries_state
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (loss, (weight, carry)), grads = grad_fn(state.params, cfg, batch, key, state.carry)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    carry = jax.lax.stop_gradient(carry) if cfg.data.stateful else ()
+    carry = jax.lax.stop_gradient(carry) if stateful else ()
     grad_norm = optax.tree.norm(grads)
     skipped = jnp.zeros((), bool)
     if cfg.train.skip_nonfinite:  # keep the old params and optimizer state for this batch
         skipped = ~(jnp.isfinite(loss) & jnp.isfinite(grad_norm))
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(skipped, o, n), new, old)
         params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
-        carry = keep(carry, state.carry) if cfg.data.stateful else ()
+        carry = keep(carry, state.carry) if stateful else ()
         loss, weight = jnp.where(skipped, 0.0, loss), jnp.where(skipped, 0.0, weight)
     new_state = TrainState(state.step + 1, params, opt_state, carry)
     metrics = {"loss": loss, "weight": weight, "grad_norm": grad_norm, "skipped": skipped}
@@ -113,29 +120,6 @@ def eval_step(params, batch: dict, *, cfg: Config, carry=None) -> tuple[jax.Arra
     """Summed loss (nats) and weight of one batch, without dropout; and the new carry."""
     loss, (weight, carry) = loss_fn(params, cfg, batch, None, carry, train=False)
     return loss * weight, weight, carry
-
-
-def steps_per_epoch(cfg: Config, n_chars: int, n_spans: int = 0) -> int:
-    """Train steps in one epoch over n_chars characters (or n_spans sentence spans)."""
-    d, b = cfg.data, cfg.train.batch_size
-    if d.objective == "sentences":
-        return data.steps_per_epoch(n_spans, b)
-    if d.stateful:
-        return data.stream_steps(n_chars, b, d.seq_length)
-    if d.objective == "sequence":
-        return data.steps_per_epoch(data.chunk_count(n_chars, d.seq_length), b)
-    return data.steps_per_epoch(data.window_count(n_chars, d.seq_length), b)
-
-
-def make_batch(ids, key, epoch, step, cfg: Config, spans=None) -> dict:
-    d, b = cfg.data, cfg.train.batch_size
-    if d.objective == "sentences":
-        return data.sentence_batch(ids, spans, key, epoch, step, b, d.seq_length)
-    if d.stateful:
-        return data.stream_batch(ids, step, b, d.seq_length)
-    if d.objective == "sequence":
-        return data.sequence_batch(ids, key, epoch, step, b, d.seq_length)
-    return data.window_batch(ids, key, epoch, step, b, d.seq_length)
 
 
 def _keys(seed: int) -> tuple[jax.Array, jax.Array]:
@@ -152,15 +136,16 @@ def run_steps(
     totals: the epoch's running sums (loss x weight, weight, skipped updates); returns the
     per-step losses [n] (NaN where train.skip_nonfinite dropped the update)."""
     data_key, dropout_key = _keys(cfg.train.seed)
+    obj = data.objective(cfg)
 
     def body(carry, i):
         state, totals = carry
-        if cfg.data.stateful:  # streams restart at each epoch, and so does their state
+        if obj.carries_state:  # streams restart at each epoch, and so does their state
             fresh = init_carry(cfg.model, cfg.train.batch_size)
             reset = jax.tree.map(lambda z, c: jnp.where(first + i == 0, z, c), fresh, state.carry)
             state = state.replace(carry=shard_batch(reset, mesh))
         # with a mesh, each device gathers and trains on its own rows of the global batch
-        batch = shard_batch(make_batch(ids, data_key, epoch, first + i, cfg, spans), mesh)
+        batch = shard_batch(obj.train_batch(ids, spans, data_key, epoch, first + i), mesh)
         key = jax.random.fold_in(dropout_key, state.step)
         state, m = train_step(state, batch, key, cfg=cfg, tx=tx)
         if cfg.train.shard_params and mesh is not None:  # FSDP: stay split between steps
@@ -179,36 +164,16 @@ def run_steps(
     return state, totals, losses
 
 
-@partial(jax.jit, static_argnames=("cfg", "n"))
-def _evaluate_jit(params, ids, spans, *, cfg: Config, n: int):
-    d, b = cfg.data, cfg.train.batch_size
-    if d.objective == "sentences":  # every sentence once, in order, each from a fresh state
-
-        def batch_at(i, carry):
-            items = i * b + jnp.arange(b)
-            valid = items < spans.shape[0]
-            return data.span_batch(ids, spans, items % spans.shape[0], valid, d.seq_length), None
-    elif d.objective == "window":
-        count = data.window_count(ids.shape[0], d.seq_length)
-
-        def batch_at(i, carry):
-            pos = i * b + jnp.arange(b)
-            chunk = data.gather_windows(ids, pos % count, d.seq_length + 1)
-            weights = (pos < count).astype(jnp.float32)
-            return {"inputs": chunk[:, :-1], "targets": chunk[:, -1], "weights": weights}, None
-    else:  # streams in order, state carried: every character is scored with its context
-
-        def batch_at(i, carry):
-            return data.stream_batch(ids, i, b, d.seq_length), carry
+@partial(jax.jit, static_argnames=("cfg", "obj", "n"))
+def _evaluate_jit(params, ids, spans, *, cfg: Config, obj: data.Objective, n: int):
+    """Summed loss over n in-order evaluation batches of `obj`, divided by their weight."""
 
     def body(acc, i):
         total, weight, carry = acc
-        batch, carry = batch_at(i, carry)
-        loss, w, new_carry = eval_step(params, batch, cfg=cfg, carry=carry)
-        carry = new_carry if d.objective == "sequence" else None
-        return (total + loss, weight + w, carry), None
+        loss, w, new_carry = eval_step(params, obj.eval_batch(ids, spans, i), cfg=cfg, carry=carry)
+        return (total + loss, weight + w, new_carry if obj.eval_carries_state else None), None
 
-    carry = init_carry(cfg.model, b) if d.objective == "sequence" else None
+    carry = init_carry(cfg.model, obj.batch) if obj.eval_carries_state else None
     (total, weight, _), _ = jax.lax.scan(body, (0.0, 0.0, carry), jnp.arange(n))
     return total / jnp.maximum(weight, 1.0)
 
@@ -217,25 +182,16 @@ def evaluate(params, cfg: Config, ids, spans=None) -> float:
     """Mean loss (nats/char) of the model on the ids, without dropout, over the whole text
     (or the first train.eval_batches batches). The sentences objective scores its sentence
     `spans` (corpus.sentence_spans of these ids), each from a fresh state."""
-    d, b = cfg.data, cfg.train.batch_size
-    if d.objective == "sentences":
-        if spans is None or not len(spans):
-            raise TrainingError("the sentences objective needs the text's sentence spans")
-        n = data.steps_per_epoch(len(spans), b)
-    elif d.objective == "window":
-        n = data.steps_per_epoch(data.window_count(len(ids), d.seq_length), b)
-    else:
-        n = data.stream_steps(len(ids), b, d.seq_length)
-        if n < 1:
-            b = max(1, (len(ids) - 1) // d.seq_length)
-            cfg = replace(cfg, train=replace(cfg.train, batch_size=b))
-            n = data.stream_steps(len(ids), b, d.seq_length)
+    obj = data.objective(cfg).for_evaluation(len(ids))
+    if obj.needs_spans and (spans is None or not len(spans)):
+        raise TrainingError("the sentences objective needs the text's sentence spans")
+    n = obj.eval_steps(len(ids), 0 if spans is None else len(spans))
     if cfg.train.eval_batches:
         n = min(n, cfg.train.eval_batches)
     if n < 1:
         raise TrainingError("the text is too short to evaluate: it needs seq_length + 1 chars")
     spans = None if spans is None else jnp.asarray(spans)
-    return float(_evaluate_jit(params, jnp.asarray(ids), spans, cfg=cfg, n=n))
+    return float(_evaluate_jit(params, jnp.asarray(ids), spans, cfg=cfg, obj=obj, n=n))
 
 
 class Checkpointer(Protocol):
@@ -259,8 +215,92 @@ def zero_totals() -> tuple[jax.Array, jax.Array, jax.Array]:
     return jnp.zeros(()), jnp.zeros(()), jnp.zeros((), jnp.int32)
 
 
-def _finite(x: float) -> bool:
-    return math.isfinite(x)
+@dataclass(frozen=True)
+class Plan:
+    """How many steps a run takes: per epoch, in all (epochs or train.max_steps)."""
+
+    steps_per_epoch: int
+    total_steps: int
+
+    @classmethod
+    def of(cls, cfg: Config, n_chars: int, n_spans: int = 0) -> Plan:
+        t = cfg.train
+        per_epoch = data.objective(cfg).steps_per_epoch(n_chars, n_spans)
+        if per_epoch < 1:
+            raise TrainingError(
+                f"{n_chars} training characters make no full batch of {t.batch_size} "
+                f"x {cfg.data.seq_length}: lower train.batch_size or data.seq_length"
+            )
+        total = per_epoch * t.epochs
+        return cls(per_epoch, min(total, t.max_steps) if t.max_steps else total)
+
+    def steps_in_next_call(self, step: int, t: TrainConfig) -> int:
+        """Steps of the next dispatch: up to train.steps_per_call, never past the epoch's
+        end, the run's end or the next periodic save."""
+        n = min(t.steps_per_call, self.steps_per_epoch - step % self.steps_per_epoch)
+        n = min(n, self.total_steps - step)
+        if t.save_every_steps:
+            n = min(n, t.save_every_steps - step % t.save_every_steps)
+        return n
+
+    def saves_at(self, step: int, t: TrainConfig) -> bool:
+        return (
+            step % self.steps_per_epoch == 0
+            or step == self.total_steps
+            or bool(t.save_every_steps and step % t.save_every_steps == 0)
+        )
+
+
+def _initial_state(cfg: Config, tx, mesh: Mesh | None, checkpointer) -> tuple[TrainState, Any]:
+    """Fresh params from train.seed, placed on the mesh; or the checkpointer's latest save."""
+    state = create_state(cfg, tx, jax.random.fold_in(jax.random.PRNGKey(cfg.train.seed), 2))
+    if mesh is not None and cfg.train.shard_params:
+        state = replicate(state.replace(params=None, opt_state=None), mesh).replace(
+            params=place_sharded(state.params, mesh),
+            opt_state=place_sharded(state.opt_state, mesh),
+        )
+    else:
+        state = replicate(state, mesh)
+    totals = replicate(zero_totals(), mesh)
+    if checkpointer is not None:
+        restored = checkpointer.restore_latest({"state": state, "totals": totals})
+        if restored is not None:
+            state, totals = restored["state"], restored["totals"]
+    return state, totals
+
+
+def _on_device(array: np.ndarray | None, mesh: Mesh | None):
+    if array is None:
+        return None
+    return replicate(array, mesh) if mesh is not None else jax.device_put(array)
+
+
+def _last_loss(losses: jax.Array, step: int, skip_nonfinite: bool) -> float:
+    """The last step's loss of a dispatch (the last kept one when updates can be skipped);
+    a non-finite loss stops training."""
+    recent = np.asarray(losses)
+    if skip_nonfinite:  # skipped steps are NaN in `losses`
+        kept = recent[~np.isnan(recent)]
+        recent = kept if len(kept) else np.zeros(1)
+    loss = float(recent[-1])
+    if not math.isfinite(loss):
+        raise TrainingError(
+            f"the loss became {loss} at step {step}: lower train.learning_rate, set "
+            "train.clip_norm or train.skip_nonfinite; the last good checkpoint is kept"
+        )
+    return loss
+
+
+def _save_metrics(cfg: Config, params, totals, val_ids, val_spans) -> dict:
+    """The epoch's mean training loss so far and the validation loss, nats and bits/char."""
+    train_loss = float(totals[0] / jnp.maximum(totals[1], 1.0))
+    metrics = {"train_loss": train_loss, "train_bpc": train_loss / LN2}
+    if val_ids is not None and len(val_ids):
+        metrics["val_loss"] = evaluate(params, cfg, val_ids, val_spans)
+        metrics["val_bpc"] = metrics["val_loss"] / LN2
+    if not all(math.isfinite(v) for v in metrics.values()):
+        raise TrainingError(f"non-finite metrics: {metrics}; not saved")
+    return metrics
 
 
 def fit(
@@ -289,71 +329,41 @@ def fit(
     should_stop = should_stop or (lambda: False)
     if cfg.model.vocab_size < 1:
         raise TrainingError("cfg.model.vocab_size is not set: use the corpus' vocabulary size")
-    t = cfg.train
-    sentences = cfg.data.objective == "sentences"
-    if sentences and train_spans is None:
+    t, obj = cfg.train, data.objective(cfg)
+    if obj.needs_spans and train_spans is None:
         raise TrainingError("data.objective = 'sentences' needs train_spans (Corpus.train_spans)")
-    spe = steps_per_epoch(cfg, len(train_ids), 0 if train_spans is None else len(train_spans))
-    if spe < 1:
-        raise TrainingError(
-            f"{len(train_ids)} training characters make no full batch of {t.batch_size} "
-            f"x {cfg.data.seq_length}: lower train.batch_size or data.seq_length"
-        )
-    total = spe * t.epochs if not t.max_steps else min(spe * t.epochs, t.max_steps)
-    tx = make_optimizer(t, total)
-    schedule = make_schedule(t, total)
-    init_key = jax.random.fold_in(jax.random.PRNGKey(t.seed), 2)
+    plan = Plan.of(cfg, len(train_ids), 0 if train_spans is None else len(train_spans))
+    tx, schedule = make_optimizer(t, plan.total_steps), make_schedule(t, plan.total_steps)
     if mesh is not None:
         check_batch(t.batch_size, mesh)
-    state = create_state(cfg, tx, init_key)
-    if mesh is not None and t.shard_params:
-        state = replicate(state.replace(params=None, opt_state=None), mesh).replace(
-            params=place_sharded(state.params, mesh),
-            opt_state=place_sharded(state.opt_state, mesh),
-        )
-    else:
-        state = replicate(state, mesh)
-    totals = replicate(zero_totals(), mesh)
-    if checkpointer is not None:
-        restored = checkpointer.restore_latest({"state": state, "totals": totals})
-        if restored is not None:
-            state, totals = restored["state"], restored["totals"]
-    ids = replicate(train_ids, mesh) if mesh is not None else jax.device_put(train_ids)
-    spans = None
-    if sentences:
-        spans = replicate(train_spans, mesh) if mesh is not None else jax.device_put(train_spans)
+    state, totals = _initial_state(cfg, tx, mesh, checkpointer)
+    ids, spans = _on_device(train_ids, mesh), _on_device(train_spans, mesh)
     step = int(state.step)
-    log({"event": "start", "step": step, "total_steps": total, "steps_per_epoch": spe})
+    log(
+        {
+            "event": "start",
+            "step": step,
+            "total_steps": plan.total_steps,
+            "steps_per_epoch": plan.steps_per_epoch,
+        }
+    )
     result = FitResult(state)
     began, began_step, last_log = time.perf_counter(), step, step
-    # (for sentences, an upper bound: padded positions are counted too)
-    chars_per_step = t.batch_size * (1 if cfg.data.objective == "window" else cfg.data.seq_length)
-    while step < total:
-        epoch, first = divmod(step, spe)
-        n = min(t.steps_per_call, spe - first, total - step)
-        if t.save_every_steps:
-            n = min(n, t.save_every_steps - step % t.save_every_steps)
+
+    def speed() -> float:  # chars/s since this call began
+        return (step - began_step) * obj.chars_per_step / max(time.perf_counter() - began, 1e-9)
+
+    while step < plan.total_steps:
+        epoch, first = divmod(step, plan.steps_per_epoch)
+        n = plan.steps_in_next_call(step, t)
         state, totals, losses = run_steps(
             state, totals, ids, epoch, first, spans, cfg=cfg, tx=tx, n=n, mesh=mesh
         )
         step += n
-        epoch_end = step % spe == 0
-        save_now = (
-            epoch_end or step == total or (t.save_every_steps and step % t.save_every_steps == 0)
-        )
-        stop = should_stop()
+        epoch_end = step % plan.steps_per_epoch == 0
+        save_now, stop = plan.saves_at(step, t), should_stop()
         if step // t.log_every > last_log // t.log_every or save_now or stop:
-            recent = np.asarray(losses)
-            if t.skip_nonfinite:  # skipped steps are NaN in `losses`: report the last kept one
-                kept = recent[~np.isnan(recent)]
-                recent = kept if len(kept) else np.zeros(1)
-            loss = float(recent[-1])
-            if not _finite(loss):
-                raise TrainingError(
-                    f"the loss became {loss} at step {step}: lower train.learning_rate, set "
-                    "train.clip_norm or train.skip_nonfinite; the last good checkpoint is kept"
-                )
-            elapsed = time.perf_counter() - began
+            loss = _last_loss(losses, step, t.skip_nonfinite)
             log(
                 {
                     "event": "progress",
@@ -361,41 +371,34 @@ def fit(
                     "epoch": epoch + 1,
                     "loss": loss,
                     "lr": float(schedule(step)),
-                    "total_steps": total,
-                    "chars_per_s": (step - began_step) * chars_per_step / max(elapsed, 1e-9),
+                    "total_steps": plan.total_steps,
+                    "chars_per_s": speed(),
                 }
             )
             last_log = step
         if save_now or stop:
-            train_loss = float(totals[0] / jnp.maximum(totals[1], 1.0))
-            metrics = {"train_loss": train_loss, "train_bpc": train_loss / LN2}
-            if val_ids is not None and len(val_ids):
-                metrics["val_loss"] = evaluate(state.params, cfg, val_ids, val_spans)
-                metrics["val_bpc"] = metrics["val_loss"] / LN2
-            if not all(_finite(v) for v in metrics.values()):
-                raise TrainingError(f"non-finite metrics at step {step}: {metrics}; not saved")
-            elapsed = time.perf_counter() - began
+            metrics = _save_metrics(cfg, state.params, totals, val_ids, val_spans)
             metrics.update(
                 step=step,
                 epoch=epoch + 1,
-                epoch_done=bool(epoch_end),
+                epoch_done=epoch_end,
                 lr=float(schedule(step)),
-                chars_per_s=(step - began_step) * chars_per_step / max(elapsed, 1e-9),
-                wall_s=elapsed,
+                chars_per_s=speed(),
+                wall_s=time.perf_counter() - began,
             )
             if t.skip_nonfinite:
                 metrics["skipped_updates"] = int(totals[2])
                 result.skipped += int(totals[2])
+            if epoch_end:  # the next epoch's sums start at zero, in the checkpoint too
+                totals = replicate(zero_totals(), mesh)
             if checkpointer is not None:
                 checkpointer.save(step, {"state": state, "totals": totals}, metrics)
             result.history.append(metrics)
             log({"event": "save", **metrics})
             if on_save is not None:
                 on_save(state.params, metrics)
-            if epoch_end:
-                totals = replicate(zero_totals(), mesh)
         if stop:
-            result.interrupted = step < total
+            result.interrupted = step < plan.total_steps
             break
     result.state = state
     return result

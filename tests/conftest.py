@@ -15,3 +15,47 @@ def alice_text() -> str:
     if not ALICE.is_file():
         pytest.fail(f"test corpus missing: {ALICE} (set JAXCHAR_DATA to ../shared/data)")
     return ALICE.read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def alice_slice(tmp_path_factory, alice_text) -> Path:
+    """The first 30,000 characters of Alice as a file: the corpus of the shared runs."""
+    path = tmp_path_factory.mktemp("corpus") / "alice_slice.txt"
+    path.write_text(alice_text[:30000], encoding="utf-8")
+    return path
+
+
+def train_run(root: Path, corpus: Path, config: str, *sets: str) -> Path:
+    """A run of a shipped config trained in-process through jaxchar.run.train."""
+    from jaxchar.config import load_config, override
+    from jaxchar.run import train
+
+    run = root / config
+    train(corpus, run, override(load_config(config), list(sets)))
+    return run
+
+
+# Shared runs, trained once per test worker: tests read them and never change them (a test
+# that damages or resumes a run copies it first, with shutil.copytree).
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, alice_slice) -> Path:
+    """The tiny config (sequence objective), 20 steps, one save; samples while training."""
+    root = tmp_path_factory.mktemp("tiny_run")
+    return train_run(root, alice_slice, "tiny", "train.max_steps=20", "train.sample_chars=30")
+
+
+@pytest.fixture(scope="session")
+def fast_run(tmp_path_factory, alice_slice) -> Path:
+    """The default config's shapes (2 x LSTM-256, 100 characters, batch 32), 4 steps."""
+    root = tmp_path_factory.mktemp("fast_run")
+    sets = ("train.max_steps=4", "train.save_every_steps=2", "train.steps_per_call=2")
+    return train_run(root, alice_slice, "fast", *sets, "train.sample_chars=0")
+
+
+@pytest.fixture(scope="session")
+def window_run(tmp_path_factory, alice_slice) -> Path:
+    """The tutorial's small config (window objective, LSTM-256, batch 128), 2 steps."""
+    root = tmp_path_factory.mktemp("window_run")
+    return train_run(root, alice_slice, "small", "train.max_steps=2", "train.sample_chars=0")

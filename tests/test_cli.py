@@ -109,15 +109,15 @@ def test_generate_default_seed_and_several_samples(trained, capsys):
 
 
 def test_generate_dtype_sets_the_products_type_of_the_sampler(trained, capsys, monkeypatch):
-    import jaxchar.sampling
+    import jaxchar.run
 
-    seen, stream = [], jaxchar.sampling.sample_stream
+    seen, stream = [], jaxchar.run.sample_stream
 
     def recording(*args, cfg, **kwargs):
         seen.append(cfg.dtype)
         return stream(*args, cfg=cfg, **kwargs)
 
-    monkeypatch.setattr(jaxchar.sampling, "sample_stream", recording)
+    monkeypatch.setattr(jaxchar.run, "sample_stream", recording)
     for extra in ([], ["--dtype", "bfloat16"]):
         assert main(["generate", str(trained), "--length", "30", "--prompt", "alice", *extra]) == 0
         assert len(capsys.readouterr().out) == 31
@@ -139,8 +139,8 @@ def test_info_lists_checkpoints(trained, capsys):
         (["--temperature", "inf"], "finite"),
         (["--top-p", "nan"], "top_p"),
         (["--prompt-file", "no-such-prompt.txt"], "no-such-prompt.txt does not exist"),
-        (["--top-k", "0"], "top-k"),
-        (["--top-k", "999"], "top-k"),
+        (["--top-k", "0"], "top_k"),
+        (["--top-k", "999"], "top_k"),
         (["--top-p", "1.5"], "top_p"),
         (["--top-p", "0"], "top_p"),
         (["--length", "0"], "length"),

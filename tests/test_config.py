@@ -2,12 +2,11 @@ import dataclasses
 
 import pytest
 
-from jaxchar.cli import REPO_CONFIGS
-from jaxchar.config import Config, ConfigError, from_dict, load_config, override
+from jaxchar.config import Config, ConfigError, from_dict, load_config, override, shipped_dir
 
 
 def test_every_shipped_config_loads_and_opens_with_its_command():
-    paths = sorted(REPO_CONFIGS.glob("*.toml"))
+    paths = sorted(shipped_dir().glob("*.toml"))
     assert {p.stem for p in paths} >= {"small", "stacked", "fast", "tiny"}
     for path in paths:
         cfg = load_config(path)
@@ -19,8 +18,8 @@ def test_every_shipped_config_loads_and_opens_with_its_command():
 
 def test_tutorial_configs_match_the_tutorial():
     small, stacked = (
-        load_config(REPO_CONFIGS / "small.toml"),
-        load_config(REPO_CONFIGS / "stacked.toml"),
+        load_config(shipped_dir() / "small.toml"),
+        load_config(shipped_dir() / "stacked.toml"),
     )
     for cfg in (small, stacked):
         assert cfg.data.objective == "window" and cfg.data.seq_length == 100

@@ -35,7 +35,7 @@ def test_window_epoch_visits_every_window_once():
     ids = jnp.arange(300, dtype=jnp.int32)  # unique ids: a window's first id is its offset
     seq, batch = 10, 16
     n = data.window_count(300, seq)
-    steps = data.steps_per_epoch(n, batch)
+    steps = data.batch_count(n, batch)
     seen = []
     key = jax.random.PRNGKey(3)
     for s in range(steps):
@@ -83,7 +83,7 @@ def test_sentence_batch_equals_naive_padded_slices():
     stops = np.minimum(starts + rng.integers(2, 12, size=40), 400)
     spans = np.stack([starts, stops], 1).astype(np.int32)
     seq, batch = 8, 16
-    steps = data.steps_per_epoch(len(spans), batch)
+    steps = data.batch_count(len(spans), batch)
     seen = []
     for step in range(steps):
         b = data.sentence_batch(

@@ -69,9 +69,8 @@ def _wait_for_save(run_dir: Path, proc, count=1, timeout=120):
 
 def _resume_and_compare(text_file, run, straight_run):
     """--resume the run to its end; its params must equal the uninterrupted run's."""
-    resumed = subprocess.run(
-        _train_cmd(text_file, run, "--resume", "--quiet"), capture_output=True, text=True
-    )
+    again = [sys.executable, "-m", "jaxchar", "train", str(text_file), "--run-dir", str(run)]
+    resumed = subprocess.run([*again, "--resume", "--quiet"], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     for x, y in zip(
         jax.tree.leaves(_params(run, 30)), jax.tree.leaves(_params(straight_run, 30)), strict=True

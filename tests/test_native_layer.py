@@ -48,16 +48,16 @@ def test_recurrences_match_the_scan_loops(scalar, kind, threads):
         xs, w_in = fused.matmul(xs, w_in), None
         want = fused._scan_forward(w_h, xs + bias, c0, h0, None, None, jnp.float32, kind)
     (want_hs, want_c, want_h), (want_acts, want_cs) = want
-    hs, acts, cs, h_prev_t, hs_t = native.layer_forward(
-        w_h, xs, c0, h0, w_in, bias, kind, threads, hs_t=True
+    hs, acts, cs, h_prev_fm, hs_fm = native.layer_forward(
+        w_h, xs, c0, h0, w_in, bias, kind, threads, hs_fm=True
     )
-    np.testing.assert_array_equal(hs_t, np.asarray(hs).transpose(2, 0, 1))
+    np.testing.assert_array_equal(hs_fm, np.asarray(hs).transpose(2, 0, 1))
     for got, want in ((hs, want_hs), (acts, want_acts), (cs, want_cs)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     h_prev = np.concatenate([np.asarray(h0)[None], np.asarray(hs)[:-1]])  # [T, B, H]
     extra = [np.asarray(xs)[None]] if scalar else []  # then the scalar features, then ones
-    want_t = np.concatenate([h_prev.transpose(2, 0, 1), *extra, np.ones((1, *xs.shape[:2]))])
-    np.testing.assert_array_equal(h_prev_t, want_t)
+    want_fm = np.concatenate([h_prev.transpose(2, 0, 1), *extra, np.ones((1, *xs.shape[:2]))])
+    np.testing.assert_array_equal(h_prev_fm, want_fm)
     np.testing.assert_allclose(cs[-1], want_c, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(hs[-1], want_h, rtol=1e-5, atol=1e-5)
 
@@ -156,7 +156,7 @@ def test_training_with_dropout_between_the_layers_matches_the_scan(platform, mon
     assert len(calls) == (3 if platform == "cpu" else 0)
     assert sum("f32[64,9,7]" in line and "f32[64,0,7]" not in line for line in calls) == (
         2 if platform == "cpu" else 0
-    )  # the two lower layers write hs_t
+    )  # the two lower layers write hs_fm
     got, got_grad = grad(params, cfg)
     want, want_grad = grad(params, dataclasses.replace(cfg, impl="scan"))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -45,21 +45,21 @@ inline float exp2_approx(float y) {
 inline float sigmoid_approx(float v) { return 1.0f / (1.0f + exp2_approx(-1.44269504f * v)); }
 inline float tanh_approx(float x) { return 2.0f / (1.0f + exp2_approx(-2.88539008f * x)) - 1.0f; }
 
-template <bool kHard>
+template <bool kHardSigmoid>
 inline float gate(float v) {
-  if constexpr (kHard) return std::clamp(0.2f * v + 0.5f, 0.0f, 1.0f);  // Keras 1's
+  if constexpr (kHardSigmoid) return std::clamp(0.2f * v + 0.5f, 0.0f, 1.0f);  // Keras 1's
   return sigmoid_approx(v);
 }
 
 // the LSTM update of `units` cells from their pre-activations, z [4 x units] (i, f, g, o: the
 // recurrent products) plus x (the input's contribution and the bias, gate g's at x + g x_gate)
-template <bool kHard>
+template <bool kHardSigmoid>
 void update(const float* __restrict z, const float* __restrict x, int x_gate,
             float* __restrict c, float* __restrict h, int units) {
   for (int u = 0; u < units; u++) {
-    const float i = gate<kHard>(z[u] + x[u]), f = gate<kHard>(z[units + u] + x[x_gate + u]);
+    const float i = gate<kHardSigmoid>(z[u] + x[u]), f = gate<kHardSigmoid>(z[units + u] + x[x_gate + u]);
     const float g = tanh_approx(z[2 * units + u] + x[2 * x_gate + u]);
-    const float o = gate<kHard>(z[3 * units + u] + x[3 * x_gate + u]);
+    const float o = gate<kHardSigmoid>(z[3 * units + u] + x[3 * x_gate + u]);
     c[u] = f * c[u] + i * g;
     h[u] = o * tanh_approx(c[u]);
   }
@@ -180,7 +180,7 @@ constexpr int kFewRows = 12;
 struct Problem {
   int layers, hidden, vocab, batch, prompt_length, steps, threads;
   const int32_t* prompt;
-  int64_t kind;
+  int64_t gate_activation;  // 0 sigmoid, 1 hard_sigmoid
   const float *recurrent, *upper, *upper_bias, *table, *head, *head_bias;
   const float *c0, *h0, *logits0, *noise;
   float temperature;
@@ -607,7 +607,7 @@ inline void work(const Problem& p, Shared& s, int t) {
           w += H * kTile;  // the next rows of the kernel
         }
       }
-      auto cell_update = p.kind == 1 ? update<true> : update<false>;
+      auto cell_update = p.gate_activation == 1 ? update<true> : update<false>;
       for (int b = 0; b < B; b++) {  // the input's contribution: the table's row, or the bias
         const float* x = l == 0 ? p.table + static_cast<int64_t>(next[b]) * 4 * H
                                 : p.upper_bias + (l - 1) * 4 * H;

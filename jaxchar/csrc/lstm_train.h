@@ -32,12 +32,12 @@ namespace jaxchar {
 // [T, B, H]; dz [T, B, 4H].
 struct LayerProblem {
   int steps, batch, hidden, threads;
-  int64_t kind;  // 0 sigmoid, 1 hard sigmoid
+  int64_t gate_activation;  // 0 sigmoid, 1 hard_sigmoid
   bool scalar;
   const float *w_h, *xs, *w_in, *bias, *c0, *h0;
   float *hs, *acts_out, *cs_out, *hp_t;          // forward outputs (hp_t: [H + 1 + scalar,
                                                  // T, B])
-  float* hs_t;                                   // hs transposed, [H, T, B], or null
+  float* hs_fm;                                   // hs transposed, [H, T, B], or null
   const float *acts, *cs, *d_hs, *d_c, *d_h;     // backward inputs (d_c, d_h: [B, H])
   float *dz, *dc0, *dh0;                         // backward outputs
 };
@@ -52,12 +52,12 @@ struct LayerShared {
 
 // the gates of `units` cells from z [4 x units], written to a [4 x units] row a, and the new
 // c and h
-template <bool kHard>
+template <bool kHardSigmoid>
 void forward_cells(const float* __restrict z, float* __restrict c, float* __restrict h,
                    float* __restrict a, int units) {
   for (int u = 0; u < units; u++) {
-    const float i = gate<kHard>(z[u]), f = gate<kHard>(z[units + u]);
-    const float g = tanh_approx(z[2 * units + u]), o = gate<kHard>(z[3 * units + u]);
+    const float i = gate<kHardSigmoid>(z[u]), f = gate<kHardSigmoid>(z[units + u]);
+    const float g = tanh_approx(z[2 * units + u]), o = gate<kHardSigmoid>(z[3 * units + u]);
     a[u] = i, a[units + u] = f, a[2 * units + u] = g, a[3 * units + u] = o;
     c[u] = f * c[u] + i * g;
     h[u] = o * tanh_approx(c[u]);
@@ -85,16 +85,16 @@ inline void forward_cells<false>(const float* __restrict z, float* __restrict c,
 }
 #endif
 
-template <bool kHard>
+template <bool kHardSigmoid>
 inline float through_gate(float d, float a) {  // d times the gate's slope at its output a
-  if constexpr (kHard) return a > 0.0f && a < 1.0f ? 0.2f * d : 0.0f;
+  if constexpr (kHardSigmoid) return a > 0.0f && a < 1.0f ? 0.2f * d : 0.0f;
   return d * a * (1.0f - a);
 }
 
 // dz of `units` cells, written to a [4 x units] row, from their gates (a [4 x H]-strided row
 // of acts), the gradient reaching h (dh) and the running dc (writing a second copy of dz
 // here stopped g++ vectorizing the loop)
-template <bool kHard>
+template <bool kHardSigmoid>
 void backward_cells(const float* __restrict a, const float* __restrict c,
                     const float* __restrict c_prev, const float* __restrict dh,
                     float* __restrict dc, float* __restrict dz, int H, int units) {
@@ -102,8 +102,8 @@ void backward_cells(const float* __restrict a, const float* __restrict c,
     const float i = a[u], f = a[H + u], g = a[2 * H + u], o = a[3 * H + u];
     const float tc = tanh_approx(c[u]);
     const float d = dc[u] + dh[u] * o * (1.0f - tc * tc);
-    const float zi = through_gate<kHard>(d * g, i), zf = through_gate<kHard>(d * c_prev[u], f);
-    const float zg = d * i * (1.0f - g * g), zo = through_gate<kHard>(dh[u] * tc, o);
+    const float zi = through_gate<kHardSigmoid>(d * g, i), zf = through_gate<kHardSigmoid>(d * c_prev[u], f);
+    const float zg = d * i * (1.0f - g * g), zo = through_gate<kHardSigmoid>(dh[u] * tc, o);
     dz[u] = zi, dz[units + u] = zf, dz[2 * units + u] = zg, dz[3 * units + u] = zo;
     dc[u] = d * f;
   }
@@ -167,7 +167,7 @@ inline void forward_work(const LayerProblem& p, LayerShared& s, int t) {
   });
   std::vector<float> c = own_units(p, p.c0, first, units), z(static_cast<size_t>(kBlock) * cols);
   std::vector<float> act(cols);  // a row's gates, then streamed out to acts
-  auto cells = p.kind == 1 ? forward_cells<true> : forward_cells<false>;
+  auto cells = p.gate_activation == 1 ? forward_cells<true> : forward_cells<false>;
   if (t == p.threads - 1) {  // hp_t's rows after h's: the scalar features, then ones
     const int64_t count = static_cast<int64_t>(p.steps) * B;
     float* extra = p.hp_t + static_cast<int64_t>(H) * count;
@@ -179,7 +179,7 @@ inline void forward_work(const LayerProblem& p, LayerShared& s, int t) {
     const int64_t at = static_cast<int64_t>(n) * B;  // row (n, 0) of the [T, B, ...] arrays
     const float* h_prev = n == 0 ? p.h0 : p.hs + (at - B) * H;  // all units: [B, H]
     transpose_units(p, h_prev, first, units, p.hp_t, n);  // h_{n-1}: for d w_h
-    if (p.hs_t && n > 0) transpose_units(p, h_prev, first, units, p.hs_t, n - 1);
+    if (p.hs_fm && n > 0) transpose_units(p, h_prev, first, units, p.hs_fm, n - 1);
     for (int b0 = 0; b0 < B; b0 += kBlock) {
       const int block = std::min(B - b0, kBlock);
       for (int b = 0; b < block; b++) {  // the input's contribution, then the product
@@ -209,8 +209,8 @@ inline void forward_work(const LayerProblem& p, LayerShared& s, int t) {
     s.barrier.wait(sense);  // this step's h complete: the next step reads all of it
   }
   const int last = p.steps - 1;  // for the next layer's d w_in
-  if (p.hs_t) transpose_units(p, p.hs + static_cast<int64_t>(last) * B * H, first, units,
-                              p.hs_t, last);
+  if (p.hs_fm) transpose_units(p, p.hs + static_cast<int64_t>(last) * B * H, first, units,
+                              p.hs_fm, last);
   stream_fence();
 }
 
@@ -224,7 +224,7 @@ inline void backward_work(const LayerProblem& p, LayerShared& s, int t) {
   });
   std::vector<float> dc = own_units(p, p.d_c, first, units);
   std::vector<float> dh = own_units(p, p.d_h, first, units);
-  auto cells = p.kind == 1 ? backward_cells<true> : backward_cells<false>;
+  auto cells = p.gate_activation == 1 ? backward_cells<true> : backward_cells<false>;
   // the block's dz rows: the product reads them here, then they are streamed out
   std::vector<float> dzs(static_cast<size_t>(kBlock) * cols);
   int sense = 0;

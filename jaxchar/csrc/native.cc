@@ -20,7 +20,7 @@
 // c0, h0 [L, B, H] for B rows; logits0 [B, V] (the last logits); prompt [B, P] (int32:
 // characters read before the first draw, which then starts from their logits); noise
 // [N, B, V]; temperature []. Outputs: ids [B, N] (int32), c, h [L, B, H], logits [B, V], as
-// after P + N steps of the model. Attributes: gate (0 sigmoid, 1 hard sigmoid), threads (a
+// after P + N steps of the model. Attributes: gate_activation (0 sigmoid, 1 hard_sigmoid), threads (a
 // power of two; H must divide by 16 x threads).
 #include <Python.h>
 
@@ -48,35 +48,35 @@ using jaxchar::work;
 // may be running other work on them, this very kernel included (several samples dispatched
 // at once): so the helpers first report that they started, and if they all have not within
 // 2 ms the call cancels them (returning false) and the caller starts threads of its own. A
-// helper started after that only reads the shared gate, which outlives the call.
+// helper started after that only reads the shared start line, which outlives the call.
 template <class Work>  // Work: void(int thread), thread 0 being the caller's
 bool run_on_pool(int threads, ffi::ThreadPool& pool, const Work& work) {
-  struct Gate {
+  struct StartLine {
     std::atomic<int> started{0}, finished{0};
     std::atomic<int> state{0};  // 0 waiting, 1 go, 2 cancelled
   };
-  auto gate = std::make_shared<Gate>();
+  auto line = std::make_shared<StartLine>();
   for (int t = 1; t < threads; t++)
-    pool.Schedule([gate, &work, t] {
-      gate->started.fetch_add(1, std::memory_order_acq_rel);
+    pool.Schedule([line, &work, t] {
+      line->started.fetch_add(1, std::memory_order_acq_rel);
       int state;
-      for (int tries = 1; (state = gate->state.load(std::memory_order_acquire)) == 0; tries++)
+      for (int tries = 1; (state = line->state.load(std::memory_order_acquire)) == 0; tries++)
         if (tries % 4096 == 0) std::this_thread::yield();
       if (state == 2) return;
       work(t);
-      gate->finished.fetch_add(1, std::memory_order_release);
+      line->finished.fetch_add(1, std::memory_order_release);
     });
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(2);
-  while (gate->started.load(std::memory_order_acquire) < threads - 1 &&
+  while (line->started.load(std::memory_order_acquire) < threads - 1 &&
          std::chrono::steady_clock::now() < deadline)
     std::this_thread::yield();
-  if (gate->started.load(std::memory_order_acquire) < threads - 1) {
-    gate->state.store(2, std::memory_order_release);
+  if (line->started.load(std::memory_order_acquire) < threads - 1) {
+    line->state.store(2, std::memory_order_release);
     return false;
   }
-  gate->state.store(1, std::memory_order_release);
+  line->state.store(1, std::memory_order_release);
   work(0);
-  for (int tries = 1; gate->finished.load(std::memory_order_acquire) < threads - 1; tries++)
+  for (int tries = 1; line->finished.load(std::memory_order_acquire) < threads - 1; tries++)
     if (tries % 4096 == 0) std::this_thread::yield();
   return true;
 }
@@ -138,7 +138,7 @@ ffi::Error Generate(ffi::Buffer<ffi::F32> recurrent, ffi::Buffer<ffi::F32> upper
                     ffi::Buffer<ffi::F32> noise,
                     ffi::Buffer<ffi::F32> temperature, ffi::ResultBuffer<ffi::S32> ids,
                     ffi::ResultBuffer<ffi::F32> c_out, ffi::ResultBuffer<ffi::F32> h_out,
-                    ffi::ResultBuffer<ffi::F32> logits_out, int64_t kind, int64_t threads,
+                    ffi::ResultBuffer<ffi::F32> logits_out, int64_t gate_activation, int64_t threads,
                     int64_t bf16, ffi::ThreadPool pool) {
   auto rec = recurrent.dimensions();
   auto tab = table.dimensions();
@@ -155,7 +155,7 @@ ffi::Error Generate(ffi::Buffer<ffi::F32> recurrent, ffi::Buffer<ffi::F32> upper
   p.prompt_length = static_cast<int>(prompt.dimensions()[1]);
   p.prompt = prompt.typed_data();
   p.threads = static_cast<int>(threads);
-  p.kind = kind;
+  p.gate_activation = gate_activation;
   p.bf16 = bf16 != 0;
   if (p.bf16 && (!jaxchar::kHasBf16 || p.hidden % 32 != 0))
     return ffi::Error::InvalidArgument("jaxchar native generate: no bfloat16 here, or hidden % 32");
@@ -203,13 +203,13 @@ ffi::Error CheckLayer(const jaxchar::LayerProblem& p, ffi::Buffer<ffi::F32>& w_h
 
 // Forward: xs [T, B, 1] (scalar features; w_in, bias [4H]) or [T, B, 4H] (projected inputs;
 // bias [4H], w_in unread). Outputs hs, cs [T, B, H], acts [T, B, 4H], hp_t [H + 1 + scalar,
-// T, B] (see lstm_train.h) and hs_t, hs transposed to [H, T, B] (or empty: not wanted).
+// T, B] (see lstm_train.h) and hs_fm, hs transposed to [H, T, B] (or empty: not wanted).
 ffi::Error LayerForward(ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::F32> xs,
                         ffi::Buffer<ffi::F32> w_in, ffi::Buffer<ffi::F32> bias,
                         ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::F32> h0,
                         ffi::ResultBuffer<ffi::F32> hs, ffi::ResultBuffer<ffi::F32> acts,
                         ffi::ResultBuffer<ffi::F32> cs, ffi::ResultBuffer<ffi::F32> hp_t,
-                        ffi::ResultBuffer<ffi::F32> hs_t, int64_t kind, int64_t threads,
+                        ffi::ResultBuffer<ffi::F32> hs_fm, int64_t gate_activation, int64_t threads,
                         ffi::ThreadPool pool) {
   auto x = xs.dimensions();
   if (x.size() != 3)
@@ -219,7 +219,7 @@ ffi::Error LayerForward(ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::F32> xs,
   p.batch = static_cast<int>(x[1]);
   p.hidden = static_cast<int>(w_h.dimensions()[0]);
   p.threads = static_cast<int>(threads);
-  p.kind = kind;
+  p.gate_activation = gate_activation;
   p.scalar = x[2] == 1;
   auto error = CheckLayer(p, w_h, c0, h0.element_count(), threads);
   if (error.failure()) return error;
@@ -240,9 +240,9 @@ ffi::Error LayerForward(ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::F32> xs,
   const auto states = static_cast<size_t>(p.steps) * p.batch * p.hidden;
   if (hp_t->element_count() != states + (1 + p.scalar) * states / p.hidden)
     return ffi::Error::InvalidArgument("jaxchar lstm layer: hp_t must be [H + 1 + scalar, T, B]");
-  if (hs_t->element_count() != 0 && hs_t->element_count() != states)
-    return ffi::Error::InvalidArgument("jaxchar lstm layer: hs_t must be [H, T, B] or empty");
-  p.hs_t = hs_t->element_count() ? hs_t->typed_data() : nullptr;
+  if (hs_fm->element_count() != 0 && hs_fm->element_count() != states)
+    return ffi::Error::InvalidArgument("jaxchar lstm layer: hs_fm must be [H, T, B] or empty");
+  p.hs_fm = hs_fm->element_count() ? hs_fm->typed_data() : nullptr;
   if (p.steps > 0) run<jaxchar::LayerShared>(p, pool, jaxchar::forward_work);
   return ffi::Error::Success();
 }
@@ -254,7 +254,7 @@ ffi::Error LayerBackward(ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::F32> acts,
                          ffi::Buffer<ffi::F32> d_hs, ffi::Buffer<ffi::F32> d_c,
                          ffi::Buffer<ffi::F32> d_h, ffi::ResultBuffer<ffi::F32> dz,
                          ffi::ResultBuffer<ffi::F32> dc0, ffi::ResultBuffer<ffi::F32> dh0,
-                         int64_t kind, int64_t threads, ffi::ThreadPool pool) {
+                         int64_t gate_activation, int64_t threads, ffi::ThreadPool pool) {
   auto c = cs.dimensions();
   if (c.size() != 3)
     return ffi::Error::InvalidArgument("jaxchar lstm layer: cs must be [T, B, H]");
@@ -263,7 +263,7 @@ ffi::Error LayerBackward(ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::F32> acts,
   p.batch = static_cast<int>(c[1]);
   p.hidden = static_cast<int>(c[2]);
   p.threads = static_cast<int>(threads);
-  p.kind = kind;
+  p.gate_activation = gate_activation;
   auto error = CheckLayer(p, w_h, c0, d_c.element_count(), threads);
   if (error.failure()) return error;
   if (acts.element_count() != 4 * cs.element_count() ||
@@ -308,7 +308,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxcharGenerate, Generate,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // c
                                   .Ret<ffi::Buffer<ffi::F32>>()  // h
                                   .Ret<ffi::Buffer<ffi::F32>>()  // logits
-                                  .Attr<int64_t>("gate")
+                                  .Attr<int64_t>("gate_activation")
                                   .Attr<int64_t>("threads")
                                   .Attr<int64_t>("bf16")
                                   .Ctx<ffi::ThreadPool>());
@@ -325,8 +325,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxcharLayerForward, LayerForward,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // acts
                                   .Ret<ffi::Buffer<ffi::F32>>()  // cs
                                   .Ret<ffi::Buffer<ffi::F32>>()  // hp_t
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // hs_t
-                                  .Attr<int64_t>("gate")
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // hs_fm
+                                  .Attr<int64_t>("gate_activation")
                                   .Attr<int64_t>("threads")
                                   .Ctx<ffi::ThreadPool>());
 
@@ -342,7 +342,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxcharLayerBackward, LayerBackward,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dz
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dc0
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dh0
-                                  .Attr<int64_t>("gate")
+                                  .Attr<int64_t>("gate_activation")
                                   .Attr<int64_t>("threads")
                                   .Ctx<ffi::ThreadPool>());
 

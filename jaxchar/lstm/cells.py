@@ -27,11 +27,11 @@ def matmul(a: jax.Array, b: jax.Array, dtype=jnp.float32) -> jax.Array:
     return jnp.dot(a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
 
 
-def gate(v: jax.Array, kind: str = "sigmoid") -> jax.Array:
+def gate(v: jax.Array, gate_activation: str = "sigmoid") -> jax.Array:
     """The gates' squashing function. `sigmoid` is written as 0.5 * tanh(v / 2) + 0.5 (one
     transcendental instead of exp plus divide); `hard_sigmoid` is Keras 1's piecewise-linear
     clip(0.2 v + 0.5, 0, 1), the default of the Keras the tutorial ran."""
-    if kind == "hard_sigmoid":
+    if gate_activation == "hard_sigmoid":
         return jnp.clip(0.2 * v + 0.5, 0.0, 1.0)
     return 0.5 * jnp.tanh(0.5 * v) + 0.5
 
@@ -42,10 +42,10 @@ def forget_bias_init(key, shape, dtype=jnp.float32):
     return jnp.zeros(shape, dtype).at[hidden : 2 * hidden].set(1.0)
 
 
-def lstm_update(z: jax.Array, c: jax.Array, kind: str) -> tuple[jax.Array, jax.Array]:
+def lstm_update(z: jax.Array, c: jax.Array, gate_activation: str) -> tuple[jax.Array, jax.Array]:
     """LSTM update from pre-activations z [batch, 4*hidden] and cell state c [batch, hidden]."""
     i, f, g, o = jnp.split(z.astype(jnp.float32), 4, axis=-1)
-    i, f, o = (gate(v, kind) for v in (i, f, o))
+    i, f, o = (gate(v, gate_activation) for v in (i, f, o))
     c = f * c + i * jnp.tanh(g)
     return c, o * jnp.tanh(c)
 

@@ -33,17 +33,20 @@ from jaxchar.lstm import native
 from jaxchar.lstm.cells import gate, matmul
 
 
-def _through_gate(d: jax.Array, a: jax.Array, kind: str) -> jax.Array:
+def _through_gate(d: jax.Array, a: jax.Array, gate_activation: str) -> jax.Array:
     """d times the gate's slope at its output a: the gradient through the gate."""
-    if kind == "hard_sigmoid":  # slope 0.2 on the linear part, 0 where clipped
+    if gate_activation == "hard_sigmoid":  # slope 0.2 on the linear part, 0 where clipped
         return d * jnp.where((a > 0.0) & (a < 1.0), 0.2, 0.0)
     return d * a * (1 - a)
 
 
-def _activate(z: jax.Array, kind: str) -> jax.Array:
+def _activate(z: jax.Array, gate_activation: str) -> jax.Array:
     """[..., 4H] pre-activations -> (gate i, gate f, tanh g, gate o), concatenated."""
     i, f, g, o = jnp.split(z, 4, axis=-1)
-    return jnp.concatenate([gate(i, kind), gate(f, kind), jnp.tanh(g), gate(o, kind)], axis=-1)
+    return jnp.concatenate(
+        [gate(i, gate_activation), gate(f, gate_activation), jnp.tanh(g), gate(o, gate_activation)],
+        axis=-1,
+    )
 
 
 def _input(x_t, w_in, bias):
@@ -56,37 +59,45 @@ def _scalar(xs) -> bool:
     return xs.ndim == 2  # [T, B] scalar features, else [T, B, F] vectors
 
 
-def _forward(w_h, xs, c0, h0, w_in, bias, dtype, kind, with_hs_t, kernel):
+def _forward(w_h, xs, c0, h0, w_in, bias, dtype, gate_activation, with_hs_fm, kernel):
     # vector inputs: one [T*B, F] x [F, 4H] product for all timesteps, outside the loop
     gx = xs if _scalar(xs) else matmul(xs, w_in, dtype)
 
     def scan(w_h, gx, c0, h0, w_in, bias):
         if _scalar(xs):
-            return _scan_forward(w_h, gx, c0, h0, w_in, bias, dtype, kind)
-        return _scan_forward(w_h, gx + bias, c0, h0, None, None, dtype, kind)
+            return _scan_forward(w_h, gx, c0, h0, w_in, bias, dtype, gate_activation)
+        return _scan_forward(w_h, gx + bias, c0, h0, None, None, dtype, gate_activation)
 
-    def with_t(out):  # (hs, c, h) -> (hs, c, h, hs [H, T, B]) where it is asked for
-        return (*out, out[0].transpose(2, 0, 1)) if with_hs_t else out
+    def with_fm(out):  # (hs, c, h) -> (hs, c, h, hs [H, T, B]) where it is asked for
+        return (*out, out[0].transpose(2, 0, 1)) if with_hs_fm else out
 
     if not kernel or xs.shape[0] == 0:
         out, (acts, cs) = scan(w_h, gx, c0, h0, w_in, bias)
-        return with_t(out), (acts, cs, None)
+        return with_fm(out), (acts, cs, None)
 
     def on_cpu(w_h, gx, c0, h0, w_in, bias):  # adds the bias to projected inputs itself
-        hs, acts, cs, h_prev_t, *hs_t = native.layer_forward(
-            w_h, gx, c0, h0, w_in, bias, kind, hs_t=with_hs_t, fallback=_kernel_forward_xla(kind)
+        hs, acts, cs, h_prev_fm, *hs_fm = native.layer_forward(
+            w_h,
+            gx,
+            c0,
+            h0,
+            w_in,
+            bias,
+            gate_activation,
+            hs_fm=with_hs_fm,
+            fallback=_kernel_forward_xla(gate_activation),
         )
-        return (hs, cs[-1], hs[-1], *hs_t), (acts, cs, h_prev_t)
+        return (hs, cs[-1], hs[-1], *hs_fm), (acts, cs, h_prev_fm)
 
     def elsewhere(*args):  # what the kernel returns, on other platforms
         out, (acts, cs) = scan(*args)
-        return with_t(out), (acts, cs, _h_prev_t(h0, out[0], xs))
+        return with_fm(out), (acts, cs, _h_prev_fm(h0, out[0], xs))
 
     args = w_h, gx, c0, h0, w_in, bias
     return jax.lax.platform_dependent(*args, cpu=on_cpu, default=elsewhere)
 
 
-def _h_prev_t(h0, hs, xs):
+def _h_prev_fm(h0, hs, xs):
     """[H + 1 + scalar, T, B]: each step's h_{t-1} transposed (h0 first), then for scalar
     inputs xs, then ones: the kernel's third residual (see native.layer_forward)."""
     h_prev = jnp.concatenate([h0[None], hs[:-1]], axis=0).transpose(2, 0, 1)
@@ -95,7 +106,7 @@ def _h_prev_t(h0, hs, xs):
     return jnp.concatenate([h_prev, *extra], axis=0)
 
 
-def _kernel_forward_xla(kind):
+def _kernel_forward_xla(gate_activation):
     """native.layer_forward's raw call in plain JAX (its batching rule's fallback)."""
 
     def forward(w_h, xs, w_in, bias, c0, h0):  # xs [T, B, 1] scalars or [T, B, 4H]
@@ -109,20 +120,20 @@ def _kernel_forward_xla(kind):
             w_in if scalar else None,
             bias if scalar else None,
             jnp.float32,
-            kind,
+            gate_activation,
         )
-        hs_t = jnp.zeros((w_h.shape[0], 0, xs.shape[1]), jnp.float32)
-        return hs, acts, cs, _h_prev_t(h0, hs, inputs if scalar else xs), hs_t
+        hs_fm = jnp.zeros((w_h.shape[0], 0, xs.shape[1]), jnp.float32)
+        return hs, acts, cs, _h_prev_fm(h0, hs, inputs if scalar else xs), hs_fm
 
     return forward
 
 
-def _scan_forward(w_h, xs, c0, h0, w_in, bias, dtype, kind):
+def _scan_forward(w_h, xs, c0, h0, w_in, bias, dtype, gate_activation):
 
     def body(carry, x_t):
         c, h = carry
         z = _input(x_t, w_in, bias) + matmul(h, w_h, dtype)
-        a = _activate(z, kind)
+        a = _activate(z, gate_activation)
         i, f, g, o = jnp.split(a, 4, axis=-1)
         c = f * c + i * g
         h = o * jnp.tanh(c)
@@ -140,54 +151,56 @@ def lstm_layer(
     h0,
     w_in,
     bias,
-    xs_t=None,
+    xs_fm=None,
     dtype=jnp.float32,
-    kind="sigmoid",
-    with_hs_t=False,
+    gate_activation="sigmoid",
+    with_hs_fm=False,
     kernel=False,
 ):
     """Runs the layer over xs; returns (hs [T, B, H], final c, final h).
 
     xs is [T, B] scalars (then w_in is [4H], applied inside the loop) or [T, B, F] vectors
-    (then w_in is [F, 4H], applied to all timesteps before it); bias is [4H]. `kind` is the
-    gates' activation (see `gate`).
+    (then w_in is [F, 4H], applied to all timesteps before it); bias is [4H].
+    `gate_activation` is the gates' function (see `cells.gate`).
 
-    Between stacked layers: `with_hs_t` appends hs transposed, [H, T, B], to the outputs, and
-    a layer given `xs_t` (its vector input transposed, [F, T, B]: the same values as xs) takes
+    Between stacked layers: `with_hs_fm` appends hs transposed, [H, T, B], to the outputs, and
+    a layer given `xs_fm` (its vector input transposed, [F, T, B]: the same values as xs) takes
     its input-kernel gradient from it, the layout that product wants. On a CPU the kernel
-    writes hs_t as it goes, where XLA would transpose hs in memory (4-10 ms of a stacked step).
-    hs_t carries no gradient: it stands for hs, whose gradient flows through xs.
+    writes hs_fm as it goes, where XLA would transpose hs in memory (4-10 ms of a stacked step).
+    hs_fm carries no gradient: it stands for hs, whose gradient flows through xs.
 
     `kernel` runs both recurrences in C++ on CPUs (float32, hidden % 64 == 0; the caller,
     jaxchar.lstm.backends, has checked)."""
-    return _forward(w_h, xs, c0, h0, w_in, bias, dtype, kind, with_hs_t, kernel)[0]
+    return _forward(w_h, xs, c0, h0, w_in, bias, dtype, gate_activation, with_hs_fm, kernel)[0]
 
 
-def _fwd(w_h, xs, c0, h0, w_in, bias, xs_t, dtype, kind, with_hs_t, kernel):
-    out, (acts, cs, h_prev_t) = _forward(
-        w_h, xs, c0, h0, w_in, bias, dtype, kind, with_hs_t, kernel
+def _fwd(w_h, xs, c0, h0, w_in, bias, xs_fm, dtype, gate_activation, with_hs_fm, kernel):
+    out, (acts, cs, h_prev_fm) = _forward(
+        w_h, xs, c0, h0, w_in, bias, dtype, gate_activation, with_hs_fm, kernel
     )
-    return out, (w_h, xs, c0, h0, w_in, out[0], acts, cs, h_prev_t, xs_t)
+    return out, (w_h, xs, c0, h0, w_in, out[0], acts, cs, h_prev_fm, xs_fm)
 
 
-def _bwd(dtype, kind, with_hs_t, kernel, res, grads):
-    w_h, xs, c0, h0, w_in, hs, acts, cs, h_prev_t, xs_t = res
-    d_hs, d_c_last, d_h_last = grads[:3]  # (hs_t's, if any, is dropped: see lstm_layer)
-    if h_prev_t is not None:  # the forward pass ran the kernel
+def _bwd(dtype, gate_activation, with_hs_fm, kernel, res, grads):
+    w_h, xs, c0, h0, w_in, hs, acts, cs, h_prev_fm, xs_fm = res
+    d_hs, d_c_last, d_h_last = grads[:3]  # (hs_fm's, if any, is dropped: see lstm_layer)
+    if h_prev_fm is not None:  # the forward pass ran the kernel
 
         def xla(w_h, acts, cs, c0, *args):
-            return _scan_backward(w_h, acts, cs, c0, *args, jnp.float32, kind)
+            return _scan_backward(w_h, acts, cs, c0, *args, jnp.float32, gate_activation)
 
         def on_cpu(*args):
-            return native.layer_backward(w_h, acts, cs, c0, *args, kind, fallback=xla)
+            return native.layer_backward(w_h, acts, cs, c0, *args, gate_activation, fallback=xla)
 
         def elsewhere(*args):
-            return _scan_backward(w_h, acts, cs, c0, *args, dtype, kind)
+            return _scan_backward(w_h, acts, cs, c0, *args, dtype, gate_activation)
 
         grads = d_hs, d_c_last, d_h_last
         dz, dc0, dh0 = jax.lax.platform_dependent(*grads, cpu=on_cpu, default=elsewhere)
     else:
-        dz, dc0, dh0 = _scan_backward(w_h, acts, cs, c0, d_hs, d_c_last, d_h_last, dtype, kind)
+        dz, dc0, dh0 = _scan_backward(
+            w_h, acts, cs, c0, d_hs, d_c_last, d_h_last, dtype, gate_activation
+        )
 
     # each weight gradient is one product over all [time, batch] rows, contracting both
     # dimensions rather than a reshaped [T*B] one: with the batch split over devices, a reshape
@@ -198,27 +211,27 @@ def _bwd(dtype, kind, with_hs_t, kernel, res, grads):
         return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
     hidden = w_h.shape[0]
-    if h_prev_t is None:
+    if h_prev_fm is None:
         d_w_h = weight_grad(jnp.concatenate([h0[None], hs[:-1]], axis=0))
         d_bias = dz.sum(axis=(0, 1))
         d_w_in = weight_grad(xs[..., None])[0] if _scalar(xs) else None
     else:  # [H + 1 + scalar, T, B]: h_{t-1}, the layout the product wants, (xs,) ones
-        d = weight_grad(h_prev_t, (1, 2))
+        d = weight_grad(h_prev_fm, (1, 2))
         d_w_h, d_bias = d[:hidden], d[-1]
         d_w_in = d[hidden] if _scalar(xs) else None
     if _scalar(xs):
         d_xs = jnp.dot(dz, w_in)  # [T, B]
     else:
-        d_w_in = weight_grad(xs) if xs_t is None else weight_grad(xs_t, (1, 2))
+        d_w_in = weight_grad(xs) if xs_fm is None else weight_grad(xs_fm, (1, 2))
         d_xs = matmul(dz, w_in.T, dtype).astype(xs.dtype)  # [T, B, F]
-    d_xs_t = None if xs_t is None else jnp.zeros_like(xs_t)
-    return d_w_h, d_xs, dc0, dh0, d_w_in, d_bias, d_xs_t
+    d_xs_fm = None if xs_fm is None else jnp.zeros_like(xs_fm)
+    return d_w_h, d_xs, dc0, dh0, d_w_in, d_bias, d_xs_fm
 
 
-def _scan_backward(w_h, acts, cs, c0, d_hs, d_c_last, d_h_last, dtype, kind):
+def _scan_backward(w_h, acts, cs, c0, d_hs, d_c_last, d_h_last, dtype, gate_activation):
     """dz [T, B, 4H] and the gradients of c0 and h0, by a reverse lax.scan."""
     c_prev = jnp.concatenate([c0[None], cs[:-1]], axis=0)
-    w_h_t = w_h.T.astype(dtype)
+    w_h_transposed = w_h.T.astype(dtype)
 
     def body(carry, inputs):
         dh_next, dc_next = carry
@@ -229,14 +242,14 @@ def _scan_backward(w_h, acts, cs, c0, d_hs, d_c_last, d_h_last, dtype, kind):
         dc = dc_next + dh * o * (1 - tc * tc)
         dz = jnp.concatenate(
             [
-                _through_gate(dc * g, i, kind),
-                _through_gate(dc * cp, f, kind),
+                _through_gate(dc * g, i, gate_activation),
+                _through_gate(dc * cp, f, gate_activation),
                 dc * i * (1 - g * g),
-                _through_gate(dh * tc, o, kind),
+                _through_gate(dh * tc, o, gate_activation),
             ],
             axis=-1,
         )  # [B, 4H]
-        dh_prev = matmul(dz, w_h_t, dtype)
+        dh_prev = matmul(dz, w_h_transposed, dtype)
         return (dh_prev, dc * f), dz
 
     (dh0, dc0), dz = jax.lax.scan(

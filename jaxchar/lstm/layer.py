@@ -43,12 +43,12 @@ class LSTMLayer(nn.Module):
     cell_type: str = "lstm"  # or "gru" (always the scan backend)
     gate_activation: str = "sigmoid"  # or "hard_sigmoid" (Keras 1)
     # time-major backends: also return hs transposed, [H, time, batch], for the next layer
-    with_hs_t: bool = False
+    with_hs_fm: bool = False
 
     @nn.compact
-    def __call__(self, carry, inputs, mask=None, inputs_t=None):
-        """(c, h), [.., H] outputs, and with `with_hs_t` on a time-major backend the outputs
-        as [H, time, batch]; `inputs_t` is a time-major backend's inputs as [F, time, batch]
+    def __call__(self, carry, inputs, mask=None, inputs_fm=None):
+        """(c, h), [.., H] outputs, and with `with_hs_fm` on a time-major backend the outputs
+        as [H, time, batch]; `inputs_fm` is a time-major backend's inputs as [F, time, batch]
         (see jaxchar.lstm.fused.lstm_layer), ignored elsewhere."""
         lstm = self.cell_type == "lstm"
         width = (4 if lstm else 3) * self.hidden
@@ -56,7 +56,7 @@ class LSTMLayer(nn.Module):
         w_in = self.param("input_kernel", nn.initializers.glorot_uniform(), (in_dim, width))
         bias = self.param("bias", forget_bias_init if lstm else nn.initializers.zeros, (width,))
         if self.backend in TIME_MAJOR:
-            return self._fused(carry, inputs, inputs_t, w_in, bias)
+            return self._fused(carry, inputs, inputs_fm, w_in, bias)
         if self.backend == "cudnn":
             return self._cudnn(carry, inputs, w_in, bias)
         scan = nn.scan(
@@ -74,27 +74,27 @@ class LSTMLayer(nn.Module):
         gx = matmul(inputs, w_in, self.dtype)
         return cell(carry, gx + bias, mask, None, None)
 
-    def _fused(self, carry, inputs, inputs_t, w_in, bias):
+    def _fused(self, carry, inputs, inputs_fm, w_in, bias):
         """Time-major: inputs [time, batch] or [time, batch, features] -> [time, batch, H]."""
         w_h = _RecurrentKernel(self.hidden, name="cell")()
         c0, h0 = carry
         # the layer projects vector inputs itself (one product before its loop), so that
         # it can also write their weight gradient as one product
         w_x = w_in[0] if self.scalar_input else w_in
-        hs, c, h, *hs_t = lstm_layer(
+        hs, c, h, *hs_fm = lstm_layer(
             w_h,
             inputs,
             c0,
             h0,
             w_x,
             bias,
-            inputs_t,
+            inputs_fm,
             self.dtype,
             self.gate_activation,
-            self.with_hs_t,
+            self.with_hs_fm,
             self.backend == "native",
         )
-        return ((c, h), hs, *hs_t)
+        return ((c, h), hs, *hs_fm)
 
     def _cudnn(self, carry, inputs, w_in, bias):
         """Batch-major, like the scan: inputs [batch, time] or [batch, time, features]."""

@@ -365,7 +365,7 @@ def _generate_call(params, cfg, carry, logits, noise, temperature, prompt, threa
         prompt.astype(jnp.int32),
         noise,
         temperature,
-        gate=np.int64(cfg.gate_activation == "hard_sigmoid"),
+        gate_activation=np.int64(cfg.gate_activation == "hard_sigmoid"),
         threads=np.int64(threads or threads_for(hidden)),
         bf16=np.int64(cfg.dtype == "bfloat16"),
     )
@@ -379,7 +379,7 @@ def _require() -> None:
 
 
 def _batch_parallel(call, ins: tuple, outs: tuple):
-    """`call(*arrays, gate, threads)` as an operation that XLA may split over the batch: ins
+    """`call(*arrays, hard_sigmoid, threads)` as an operation that XLA may split over the batch: ins
     and outs give each array's (rank, batch dimension or None). With the batch sharded over a
     device mesh (jaxchar.distributed), each device then runs the kernel on its own rows;
     without this, XLA gathers the whole batch onto every device and repeats the work there.
@@ -393,7 +393,7 @@ def _batch_parallel(call, ins: tuple, outs: tuple):
     whole = tuple(f for side in lhs + rhs for f in side.split() if f != "b")
     wrapped = custom_partitioning(call, static_argnums=(len(ins), len(ins) + 1))
 
-    def partition(gate, threads, mesh, arg_shapes, result_shape):
+    def partition(hard_sigmoid, threads, mesh, arg_shapes, result_shape):
         # the batch's mesh axis, from the first batched array's sharding (its mesh: the
         # partitioner's own may be empty)
         k = next(k for k, (_, batch) in enumerate(ins) if batch is not None)
@@ -406,7 +406,7 @@ def _batch_parallel(call, ins: tuple, outs: tuple):
 
         args = tuple(sharding(*spec) for spec in ins)
         results = tuple(sharding(*spec) for spec in outs)
-        return mesh, lambda *a: call(*a, gate, threads), results, args
+        return mesh, lambda *a: call(*a, hard_sigmoid, threads), results, args
 
     wrapped.def_partition(
         partition=partition,
@@ -416,33 +416,52 @@ def _batch_parallel(call, ins: tuple, outs: tuple):
     return wrapped
 
 
-def _forward(w_h, xs, w_in, bias, c0, h0, gate, threads, hs_t):
+def _forward(w_h, xs, w_in, bias, c0, h0, hard_sigmoid, threads, hs_fm):
     steps, batch, hidden = xs.shape[0], xs.shape[1], w_h.shape[0]
     state = jax.ShapeDtypeStruct((steps, batch, hidden), jnp.float32)
     gates = jax.ShapeDtypeStruct((steps, batch, 4 * hidden), jnp.float32)
     extra = 1 + (xs.shape[2] == 1)  # the scalar features' row, then a row of ones
     prev = jax.ShapeDtypeStruct((hidden + extra, steps, batch), jnp.float32)
     # hs transposed, or nothing for the kernel to write
-    out_t = jax.ShapeDtypeStruct((hidden, steps if hs_t else 0, batch), jnp.float32)
-    results = state, gates, state, prev, out_t
+    out_fm = jax.ShapeDtypeStruct((hidden, steps if hs_fm else 0, batch), jnp.float32)
+    results = state, gates, state, prev, out_fm
     call = jax.ffi.ffi_call("jaxchar_lstm_forward", results)
-    return call(w_h, xs, w_in, bias, c0, h0, gate=np.int64(gate), threads=np.int64(threads))
+    return call(
+        w_h,
+        xs,
+        w_in,
+        bias,
+        c0,
+        h0,
+        gate_activation=np.int64(hard_sigmoid),
+        threads=np.int64(threads),
+    )
 
 
-# (custom_partitioning traces every parameter, defaults included: hs_t is fixed per function)
-def _forward_call(w_h, xs, w_in, bias, c0, h0, gate, threads):
-    return _forward(w_h, xs, w_in, bias, c0, h0, gate, threads, False)
+# (custom_partitioning traces every parameter, defaults included: hs_fm is fixed per function)
+def _forward_call(w_h, xs, w_in, bias, c0, h0, hard_sigmoid, threads):
+    return _forward(w_h, xs, w_in, bias, c0, h0, hard_sigmoid, threads, False)
 
 
-def _forward_call_t(w_h, xs, w_in, bias, c0, h0, gate, threads):  # hs_t too
-    return _forward(w_h, xs, w_in, bias, c0, h0, gate, threads, True)
+def _forward_call_fm(w_h, xs, w_in, bias, c0, h0, hard_sigmoid, threads):  # hs_fm too
+    return _forward(w_h, xs, w_in, bias, c0, h0, hard_sigmoid, threads, True)
 
 
-def _backward_call(w_h, acts, cs, c0, d_hs, d_c, d_h, gate, threads):
+def _backward_call(w_h, acts, cs, c0, d_hs, d_c, d_h, hard_sigmoid, threads):
     shapes = (acts.shape, c0.shape, c0.shape)
     results = tuple(jax.ShapeDtypeStruct(shape, jnp.float32) for shape in shapes)
     call = jax.ffi.ffi_call("jaxchar_lstm_backward", results)
-    return call(w_h, acts, cs, c0, d_hs, d_c, d_h, gate=np.int64(gate), threads=np.int64(threads))
+    return call(
+        w_h,
+        acts,
+        cs,
+        c0,
+        d_hs,
+        d_c,
+        d_h,
+        gate_activation=np.int64(hard_sigmoid),
+        threads=np.int64(threads),
+    )
 
 
 @functools.cache
@@ -452,13 +471,13 @@ def _layer_calls():
     ins = (2, None), (3, 1), (1, None), (1, None), (2, 0), (2, 0)
     outs = (3, 1), (3, 1), (3, 1), (3, 2), (3, 2)
     forward = _batch_parallel(_forward_call, ins, outs)
-    forward_t = _batch_parallel(_forward_call_t, ins, outs)
+    forward_fm = _batch_parallel(_forward_call_fm, ins, outs)
     backward = _batch_parallel(
         _backward_call,
         ((2, None), (3, 1), (3, 1), (2, 0), (3, 1), (2, 0), (2, 0)),
         ((3, 1), (2, 0), (2, 0)),
     )
-    return forward, forward_t, backward
+    return forward, forward_fm, backward
 
 
 def layer_forward(
@@ -468,22 +487,22 @@ def layer_forward(
     h0,
     w_in,
     bias,
-    kind: str = "sigmoid",
+    gate_activation: str = "sigmoid",
     threads: int | None = None,
-    hs_t: bool = False,
+    hs_fm: bool = False,
     fallback=None,
 ):
     """The forward recurrence of jaxchar.lstm.fused.lstm_layer in C++: xs [T, B] scalar features
     (w_in, bias [4H]) or [T, B, 4H] projected inputs, to which the kernel adds bias [4H] (w_in
     then unused). Returns hs [T, B, H] and what the backward pass needs: the gates' outputs
-    acts [T, B, 4H] (i, f, g, o), the cell states cs [T, B, H] and h_prev_t [H + 1 + scalar,
+    acts [T, B, 4H] (i, f, g, o), the cell states cs [T, B, H] and h_prev_fm [H + 1 + scalar,
     T, B]: each step's previous h transposed (h0 first), then for scalar features xs itself,
-    then ones (one product of h_prev_t with dz gives the gradients of w_h, of a scalar
-    w_in and of the bias); with `hs_t`, also hs transposed, [H, T, B] (for the next layer's
+    then ones (one product of h_prev_fm with dz gives the gradients of w_h, of a scalar
+    w_in and of the bias); with `hs_fm`, also hs transposed, [H, T, B] (for the next layer's
     input-kernel gradient). `threads` defaults to `threads_for(hidden)`.
 
     `fallback(w_h, xs, w_in, bias, c0, h0)` is the same recurrence in plain JAX, on the
-    kernel's own arguments (xs [T, B, 1 or 4H], w_in [4H]) and with its outputs (hs_t
+    kernel's own arguments (xs [T, B, 1 or 4H], w_in [4H]) and with its outputs (hs_fm
     [H, 0, B] when not asked for): it runs under a `jax.vmap` that maps the weights."""
     _require()
     hidden = w_h.shape[0]
@@ -493,15 +512,15 @@ def layer_forward(
     else:
         w_in = jnp.zeros((4 * hidden,), jnp.float32)
     args = f32(w_h), f32(xs), f32(w_in).reshape(-1), f32(bias), f32(c0), f32(h0)
-    forward, forward_t, _ = _layer_calls()
-    gate, threads = int(kind == "hard_sigmoid"), threads or threads_for(hidden)
+    forward, forward_fm, _ = _layer_calls()
+    hard_sigmoid, threads = int(gate_activation == "hard_sigmoid"), threads or threads_for(hidden)
 
     def kernel(*args):
-        return (forward_t if hs_t else forward)(*args, gate, threads)
+        return (forward_fm if hs_fm else forward)(*args, hard_sigmoid, threads)
 
     rows = (None, 1, None, None, 0, 0), (1, 1, 1, 2, 2)
     outs = _foldable(kernel, fallback or _no_fallback, *rows)(*args)
-    return outs if hs_t else outs[:4]
+    return outs if hs_fm else outs[:4]
 
 
 def layer_backward(
@@ -512,7 +531,7 @@ def layer_backward(
     d_hs,
     d_c,
     d_h,
-    kind: str = "sigmoid",
+    gate_activation: str = "sigmoid",
     threads: int | None = None,
     fallback=None,
 ):
@@ -523,11 +542,14 @@ def layer_backward(
     _require()
     f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
     args = f32(w_h), acts, cs, f32(c0), f32(d_hs), f32(d_c), f32(d_h)
-    gate, threads = int(kind == "hard_sigmoid"), threads or threads_for(w_h.shape[0])
+    hard_sigmoid, threads = (
+        int(gate_activation == "hard_sigmoid"),
+        threads or threads_for(w_h.shape[0]),
+    )
     _, _, backward = _layer_calls()
 
     def kernel(*args):
-        return backward(*args, gate, threads)
+        return backward(*args, hard_sigmoid, threads)
 
     rows = (None, 1, 1, 0, 1, 0, 0), (1, 0, 0)
     return _foldable(kernel, fallback or _no_fallback, *rows)(*args)

@@ -1,0 +1,164 @@
+"""`jaxchar generate RUN`: text from a run's checkpoint, through `jaxchar.run.Run`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from jaxchar.cli.common import add_common, add_step, add_unknown, info
+from jaxchar.config import ConfigError
+
+INTERACTIVE_HELP = "type a prompt and press Enter; :temp T, :len N, :seed S, :quit"
+
+
+def run(args: argparse.Namespace) -> int:
+    from jaxchar.corpus import read_text
+    from jaxchar.run import Run
+
+    prompt = read_text(args.prompt_file, corpus=False) if args.prompt_file else args.prompt
+    with Run.open(args.run_dir) as trained:
+        if trained.note:
+            info(trained.note, args.quiet)
+        opts = trained.options(**_options(args))  # checked before the checkpoint is read
+        _, step = trained.params(args.step)
+        if args.interactive:
+            return _interactive(trained, args)
+        if prompt is None:
+            prompt = trained.default_prompt(args.seed)
+        trained.encode_prompt(prompt, args.unknown)  # refused before anything is printed
+        info(f'checkpoint step {step}, {opts.mode} mode; seed: "{prompt}"', args.quiet)
+        out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout  # noqa: SIM115
+        try:
+            _write(trained, prompt, args, args.seed, out, _options(args))
+        finally:
+            if args.output:
+                out.close()
+    return 0
+
+
+def _options(args: argparse.Namespace) -> dict:
+    return {
+        "length": args.length,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "mode": args.mode,
+        "num_samples": args.num_samples,
+    }
+
+
+def _write(trained, prompt: str, args, seed: int, out, options: dict) -> None:
+    """One sample streams as it is made; several are made as one batch."""
+    common = {"seed": seed, "step": args.step, "dtype": args.dtype, "unknown": args.unknown}
+    opts = trained.options(**options)
+    if opts.num_samples == 1:
+        for piece in trained.stream(prompt, **common, **options):
+            out.write(piece)
+            out.flush()
+        out.write("\n")
+        return
+    texts = trained.generate(prompt, **common, **options)
+    for i, text in enumerate(texts):
+        out.write(f"===== sample {i + 1} of {len(texts)} =====\n{text}\n")
+
+
+def _interactive(trained, args: argparse.Namespace) -> int:
+    """Read a prompt per line; `:temp T`, `:len N`, `:seed S` change settings; `:quit`."""
+    options, seed = _options(args), args.seed
+    interactive = sys.stdin.isatty()
+    if interactive:
+        info(INTERACTIVE_HELP)
+    while True:
+        if interactive:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() in (":quit", ":q"):
+            return 0
+        text = line.rstrip("\n")
+        try:
+            if text.startswith(":"):
+                name, _, value = text[1:].partition(" ")
+                if name == "seed":
+                    seed = int(value)
+                elif name in ("temp", "len"):
+                    field, kind = ("temperature", float) if name == "temp" else ("length", int)
+                    trial = {**options, field: kind(value)}
+                    trained.options(**trial)  # checked before it is kept
+                    options = trial
+                else:
+                    raise ConfigError(f"unknown command :{name} (:temp, :len, :seed, :quit)")
+                opts = trained.options(**options)
+                info(f"temperature {opts.temperature}, length {opts.length}, seed {seed}")
+                continue
+            _write(trained, text, args, seed, sys.stdout, options)
+            sys.stdout.flush()
+            seed += 1
+        except (ConfigError, ValueError) as err:  # one bad line does not end the session
+            print(f"jaxchar: error: {err}", file=sys.stderr)
+
+
+def add_parser(sub) -> None:
+    gen = sub.add_parser(
+        "generate",
+        help="generate text from a trained run",
+        description="Generate text from a run's best checkpoint; the text alone goes to "
+        "stdout. Sampling options left out come from the run's config ([sample]).",
+    )
+    gen.add_argument("run_dir", help="the --run-dir of a training run")
+    given = gen.add_mutually_exclusive_group()
+    given.add_argument(
+        "--prompt",
+        help="text to start from (default: a random window of the training text, drawn by --seed)",
+    )
+    given.add_argument("--prompt-file", help="read the prompt from this file")
+    gen.add_argument(
+        "--length", type=int, help="characters to generate (default: from the run's config)"
+    )
+    gen.add_argument(
+        "--temperature",
+        type=float,
+        help="0 = argmax, as the tutorial; higher = more varied (default: from the run's config)",
+    )
+    gen.add_argument(
+        "--top-k",
+        type=int,
+        help="sample among the k most likely characters (default: from the run's config)",
+    )
+    gen.add_argument(
+        "--top-p",
+        type=float,
+        help="nucleus sampling mass, in (0, 1] (default: from the run's config)",
+    )
+    gen.add_argument(
+        "--num-samples",
+        type=int,
+        help="independent samples, generated as a batch (default: from the run's config)",
+    )
+    gen.add_argument(
+        "--mode",
+        choices=("auto", "stateful", "window"),
+        help="window: the last seq_length characters each step, as training saw them; "
+        "stateful: one stream, state carried; auto: what the run was trained for "
+        "(default: from the run's config)",
+    )
+    gen.add_argument(
+        "--seed", type=int, default=0, help="the seed of sampling and of the prompt (default: 0)"
+    )
+    gen.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        help="matrix products in this type (default: the run's model.dtype); bfloat16 is "
+        "faster on accelerators and on CPUs with bfloat16 instructions, and may change the text",
+    )
+    add_step(gen)
+    add_unknown(gen, "prompt")
+    gen.add_argument(
+        "--output", help="write the text to this file instead of stdout (default: stdout)"
+    )
+    gen.add_argument(
+        "--interactive",
+        action="store_true",
+        help="read prompts from stdin, one per line; :temp T, :len N, :seed S, :quit",
+    )
+    add_common(gen)
+    gen.set_defaults(func=run)

@@ -1,0 +1,395 @@
+"""A run as one object: everything the command line does, one call away.
+
+    import jaxchar
+    jaxchar.train("alice.txt", "runs/alice", jaxchar.load_config("fast"))
+    run = jaxchar.Run.open("runs/alice")
+    print(run.generate("alice was ", seed=0))       # the text `jaxchar generate` prints
+    print(run.evaluate("other.txt").loss)            # nats/char
+
+`Run` knows a run's config, vocabulary, checkpoints and the sampling settings its config
+gives (mode, temperature, top-k, top-p, length), so Python and `jaxchar generate` give the
+same text for the same run, prompt and seed. This is the layer above the pure modules: it
+reads and writes run directories and corpora, and nothing below imports it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxchar import data
+from jaxchar.checkpoint import RunDir
+from jaxchar.config import Config, ConfigError, SampleConfig, override
+from jaxchar.corpus import CorpusError, Vocab, encode_text, load_corpus, prepare, read_text
+from jaxchar.lstm.backends import Choice, runnable, select
+from jaxchar.sampling import sample, sample_stream
+from jaxchar.train import LN2, FitResult, evaluate, fit, with_vocab
+
+Log = Callable[[dict], None]
+
+SAMPLE_TEMPERATURES = (0.2, 0.5, 1.0)  # the Keras example's "diversity" values
+
+
+def backend(cfg: Config, purpose: str = "layer", platform: str | None = None) -> Choice:
+    """The LSTM backend `cfg` runs with on this machine (lstm.backends.select); a forced
+    backend this machine lacks raises BackendError."""
+    return select(cfg.model, purpose, platform=platform or jax.default_backend())
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    loss: float  # nats/char
+    chars: int  # characters scored
+    step: int  # the checkpoint's step
+
+    @property
+    def bpc(self) -> float:  # bits/char
+        return self.loss / LN2
+
+
+class Run:
+    """A trained (or training) run directory, read back: `Run.open(path)`."""
+
+    def __init__(self, run_dir: RunDir, platform: str | None = None):
+        self.dir = run_dir
+        self.path, self.vocab = run_dir.path, run_dir.vocab
+        self.stored_cfg = run_dir.cfg
+        # a run stored with a backend this machine lacks (cuDNN, on a laptop) runs with the
+        # one `auto` picks; `note` says so (None when nothing changed)
+        model, self.note = runnable(run_dir.cfg.model, platform or jax.default_backend())
+        self.cfg: Config = dataclasses.replace(run_dir.cfg, model=model)
+        self._params: dict[int | None, tuple[Any, int]] = {}
+
+    @classmethod
+    def open(cls, path: str | Path, platform: str | None = None) -> Run:
+        return cls(RunDir.open(path), platform)
+
+    def close(self) -> None:
+        self.dir.close()
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- what the run holds ---------------------------------------------------------------
+
+    def params(self, step: int | None = None) -> tuple[Any, int]:
+        """(params, step) of checkpoint `step`, default the best one (read once, then kept)."""
+        if step not in self._params:
+            self._params[step] = self.dir.load_params(step)
+        return self._params[step]
+
+    def best_step(self) -> int | None:
+        return self.dir.best_step()
+
+    def steps(self) -> list[int]:
+        return self.dir.steps()
+
+    def metrics(self, step: int) -> dict:
+        """The metrics saved with checkpoint `step` (CheckpointError if it cannot be read)."""
+        return self.dir.meta(step)["metrics"]
+
+    # --- generation ---------------------------------------------------------------------------
+
+    def options(self, **overrides: Any) -> SampleConfig:
+        """The run's [sample] settings with the given fields replaced (None keeps the run's),
+        checked; mode "auto" resolved to what the run was trained for."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        opts = dataclasses.replace(self.cfg.sample, **given)
+        if (opts.top_k or "top_k" in given) and not 1 <= opts.top_k <= len(self.vocab):
+            raise ConfigError(f"top_k must be between 1 and the vocabulary size {len(self.vocab)}")
+        if opts.mode == "auto":
+            opts = dataclasses.replace(opts, mode=data.objective(self.cfg).sampling_mode)
+        return opts
+
+    def encode_prompt(self, prompt: str, unknown: str = "error") -> np.ndarray:
+        """The prompt's ids, lowercased first when the run was trained lowercased."""
+        if self.cfg.data.lowercase:
+            prompt = prompt.lower()
+        if not prompt:
+            raise ConfigError("the prompt is empty: give at least one character")
+        ids = self.vocab.encode(prompt, unknown=unknown)
+        if len(ids) == 0:
+            raise ConfigError("no character of the prompt is in the vocabulary")
+        return ids
+
+    def default_prompt(self, seed: int = 0) -> str:
+        """The tutorial's seed: a random seq_length window of the training text (drawn by
+        `seed`), or one random character of the vocabulary when the text is not at hand."""
+        rng = np.random.default_rng(seed)
+        path, d = self.dir.corpus_path(), self.cfg.data
+        try:
+            ids = prepare(read_text(path, d.encoding, d.errors), d).train_ids if path else None
+        except (OSError, ValueError, CorpusError):
+            ids = None
+        if ids is None:
+            return self.vocab.chars[int(rng.integers(len(self.vocab)))]
+        start = int(rng.integers(0, max(len(ids) - d.seq_length, 1)))
+        return self.vocab.decode(ids[start : start + d.seq_length])
+
+    def _sampling(self, prompt, seed, step, dtype, unknown, overrides):
+        opts = self.options(**overrides)
+        params, _ = self.params(step)
+        model = dataclasses.replace(self.cfg.model, dtype=dtype) if dtype else self.cfg.model
+        settings = {
+            "cfg": model,
+            "length": opts.length,
+            "temperature": opts.temperature,
+            "top_k": opts.top_k or None,
+            "top_p": opts.top_p if opts.top_p < 1 else None,
+            "mode": opts.mode,
+            "seq_length": self.cfg.data.seq_length,
+        }
+        ids = self.encode_prompt(self.default_prompt(seed) if prompt is None else prompt, unknown)
+        return params, jax.random.PRNGKey(seed), ids, settings, opts
+
+    def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        seed: int = 0,
+        step: int | None = None,
+        dtype: str | None = None,
+        unknown: str = "error",
+        **options: Any,
+    ) -> list[str]:
+        """num_samples texts (default the run's, usually 1) continuing `prompt` (default: a
+        window of the training text drawn by `seed`), made as one batch. `options` are
+        [sample] fields: length, temperature, top_k, top_p, mode, num_samples."""
+        params, key, ids, settings, opts = self._sampling(
+            prompt, seed, step, dtype, unknown, options
+        )
+        rows = sample(params, key, ids, num_samples=opts.num_samples, **settings)
+        rows = np.asarray(rows).reshape(opts.num_samples, -1)
+        return [self.vocab.decode(row) for row in rows]
+
+    def stream(
+        self,
+        prompt: str | None = None,
+        *,
+        seed: int = 0,
+        step: int | None = None,
+        dtype: str | None = None,
+        unknown: str = "error",
+        **options: Any,
+    ) -> Iterator[str]:
+        """One text, in pieces as it is made (jitted chunks); the same text as
+        `generate(...)[0]` with one sample."""
+        options = {**options, "num_samples": None}
+        params, key, ids, settings, _ = self._sampling(prompt, seed, step, dtype, unknown, options)
+        for chunk in sample_stream(params, key, ids, **settings):
+            yield self.vocab.decode(np.asarray(chunk))
+
+    # --- evaluation ---------------------------------------------------------------------------
+
+    def evaluate(
+        self,
+        text: str | None = None,
+        *,
+        file: str | Path | None = None,
+        step: int | None = None,
+        encoding: str | None = None,
+        unknown: str = "error",
+    ) -> Evaluation:
+        """Loss of a checkpoint on a text (or a file's text), prepared as the training text."""
+        d = self.cfg.data
+        if file is not None:
+            text = read_text(file, encoding or d.encoding, d.errors)
+        if text is None:
+            raise ConfigError("give a text or a file to evaluate")
+        ids, spans = encode_text(text, d, self.vocab, unknown)
+        params, step = self.params(step)
+        return Evaluation(evaluate(params, self.cfg, ids, spans), len(ids), step)
+
+
+# --- training -------------------------------------------------------------------------------
+
+
+class TrainingSamples:
+    """At each save: a short sample per temperature from the opening of the training text,
+    appended to RUN/samples.txt and logged as {"event": "samples", "text": ...}, so that
+    progress can be read, not only measured."""
+
+    def __init__(self, path: Path, cfg: Config, vocab: Vocab, seed_ids: np.ndarray, log: Log):
+        self.path, self.cfg, self.vocab, self.log = path / "samples.txt", cfg, vocab, log
+        self.seed_ids, self.mode = seed_ids, data.objective(cfg).sampling_mode
+
+    def __call__(self, params, metrics: dict) -> None:
+        lines = [f"--- step {metrics['step']} (epoch {metrics['epoch']}) ---"]
+        for i, temperature in enumerate(SAMPLE_TEMPERATURES):
+            ids = sample(
+                params,
+                jax.random.PRNGKey(metrics["step"] + i),
+                self.seed_ids,
+                cfg=self.cfg.model,
+                length=self.cfg.train.sample_chars,
+                temperature=temperature,
+                mode=self.mode,
+                seq_length=self.cfg.data.seq_length,
+            )
+            lines.append(f"[temperature {temperature}] {self.vocab.decode(ids)!r}")
+        text = "\n".join(lines)
+        self.log({"event": "samples", "text": text})
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(text + "\n")
+
+
+class TensorBoard:
+    """The saved metrics as TensorBoard scalars in RUN/tensorboard (needs tensorboardX)."""
+
+    def __init__(self, folder: Path):
+        self.check()
+        from tensorboardX import SummaryWriter
+
+        self.writer = SummaryWriter(str(folder))
+
+    @staticmethod
+    def check() -> None:
+        try:
+            import tensorboardX  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                "TensorBoard logs need tensorboardX: pip install 'jaxchar[tensorboard]'"
+            ) from None
+
+    def __call__(self, params, metrics: dict) -> None:
+        for name, value in metrics.items():
+            if isinstance(value, float) and name != "wall_s":
+                self.writer.add_scalar(name, value, metrics["step"], walltime=None)
+        self.writer.flush()
+
+
+@dataclass
+class Trained:
+    path: Path  # the run directory
+    result: FitResult
+    best_step: int | None
+
+    @property
+    def interrupted(self) -> bool:
+        return self.result.interrupted
+
+
+RESUMABLE = ("train.epochs", "train.max_steps")  # what may change when a run resumes
+
+
+def _open_for_resume(path: str | Path, corpus_path: str | Path, changes: list[str], log: Log):
+    """The run's own config (with more epochs or steps when `changes` says so), and the
+    text prepared with it: it must give the run's vocabulary, or the stored model would
+    read the wrong characters."""
+    run = RunDir.open(path)
+    if changes:
+        keys = [change.partition("=")[0].strip() for change in changes]
+        if any(key not in RESUMABLE for key in keys):
+            run.close()
+            allowed = ", ".join(RESUMABLE)
+            raise ConfigError(f"a resumed run keeps its config: only {allowed} may change")
+        cfg = override(run.cfg, changes)
+        for key in keys:
+            old, new = run.cfg.to_dict(), cfg.to_dict()
+            section, name = key.split(".")
+            old, new = old[section][name], new[section][name]
+            if old != new:
+                log({"event": "note", "text": f"resuming with {key} = {new} (the run had {old})"})
+        from jaxchar import distributed
+
+        run.update_config(cfg, write=distributed.is_primary())
+    d = run.cfg.data
+    corpus = prepare(read_text(corpus_path, d.encoding, d.errors), d)
+    if corpus.vocab != run.vocab:
+        run.close()
+        raise CorpusError(
+            f"{corpus_path} does not give the run's vocabulary: resume with the same text"
+        )
+    model, note = runnable(run.cfg.model, jax.default_backend())
+    if note:
+        log({"event": "note", "text": note})
+    return run, dataclasses.replace(run.cfg, model=model), corpus
+
+
+def _create(path: str | Path, corpus_path: str | Path, cfg: Config, overwrite: bool):
+    """A new run directory for cfg, after every check that can refuse it has passed."""
+    from jaxchar import distributed
+
+    corpus = load_corpus(corpus_path, cfg.data)
+    cfg = with_vocab(cfg, len(corpus.vocab))
+    backend(cfg)  # a forced backend this machine lacks is refused before anything is written
+    if distributed.is_single_process():
+        run = RunDir.create(path, cfg, corpus.vocab, overwrite=overwrite)
+    else:  # files by process 0, then orbax's collective manager on every process
+        if distributed.is_primary():
+            RunDir.prepare(path, cfg, corpus.vocab, overwrite=overwrite)
+        distributed.barrier("jaxchar-run-dir")
+        run = RunDir.open(path)
+    if distributed.is_primary():
+        run.record_corpus(corpus_path)
+    return run, cfg, corpus
+
+
+def train(
+    corpus_path: str | Path,
+    run_dir: str | Path,
+    cfg: Config | None = None,
+    *,
+    resume: bool = False,
+    changes: list[str] | None = None,
+    overwrite: bool = False,
+    mesh=None,
+    log: Log | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    tensorboard: bool = False,
+) -> Trained:
+    """Trains cfg (default: the `fast` config) on a text file into run_dir, or continues the
+    run there (`resume`, with the run's stored config; `changes` such as
+    ["train.epochs=30"] may raise its epochs or steps). `log` receives fit's events plus
+    {"event": "corpus" | "backend" | "note" | "samples", "text": ...}; `should_stop` is
+    polled between dispatches, and the run then saves and returns (interrupted)."""
+    from jaxchar import distributed
+    from jaxchar.config import load_config
+
+    log = log or (lambda event: None)
+    if tensorboard:  # refused before the run directory is touched
+        TensorBoard.check()
+    if resume:
+        run, cfg, corpus = _open_for_resume(run_dir, corpus_path, changes or [], log)
+    else:
+        cfg = cfg if cfg is not None else load_config("fast")
+        run, cfg, corpus = _create(run_dir, corpus_path, cfg, overwrite)
+    log({"event": "corpus", "text": corpus.summary(cfg.data.seq_length)})
+    choice = backend(cfg)
+    log({"event": "backend", "text": f"backend: {choice.backend} ({choice.reason})"})
+    hooks = []
+    if cfg.train.sample_chars and distributed.is_single_process():
+        seed_ids = corpus.train_ids[: cfg.data.seq_length]
+        hooks.append(TrainingSamples(run.path, cfg, run.vocab, seed_ids, log))
+    if tensorboard and distributed.is_primary():
+        hooks.append(TensorBoard(run.path / "tensorboard"))
+
+    def on_save(params, metrics: dict) -> None:
+        for hook in hooks:
+            hook(params, metrics)
+
+    try:
+        result = fit(
+            cfg,
+            corpus.train_ids,
+            corpus.val_ids,
+            checkpointer=run,
+            log=log,
+            should_stop=should_stop,
+            mesh=mesh,
+            on_save=on_save,
+            train_spans=corpus.train_spans,
+            val_spans=corpus.val_spans,
+        )
+    finally:
+        run.close()
+    return Trained(run.path, result, run.best_step())

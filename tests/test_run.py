@@ -1,0 +1,146 @@
+"""jaxchar.run: everything the CLI does is one library call, and gives the same result."""
+
+import json
+import shutil
+
+import jax
+import pytest
+
+import jaxchar
+from jaxchar.cli import main
+from jaxchar.config import ConfigError, load_config, override
+from jaxchar.corpus import encode_text, read_text
+from jaxchar.run import Run, train
+from jaxchar.sampling import sample
+from jaxchar.train import evaluate
+
+
+@pytest.mark.parametrize("which", ["window_run", "fast_run"])
+def test_python_and_cli_generate_the_same_text(which, request, capsys):
+    """A window-trained run (the tutorial's small config) samples in window mode both ways;
+    the default config's run in stateful mode."""
+    path = request.getfixturevalue(which)
+    argv = ["generate", str(path), "--prompt", "alice was ", "--length", "40", "--seed", "3"]
+    assert main([*argv, "--temperature", "0.7", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    with Run.open(path) as run:
+        texts = run.generate("alice was ", seed=3, length=40, temperature=0.7)
+        streamed = "".join(run.stream("alice was ", seed=3, length=40, temperature=0.7))
+        mode = run.options().mode
+        params, _ = run.params()
+        cfg = run.cfg
+    assert mode == ("window" if which == "window_run" else "stateful")
+    assert printed == texts[0] + "\n" and streamed == texts[0] and len(texts[0]) == 40
+    # and both are jaxchar.sample with the run's settings, by hand
+    ids = sample(
+        params,
+        jax.random.PRNGKey(3),
+        run.vocab.encode("alice was "),
+        cfg=cfg.model,
+        length=40,
+        temperature=0.7,
+        mode=mode,
+        seq_length=cfg.data.seq_length,
+    )
+    assert run.vocab.decode(ids) == texts[0]
+
+
+def test_several_samples_and_the_default_prompt(tiny_run, capsys):
+    with Run.open(tiny_run) as run:
+        texts = run.generate(seed=5, num_samples=3, length=25)
+        prompt = run.default_prompt(5)
+    assert len(texts) == 3 and all(len(t) == 25 for t in texts)
+    assert len(prompt) == run.cfg.data.seq_length  # a window of the recorded training text
+    assert prompt in read_text(json.loads((tiny_run / "corpus.json").read_text())["path"]).lower()
+    assert (
+        main(["generate", str(tiny_run), "--seed", "5", "--num-samples", "3", "--length", "25"])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert all(text in out for text in texts)
+
+
+def test_options_come_from_the_config_and_are_checked(tiny_run):
+    with Run.open(tiny_run) as run:
+        assert run.options() == jaxchar.SampleConfig(
+            **{**run.cfg.sample.__dict__, "mode": "stateful"}
+        )
+        assert run.options(temperature=0.5, length=7).temperature == 0.5
+        for bad in ({"top_k": 0}, {"top_k": len(run.vocab) + 1}, {"temperature": float("nan")}):
+            with pytest.raises(ConfigError):
+                run.options(**bad)
+        with pytest.raises(ConfigError, match="empty"):
+            run.encode_prompt("")
+
+
+def test_evaluate_matches_the_pure_function_and_the_cli(tiny_run, alice_text, tmp_path, capsys):
+    text = alice_text[30000:34000]
+    (tmp_path / "held.txt").write_text(text)
+    with Run.open(tiny_run) as run:
+        result = run.evaluate(text)
+        from_file = run.evaluate(file=tmp_path / "held.txt")
+        params, step = run.params()
+        ids, spans = encode_text(text, run.cfg.data, run.vocab)
+        direct = evaluate(params, run.cfg, ids, spans)
+    assert result == from_file and result.step == step and result.chars == len(ids)
+    assert result.loss == pytest.approx(direct, rel=1e-6) and 0 < result.bpc < 8
+    assert main(["evaluate", str(tiny_run), str(tmp_path / "held.txt")]) == 0
+    assert f"{result.loss:.4f} nats/char" in capsys.readouterr().out
+
+
+def test_train_from_python_then_resume_with_more_steps(alice_slice, tmp_path):
+    cfg = override(load_config("tiny"), ["train.max_steps=10", "train.save_every_steps=5"])
+    events = []
+    first = train(alice_slice, tmp_path / "run", cfg, log=events.append)
+    assert first.best_step in (5, 10) and not first.interrupted
+    kinds = {e["event"] for e in events}
+    assert {"corpus", "backend", "start", "save", "samples"} <= kinds
+    assert (tmp_path / "run" / "samples.txt").read_text().count("--- step") == 2
+    more = []
+    again = train(
+        alice_slice, tmp_path / "run", resume=True, changes=["train.max_steps=15"], log=more.append
+    )
+    assert int(again.result.state.step) == 15
+    notes = [e["text"] for e in more if e["event"] == "note"]
+    assert notes == ["resuming with train.max_steps = 15 (the run had 10)"]
+    # the stored config says 15 now: a later resume does not stop at 10
+    assert (
+        json.loads((tmp_path / "run" / "run.json").read_text())["config"]["train"]["max_steps"]
+        == 15
+    )
+    with pytest.raises(ConfigError, match="only train.epochs, train.max_steps"):
+        train(alice_slice, tmp_path / "run", resume=True, changes=["train.batch_size=7"])
+
+
+def test_resume_refuses_options_it_would_ignore(tiny_run, alice_slice, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    base = ["train", str(alice_slice), "--run-dir", str(run), "--resume"]
+    for extra, flag in (
+        (["--batch-size", "7"], "--batch-size"),
+        (["--config", "small"], "--config"),
+        (["--set", "model.hidden=8"], "--set"),
+        (["--lowercase"], "--lowercase"),
+    ):
+        assert main([*base, *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("jaxchar: error: --resume") and flag in err and "\n" not in err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before  # nothing changed
+
+
+def test_package_names_load_on_first_use():
+    """`import jaxchar` is cheap (the CLI's --help needs no JAX); the names still work."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, jaxchar; assert 'jax' not in sys.modules, 'jax imported'; "
+        "jaxchar.Run; jaxchar.sample; assert 'jax' in sys.modules; "
+        "from jaxchar.cli import build_parser; "
+        "print({'Run', 'train', 'sample'} <= set(jaxchar.__all__))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "True", out.stderr
+    for name in jaxchar.__all__:
+        assert getattr(jaxchar, name) is not None
