@@ -40,7 +40,7 @@ _WHERE = {  # public name -> the module that defines it
     "RunDir": "checkpoint",
     "load_checkpoint": "checkpoint",
     "Run": "run",
-    "train": "run",
+    "train_run": "run",
 }
 
 __all__ = ["__version__", *sorted(_WHERE)]

@@ -1,7 +1,7 @@
 """A run as one object: everything the command line does, one call away.
 
     import jaxchar
-    jaxchar.train("alice.txt", "runs/alice", jaxchar.load_config("fast"))
+    jaxchar.train_run("alice.txt", "runs/alice", jaxchar.load_config("fast"))
     run = jaxchar.Run.open("runs/alice")
     print(run.generate("alice was ", seed=0))       # the text `jaxchar generate` prints
     print(run.evaluate("other.txt").loss)            # nats/char
@@ -334,7 +334,7 @@ def _create(path: str | Path, corpus_path: str | Path, cfg: Config, overwrite: b
     return run, cfg, corpus
 
 
-def train(
+def train_run(
     corpus_path: str | Path,
     run_dir: str | Path,
     cfg: Config | None = None,

@@ -28,10 +28,10 @@ def alice_slice(tmp_path_factory, alice_text) -> Path:
 def train_run(root: Path, corpus: Path, config: str, *sets: str) -> Path:
     """A run of a shipped config trained in-process through jaxchar.run.train."""
     from jaxchar.config import load_config, override
-    from jaxchar.run import train
+    from jaxchar.run import train_run
 
     run = root / config
-    train(corpus, run, override(load_config(config), list(sets)))
+    train_run(corpus, run, override(load_config(config), list(sets)))
     return run
 
 

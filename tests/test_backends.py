@@ -299,6 +299,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow  # starts processes
 @pytest.mark.skipif(
     not {"avx2", "fma", "bmi2"} <= native.cpu_flags(), reason="this CPU has no AVX2"
 )

@@ -97,6 +97,7 @@ def test_profile_sums_events_per_operation_and_keeps_device_events_on_accelerato
     assert profile_step.aggregate(events, kinds, device_only=True) == {"ynn_fusion": [1, 3.0]}
 
 
+@pytest.mark.slow  # starts processes
 def test_profile_runs_on_a_real_train_step():
     # the events XLA writes must match the compiled program's instruction names, or every
     # row of the table would be empty
@@ -124,6 +125,7 @@ def _bench(script, out, *args):
     )
 
 
+@pytest.mark.slow  # starts processes
 def test_train_benchmark_in_bfloat16_writes_its_own_results_file(tmp_path):
     # a bfloat16 run must not replace the float32 figures, and its peak is a bf16 product's
     args = "--configs tiny --reps 1 --peers --set model.dtype=bfloat16"
@@ -137,6 +139,7 @@ def test_train_benchmark_in_bfloat16_writes_its_own_results_file(tmp_path):
     assert tiny["peak_flops"] > 0 and tiny["jaxchar"]["share_of_peak"] > 0
 
 
+@pytest.mark.slow  # starts processes
 def test_generate_benchmark_in_bfloat16_writes_its_own_results_file(tmp_path):
     args = "--dtype bfloat16 --length 3 --reps 1 --batches 2 --peers"
     done = _bench("bench_generate", tmp_path, *args.split())
@@ -160,6 +163,7 @@ def _quality(out, *args, name="tiny"):
     return json.loads((out / f"quality_{name}.json").read_text()), done.stderr
 
 
+@pytest.mark.slow  # starts processes
 def test_quality_on_the_whole_text_as_the_tutorial_did(tmp_path):
     # no held-out text: no validation loss anywhere, the table says so, and --name keeps
     # the result beside the held-out run's instead of replacing it
@@ -172,6 +176,7 @@ def test_quality_on_the_whole_text_as_the_tutorial_did(tmp_path):
     assert result["best_val"] is None
 
 
+@pytest.mark.slow  # starts processes
 def test_quality_run_writes_its_curve_as_it_goes_and_continues_where_it_stopped(tmp_path):
     # the result file is rewritten after every evaluation (a run of hours can be stopped and
     # still leave its curve); the last write marks it complete
@@ -242,6 +247,7 @@ def test_repetition_share_against_counting_by_hand():
 import bench_generate  # noqa: E402
 
 
+@pytest.mark.slow  # starts processes
 @pytest.mark.parametrize("threads, rows", [(1, 1), (2, 1), (2, 3)])
 def test_stand_alone_loop_computes_what_jaxchar_computes(tmp_path, threads, rows):
     # the stand-alone loop measures what JAX adds to jaxchar's stateful mode only if it does

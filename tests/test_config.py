@@ -11,9 +11,21 @@ def test_every_shipped_config_loads_and_opens_with_its_command():
     for path in paths:
         cfg = load_config(path)
         assert isinstance(cfg, Config)
-        assert "jaxchar train" in path.read_text().splitlines()[3] or "jaxchar train" in (
-            path.read_text()
-        )
+        # the opening comment (every line before the first section) holds the command
+        # that runs this very file and says what to expect
+        opening = []
+        for line in path.read_text().splitlines():
+            if not line.startswith("#"):
+                break
+            opening.append(line)
+        commands = [line for line in opening if line.lstrip("# ").startswith("jaxchar train")]
+        assert len(commands) == 1, path
+        assert (
+            path.stem == "fast"
+            or f"--config {path.stem}" in commands[0]
+            or (f"--config configs/{path.name}" in commands[0])
+        ), commands[0]
+        assert any("Expect" in line for line in opening), path
 
 
 def test_tutorial_configs_match_the_tutorial():

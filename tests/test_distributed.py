@@ -12,6 +12,7 @@ import pytest
 from conftest import DATA
 
 SCRIPTS = Path(__file__).parent / "scripts"
+pytestmark = pytest.mark.slow  # every test starts JAX processes of its own
 
 
 def _env(devices: int) -> dict:

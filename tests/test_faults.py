@@ -89,6 +89,7 @@ def straight_run(tmp_path_factory, text_file):
     return run
 
 
+@pytest.mark.slow  # starts processes
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_signal_saves_and_says_how_to_resume_then_resume_matches(
     signum, tmp_path, text_file, straight_run
@@ -110,6 +111,7 @@ def test_signal_saves_and_says_how_to_resume_then_resume_matches(
     _resume_and_compare(text_file, run, straight_run)
 
 
+@pytest.mark.slow  # starts processes
 def test_kill_9_loses_only_unsaved_work_and_resume_is_exact(tmp_path, text_file, straight_run):
     run = tmp_path / "run"
     proc = subprocess.Popen(
@@ -253,6 +255,7 @@ def test_env_is_not_read_by_the_library():
             assert "os.environ" not in f.read_text(), f.name
 
 
+@pytest.mark.slow  # starts processes
 def test_second_interrupt_quits_at_once_and_keeps_saved_work(tmp_path, text_file):
     run = tmp_path / "run"
     proc = subprocess.Popen(

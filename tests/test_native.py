@@ -277,6 +277,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow  # starts processes
 def test_samples_dispatched_together_finish_and_agree():
     # several kernels in flight hold XLA's threads at once: a kernel whose helper thread
     # cannot start must run alone rather than wait for it (this hung the two-process

@@ -68,8 +68,14 @@ def test_recurrences_match_the_scan_loops(scalar, kind, threads):
     got = native.layer_backward(w_h, acts, cs, c0, d_hs, d_c, d_h, kind, threads)
     for g, w, name in zip(got, want, ["dz", "dc0", "dh0"], strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5, err_msg=name)
-    if kind == "hard_sigmoid":  # clipped gates pass no gradient
-        assert (np.asarray(got[0]) == 0).any() and (np.asarray(got[0]) != 0).any()
+    if kind == "hard_sigmoid":  # a clipped gate (output 0 or 1) passes no gradient
+        a, dz = np.asarray(acts), np.asarray(got[0])
+        hidden = a.shape[-1] // 4
+        gates = np.r_[0 : 2 * hidden, 3 * hidden : 4 * hidden]  # i, f, o (not g: tanh)
+        clipped = (a[..., gates] <= 0) | (a[..., gates] >= 1)
+        assert clipped.any() and (~clipped).any()  # the data reach both sides of the clip
+        assert (dz[..., gates][clipped] == 0).all()
+        assert (dz[..., gates][~clipped] != 0).mean() > 0.5
 
 
 def _cfg(**kw):

@@ -10,7 +10,7 @@ import jaxchar
 from jaxchar.cli import main
 from jaxchar.config import ConfigError, load_config, override
 from jaxchar.corpus import encode_text, read_text
-from jaxchar.run import Run, train
+from jaxchar.run import Run, train_run
 from jaxchar.sampling import sample
 from jaxchar.train import evaluate
 
@@ -91,13 +91,13 @@ def test_evaluate_matches_the_pure_function_and_the_cli(tiny_run, alice_text, tm
 def test_train_from_python_then_resume_with_more_steps(alice_slice, tmp_path):
     cfg = override(load_config("tiny"), ["train.max_steps=10", "train.save_every_steps=5"])
     events = []
-    first = train(alice_slice, tmp_path / "run", cfg, log=events.append)
+    first = train_run(alice_slice, tmp_path / "run", cfg, log=events.append)
     assert first.best_step in (5, 10) and not first.interrupted
     kinds = {e["event"] for e in events}
     assert {"corpus", "backend", "start", "save", "samples"} <= kinds
     assert (tmp_path / "run" / "samples.txt").read_text().count("--- step") == 2
     more = []
-    again = train(
+    again = train_run(
         alice_slice, tmp_path / "run", resume=True, changes=["train.max_steps=15"], log=more.append
     )
     assert int(again.result.state.step) == 15
@@ -109,7 +109,7 @@ def test_train_from_python_then_resume_with_more_steps(alice_slice, tmp_path):
         == 15
     )
     with pytest.raises(ConfigError, match="only train.epochs, train.max_steps"):
-        train(alice_slice, tmp_path / "run", resume=True, changes=["train.batch_size=7"])
+        train_run(alice_slice, tmp_path / "run", resume=True, changes=["train.batch_size=7"])
 
 
 def test_resume_refuses_options_it_would_ignore(tiny_run, alice_slice, tmp_path, capsys):
@@ -138,9 +138,14 @@ def test_package_names_load_on_first_use():
         "import sys, jaxchar; assert 'jax' not in sys.modules, 'jax imported'; "
         "jaxchar.Run; jaxchar.sample; assert 'jax' in sys.modules; "
         "from jaxchar.cli import build_parser; "
-        "print({'Run', 'train', 'sample'} <= set(jaxchar.__all__))"
+        "print({'Run', 'train_run', 'sample'} <= set(jaxchar.__all__))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "True", out.stderr
+    import importlib
+    import types
+
+    for module in ("checkpoint", "config", "corpus", "data", "model", "run", "sampling", "train"):
+        importlib.import_module(f"jaxchar.{module}")  # a submodule must not hide a name
     for name in jaxchar.__all__:
-        assert getattr(jaxchar, name) is not None
+        assert not isinstance(getattr(jaxchar, name), types.ModuleType), name

@@ -81,20 +81,13 @@ def _greedy_reference(params, prompt, length):
 
 
 @settings(max_examples=8, deadline=None)
-@given(st.lists(st.integers(0, 12), min_size=1, max_size=6), st.integers(1, 6))
-def test_greedy_equals_step_by_step_reference_for_any_prompt(params, prompt, length):
+@given(st.lists(st.integers(0, 12), min_size=6, max_size=6))
+def test_greedy_equals_step_by_step_reference_for_any_prompt(params, prompt):
+    # the values vary, the shapes do not: one compile for every example
     got = sample(
-        params, jax.random.PRNGKey(0), jnp.array(prompt), cfg=CFG, length=length, temperature=0.0
+        params, jax.random.PRNGKey(0), jnp.array(prompt), cfg=CFG, length=6, temperature=0.0
     )
-    assert np.asarray(got).tolist() == _greedy_reference(params, prompt, length)
-
-
-def test_argmax_generation_equals_naive_reference(params):
-    prompt = [3, 1, 4, 1, 5]
-    got = sample(
-        params, jax.random.PRNGKey(0), jnp.array(prompt), cfg=CFG, length=12, temperature=0.0
-    )
-    assert np.asarray(got).tolist() == _greedy_reference(params, prompt, 12)
+    assert np.asarray(got).tolist() == _greedy_reference(params, prompt, 6)
 
 
 def test_window_mode_equals_rereading_the_window(params):
@@ -158,5 +151,9 @@ def test_sample_inside_user_jit_and_vmap(params):
             lambda k: sample(params, k, jnp.array([1, 2]), cfg=CFG, length=8, temperature=1.0)
         )(keys)
 
-    out = many(jax.random.split(jax.random.PRNGKey(0), 3))
-    assert out.shape == (3, 8)
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    out = np.asarray(many(keys))
+    # each row is the sample of its key, as a plain call gives it
+    want = [sample(params, k, jnp.array([1, 2]), cfg=CFG, length=8, temperature=1.0) for k in keys]
+    np.testing.assert_array_equal(out, np.stack(want))
+    assert len({tuple(row) for row in out.tolist()}) == 3

@@ -42,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a character-level LSTM on a text file and generate text from it.",
     )
     parser.add_argument("--version", action="version", version=f"jaxchar {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", help="one of (each has --help):"
+    )
     train.add_parser(sub)
     generate.add_parser(sub)
     tools.add_parsers(sub)

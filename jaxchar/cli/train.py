@@ -156,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
 
     from jaxchar import distributed
     from jaxchar.corpus import resolve_corpus
-    from jaxchar.run import train
+    from jaxchar.run import train_run
 
     mesh = distributed.start(
         args.distributed, args.coordinator, args.num_processes, args.process_id, args.devices
@@ -167,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
     stop.install()
     began = time.perf_counter()
     try:
-        trained = train(
+        trained = train_run(
             corpus,
             args.run_dir,
             cfg,
