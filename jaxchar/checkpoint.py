@@ -73,6 +73,13 @@ def _config_from(info: dict, where: Path) -> Config:
         raise CheckpointError(f"{where}: the stored config is not usable ({err})") from None
 
 
+def _rank_value(metrics: dict, monitor: str) -> float | None:
+    """What a save is ranked by: its monitored loss; +inf (kept only while it is the
+    latest, never the best) for a save made on interruption, whose training loss covers
+    part of an epoch and which has no validation loss."""
+    return math.inf if metrics.get("interrupted") else metrics.get(monitor)
+
+
 class RunDir:
     """One training run on disk. `create` starts a new one (refusing to replace an existing
     run unless `overwrite`), `open` reads or resumes an existing one."""
@@ -193,7 +200,7 @@ class RunDir:
             force=True,
         )
         self.manager.wait_until_finished()
-        self._scores[step] = metrics.get(self.monitor)
+        self._scores[step] = _rank_value(metrics, self.monitor)
         self._prune()
         if jax.process_index() == 0:  # orbax saves collectively; the log has one writer
             with open(self.path / "metrics.jsonl", "a", encoding="utf-8") as f:
@@ -216,7 +223,7 @@ class RunDir:
         save cannot be read."""
         if step not in self._scores:
             try:
-                self._scores[step] = self.meta(step)["metrics"].get(self.monitor)
+                self._scores[step] = _rank_value(self.meta(step)["metrics"], self.monitor)
             except Exception:  # damaged: never the best, never deleted by `_prune`
                 self._scores[step] = None
         value = self._scores[step]

@@ -19,6 +19,7 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxchar.config import ModelConfig
 from jaxchar.lstm import native, select
@@ -161,11 +162,65 @@ def _rows(prompt, num_samples):
     return prompt, single
 
 
+def check_options(cfg: ModelConfig, length: int, temperature, top_k, top_p, mode: str) -> None:
+    """Refuses out-of-range sampling options with a ValueError before anything is traced.
+    Traced values (inside a caller's jit) cannot be read, so they are not checked."""
+
+    def concrete(x):
+        if isinstance(x, jax.core.Tracer):
+            return None
+        return None if x is None else np.asarray(x, np.float64)
+
+    if length < 1:
+        raise ValueError(f"length must be at least 1, not {length}")
+    if mode not in ("stateful", "window"):
+        raise ValueError(f"mode must be 'stateful' or 'window', not {mode!r}")
+    if top_k is not None and not 1 <= top_k <= cfg.vocab_size:
+        raise ValueError(f"top_k must be between 1 and the vocabulary size {cfg.vocab_size}")
+    t, p = concrete(temperature), concrete(top_p)
+    if t is not None and not (np.isfinite(t) & (t >= 0)).all():
+        raise ValueError(f"temperature must be finite and at least 0, not {temperature}")
+    if p is not None and not ((p > 0) & (p <= 1)).all():  # NaN fails both
+        raise ValueError(f"top_p must be in (0, 1], not {top_p}")
+
+
+def sample(
+    params: dict,
+    key: jax.Array,
+    prompt: jax.Array,
+    *,
+    cfg: ModelConfig,
+    length: int,
+    temperature=1.0,
+    top_k: int | None = None,
+    top_p=None,
+    num_samples: int | None = None,
+    mode: str = "stateful",
+    seq_length: int = 100,
+) -> jax.Array:
+    """Checks the options (see `check_options`), then runs the jitted sampler, `_sample`
+    (`sample.lower` and `sample.trace` are its own)."""
+    check_options(cfg, length, temperature, top_k, top_p, mode)
+    return _sample(
+        params,
+        key,
+        prompt,
+        cfg=cfg,
+        length=length,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        num_samples=num_samples,
+        mode=mode,
+        seq_length=seq_length,
+    )
+
+
 @partial(
     jax.jit,
     static_argnames=("cfg", "length", "top_k", "num_samples", "mode", "seq_length"),
 )
-def sample(
+def _sample(
     params: dict,
     key: jax.Array,
     prompt: jax.Array,
@@ -202,6 +257,11 @@ def sample(
     return out[0] if single else out
 
 
+sample.__doc__ = f"{sample.__doc__}\n{_sample.__doc__}"
+sample.lower, sample.trace, sample.eval_shape = _sample.lower, _sample.trace, _sample.eval_shape
+sample._cache_size = _sample._cache_size  # for tests that a new value does not recompile
+
+
 @partial(jax.jit, static_argnames=("cfg", "mode", "seq_length"))
 def _start_jit(params, prompt, *, cfg, mode, seq_length):
     return _start(params, prompt, cfg, mode, seq_length)
@@ -230,6 +290,7 @@ def sample_stream(
     """`sample`, delivered `chunk` characters at a time (each chunk one jitted lax.scan),
     so that text can be shown as it is made. The concatenated chunks equal `sample`'s
     output for the same arguments: the per-character keys are the same."""
+    check_options(cfg, length, temperature, top_k, top_p, mode)
     prompt, single = _rows(prompt, num_samples)
     state = _start_jit(params, prompt, cfg=cfg, mode=mode, seq_length=seq_length)
     keys = jax.random.split(key, length)

@@ -291,14 +291,21 @@ def _last_loss(losses: jax.Array, step: int, skip_nonfinite: bool) -> float:
     return loss
 
 
-def _save_metrics(cfg: Config, params, totals, val_ids, val_spans) -> dict:
-    """The epoch's mean training loss so far and the validation loss, nats and bits/char."""
+def _save_metrics(
+    cfg: Config, params, totals, val_ids, val_spans, interrupted: bool = False
+) -> dict:
+    """The epoch's mean training loss so far and the validation loss, nats and bits/char.
+    A save on interruption skips the validation pass (on a large held-out text it takes
+    long, and a stop must be quick) and says so: {"interrupted": true}, no val_loss. Such a
+    save is for resuming only and is never ranked as a best checkpoint."""
     train_loss = float(totals[0] / jnp.maximum(totals[1], 1.0))
     metrics = {"train_loss": train_loss, "train_bpc": train_loss / LN2}
-    if val_ids is not None and len(val_ids):
+    if interrupted:
+        metrics["interrupted"] = True
+    elif val_ids is not None and len(val_ids):
         metrics["val_loss"] = evaluate(params, cfg, val_ids, val_spans)
         metrics["val_bpc"] = metrics["val_loss"] / LN2
-    if not all(math.isfinite(v) for v in metrics.values()):
+    if not all(math.isfinite(v) for v in metrics.values() if not isinstance(v, bool)):
         raise TrainingError(f"non-finite metrics: {metrics}; not saved")
     return metrics
 
@@ -377,7 +384,8 @@ def fit(
             )
             last_log = step
         if save_now or stop:
-            metrics = _save_metrics(cfg, state.params, totals, val_ids, val_spans)
+            interrupted = stop and not save_now
+            metrics = _save_metrics(cfg, state.params, totals, val_ids, val_spans, interrupted)
             metrics.update(
                 step=step,
                 epoch=epoch + 1,

@@ -8,7 +8,7 @@ from reference import softmax
 
 from jaxchar.config import ModelConfig
 from jaxchar.model import apply, init_carry, init_params, step
-from jaxchar.sampling import sample, sample_logits, top_k_filter, top_p_filter
+from jaxchar.sampling import sample, sample_logits, sample_stream, top_k_filter, top_p_filter
 
 CFG = ModelConfig(vocab_size=13, layers=2, hidden=12, encoding="embed", embed_dim=6)
 
@@ -157,3 +157,35 @@ def test_sample_inside_user_jit_and_vmap(params):
     want = [sample(params, k, jnp.array([1, 2]), cfg=CFG, length=8, temperature=1.0) for k in keys]
     np.testing.assert_array_equal(out, np.stack(want))
     assert len({tuple(row) for row in out.tolist()}) == 3
+
+
+@pytest.mark.parametrize(
+    "option, words",
+    [
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": -0.5}, "top_p"),
+        ({"top_p": float("nan")}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"temperature": float("inf")}, "temperature"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"top_k": 0}, "top_k"),
+        ({"top_k": 14}, "top_k"),
+        ({"length": 0}, "length"),
+        ({"mode": "sideways"}, "mode"),
+    ],
+)
+def test_out_of_range_options_are_refused_before_tracing(params, option, words):
+    kw = {"cfg": CFG, "length": 5, **option}
+    with pytest.raises(ValueError, match=words):
+        sample(params, jax.random.PRNGKey(0), jnp.array([1, 2]), **kw)
+    with pytest.raises(ValueError, match=words):
+        next(iter(sample_stream(params, jax.random.PRNGKey(0), jnp.array([1, 2]), **kw)))
+    # traced values cannot be read: inside a caller's jit they are not refused
+    if set(option) == {"top_p"} and option["top_p"] > 0:
+        out = jax.jit(
+            lambda p: sample(
+                params, jax.random.PRNGKey(0), jnp.array([1]), cfg=CFG, length=3, top_p=p
+            )
+        )(option["top_p"])
+        assert out.shape == (3,)

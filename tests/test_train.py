@@ -1,4 +1,5 @@
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +11,7 @@ from jaxchar.checkpoint import CheckpointError, RunDir, load_checkpoint
 from jaxchar.config import Config, override
 from jaxchar.corpus import prepare
 from jaxchar.model import init_params
-from jaxchar.train import fit, loss_fn, with_vocab, zero_totals
+from jaxchar.train import Plan, fit, loss_fn, with_vocab, zero_totals
 
 
 def _setup(alice_text, *sets, chars=20000):
@@ -113,6 +114,72 @@ def test_resume_equals_uninterrupted(alice_text, tmp_path, stateful):
         np.testing.assert_array_equal(x, y)
     assert resumed.history[-1]["train_loss"] == straight.history[-1]["train_loss"]
     assert resumed.history[-1]["val_loss"] == straight.history[-1]["val_loss"]
+
+
+def _metric_lines(run_dir) -> list[dict]:
+    """metrics.jsonl without its timings, and without the saves made on interruption
+    (those exist only in the interrupted run, and are marked)."""
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    timings = ("wall_s", "chars_per_s")
+    return [
+        {k: v for k, v in m.items() if k not in timings} for m in lines if not m.get("interrupted")
+    ]
+
+
+@pytest.fixture(scope="module")
+def boundary_setup(alice_text, tmp_path_factory):
+    """The uninterrupted run: 2+ epochs of 21 steps, saves every 10 steps and at each
+    epoch's end, no held-out text (the tutorial's case: the best is chosen by training
+    loss), keep-best 2."""
+    cfg, corpus = _setup(
+        alice_text,
+        "data.objective=sequence",
+        "data.val_fraction=0",
+        "train.max_steps=50",
+        "train.save_every_steps=10",
+        "train.steps_per_call=1",
+        "train.keep_best=2",
+        chars=6000,
+    )
+    straight_dir = tmp_path_factory.mktemp("straight") / "run"
+    with RunDir.create(straight_dir, cfg, corpus.vocab) as run:
+        fit(cfg, corpus.train_ids, checkpointer=run)
+    return cfg, corpus, straight_dir
+
+
+@pytest.mark.parametrize(
+    "boundary",
+    ["mid-epoch save", "end-of-epoch save", "between saves", "just after an epoch began"],
+)
+def test_a_resumed_run_logs_and_keeps_what_the_uninterrupted_run_does(
+    boundary_setup, tmp_path, boundary
+):
+    """Stopped at each kind of boundary (a stop at a save is also what kill -9 soon after
+    that save leaves on disk), then resumed: the same metrics.jsonl lines and the same
+    best checkpoints as the uninterrupted run."""
+    cfg, corpus, straight_dir = boundary_setup
+    per_epoch = Plan.of(cfg, len(corpus.train_ids)).steps_per_epoch
+    assert 16 < per_epoch <= 24  # the cases below: 10 and 15 inside epoch 1, 2 epochs < 50
+    stop_at = {
+        "mid-epoch save": 10,
+        "end-of-epoch save": per_epoch,
+        "between saves": 15,
+        "just after an epoch began": 2 * per_epoch + 1,
+    }[boundary]
+    polls = iter(range(1, 10**6))  # one poll per dispatch of one step
+    with RunDir.create(tmp_path / "run", cfg, corpus.vocab) as run:
+        first = fit(
+            cfg, corpus.train_ids, checkpointer=run, should_stop=lambda: next(polls) >= stop_at
+        )
+    assert first.interrupted and int(first.state.step) == stop_at
+    at_a_save = stop_at % 10 == 0 or stop_at % per_epoch == 0
+    assert first.history[-1].get("interrupted", False) == (not at_a_save)
+    with RunDir.open(tmp_path / "run") as run:
+        fit(cfg, corpus.train_ids, checkpointer=run)
+    assert _metric_lines(tmp_path / "run") == _metric_lines(straight_dir), boundary
+    with RunDir.open(tmp_path / "run") as resumed, RunDir.open(straight_dir) as straight:
+        assert resumed.best_step() == straight.best_step()
+        assert resumed._ranked(resumed.steps())[:2] == straight._ranked(straight.steps())[:2]
 
 
 def test_checkpoint_round_trip_and_best_k(alice_text, tmp_path):

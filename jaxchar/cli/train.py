@@ -139,6 +139,8 @@ class Progress:
             )
             if "val_loss" in event:
                 text += f", val loss {event['val_loss']:.4f} ({event['val_bpc']:.3f} bits/char)"
+            if event.get("interrupted"):
+                text += " (mid-epoch, for resuming: validation runs at the next regular save)"
             self.line(text)
 
     def close(self) -> None:
