@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import unicodedata
 import urllib.request
 from dataclasses import dataclass
@@ -31,7 +32,15 @@ NAMED_CORPORA: dict[str, tuple[str, str]] = {
     ),
 }
 
-_START, _END = "*** START OF", "*** END OF"
+# Project Gutenberg's marker lines, whole lines as Gutenberg writes them: "*** START OF THE
+# PROJECT GUTENBERG EBOOK TITLE ***" (also "THIS", "EBOOK"/"ETEXT", a missing closing "***")
+_MARKER = r"^[ \t]*\*\*\*[ \t]*{what} OF (?:THE|THIS) PROJECT GUTENBERG E(?:BOOK|TEXT)\b[^\n]*$"
+_START = re.compile(_MARKER.format(what="START"), re.IGNORECASE | re.MULTILINE)
+_END = re.compile(_MARKER.format(what="END"), re.IGNORECASE | re.MULTILINE)
+# where they stand in a Gutenberg file: the header's within the opening (the licence before
+# the book is at most a few thousand characters), the footer's within the closing part (the
+# licence after it is about 19,000 characters)
+HEADER_WITHIN, FOOTER_WITHIN = (20_000, 0.1), (40_000, 0.3)  # characters, share of the file
 
 
 def resolve_corpus(
@@ -99,22 +108,45 @@ def read_text(
     return text.removeprefix("\ufeff").replace("\r\n", "\n")
 
 
-def strip_gutenberg(text: str) -> tuple[str, bool]:
-    """Keeps the text between the `*** START OF` and `*** END OF` lines, if both are there."""
-    start, end = text.find(_START), text.find(_END)
-    if start < 0 or end < 0 or end < start:
-        return text, False
-    body = text[text.find("\n", start) + 1 : end].rstrip()
+@dataclass(frozen=True)
+class Stripped:
+    """What Project Gutenberg stripping removed: characters before and after the book."""
+
+    before: int
+    after: int
+    total: int  # characters of the whole text
+
+    def describe(self) -> str:
+        line = (
+            f"Project Gutenberg header and footer removed ({self.before:,} characters before "
+            f"the book, {self.after:,} after; --keep-gutenberg-header keeps them)"
+        )
+        if self.before + self.after > self.total / 2:
+            line += ": that is most of the file; if it is not a Gutenberg book, keep them"
+        return line
+
+
+def strip_gutenberg(text: str) -> tuple[str, Stripped | None]:
+    """Keeps the book between Project Gutenberg's START and END marker lines, when both are
+    whole lines where Gutenberg puts them (the START line near the file's start, the END line
+    near its end); otherwise the text is returned whole, with None."""
+    n = len(text)
+    start = _START.search(text, 0, max(HEADER_WITHIN[0], int(n * HEADER_WITHIN[1])))
+    if start is None:
+        return text, None
+    closing_part = n - max(FOOTER_WITHIN[0], int(n * FOOTER_WITHIN[1]))
+    end = _END.search(text, max(start.end(), closing_part))
+    if end is None:
+        return text, None
+    lo, hi = start.end() + 1, end.start()  # the book's characters: text[lo:hi]
+    hi = lo + len(text[lo:hi].rstrip())
     # older editions close the body with an "End of (the) Project Gutenberg ..." line
-    last_line = body.rfind("\n") + 1
-    if (
-        body[last_line:]
-        .lstrip()
-        .lower()
-        .startswith(("end of project gutenberg", "end of the project gutenberg"))
-    ):
-        body = body[:last_line].rstrip()
-    return body.strip("\n") + "\n", True
+    last_line = text.rfind("\n", lo, hi) + 1
+    closing = text[max(last_line, lo) : hi].lstrip().lower()
+    if closing.startswith(("end of project gutenberg", "end of the project gutenberg")):
+        hi = lo + len(text[lo:last_line].rstrip())
+    lo += len(text[lo:hi]) - len(text[lo:hi].lstrip("\n"))
+    return text[lo:hi] + "\n", Stripped(lo, n - hi, n)
 
 
 def normalize(text: str, lowercase: bool = True, remove_punctuation: bool = False) -> str:
@@ -228,7 +260,7 @@ class Corpus:
     train_ids: np.ndarray
     val_ids: np.ndarray
     total_chars: int
-    stripped_header: bool
+    stripped: Stripped | None  # what Gutenberg stripping removed, if it ran
     train_spans: np.ndarray | None = None
     val_spans: np.ndarray | None = None
 
@@ -241,16 +273,18 @@ class Corpus:
         ]
         if len(self.val_ids):
             lines.append(f"Held out: {len(self.val_ids)} characters (from the end)")
-        if self.stripped_header:
-            lines.append("Project Gutenberg header and footer removed")
+        if self.stripped:
+            lines.append(self.stripped.describe())
         return "\n".join(lines)
 
 
 def prepare(text: str, cfg: DataConfig, vocab: Vocab | None = None) -> Corpus:
     """Normalizes, builds (or reuses) the vocabulary, encodes and splits the text."""
-    stripped = False
+    stripped = None
     if cfg.strip_gutenberg:
         text, stripped = strip_gutenberg(text)
+    # an error after stripping says so: the user may not know it happened
+    after = f" (after {stripped.describe()})" if stripped else ""
     text = normalize(text, cfg.lowercase, cfg.remove_punctuation)
     vocab = vocab or Vocab.from_text(text)
     ids = vocab.encode(text)
@@ -259,12 +293,12 @@ def prepare(text: str, cfg: DataConfig, vocab: Vocab | None = None) -> Corpus:
     if len(train_ids) < cfg.seq_length + 1:
         raise CorpusError(
             f"the text has {len(train_ids)} training characters, fewer than seq_length + 1 = "
-            f"{cfg.seq_length + 1}: use a longer text or a smaller data.seq_length"
+            f"{cfg.seq_length + 1}{after}: use a longer text or a smaller data.seq_length"
         )
     if n_val and len(val_ids) < cfg.seq_length + 1:
         raise CorpusError(
-            f"the held-out part has {len(val_ids)} characters, fewer than seq_length + 1: "
-            "raise data.val_fraction or lower data.seq_length"
+            f"the held-out part has {len(val_ids)} characters, fewer than seq_length + 1"
+            f"{after}: raise data.val_fraction or lower data.seq_length"
         )
     spans = (None, None)
     if cfg.objective == "sentences":

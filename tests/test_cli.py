@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import REPO
 
 from jaxchar.cli import build_parser, main
 
@@ -342,3 +343,21 @@ def test_a_run_written_with_the_old_default_impl_generates_the_same_text(
             texts.append(capsys.readouterr().out)
     assert texts[0::2] == [texts[0]] * 3 and texts[1::2] == [texts[1]] * 3
     assert len(texts[1].strip()) == 60
+
+
+def test_a_source_file_mentioning_gutenberg_markers_is_trained_on_whole(tmp_path, capsys):
+    # jaxchar's own corpus.py once held these lines, and was cut to 1 character
+    code = (REPO / "jaxchar" / "corpus.py").read_text()
+    code = 'START, END = "*** START OF", "*** END OF"\n' + code
+    (tmp_path / "code.py").write_text(code)
+    args = [
+        "train",
+        str(tmp_path / "code.py"),
+        "--config",
+        "tiny",
+        "--run-dir",
+        str(tmp_path / "r"),
+    ]
+    assert main([*args, "--max-steps", "1", "--set", "train.sample_chars=0"]) == 0
+    err = capsys.readouterr().err
+    assert f"Total Characters: {len(code.lower())}" in err and "Gutenberg" not in err

@@ -102,16 +102,89 @@ def test_unknown_characters_are_named_or_skipped():
 
 def test_gutenberg_header_and_footer_are_stripped(alice_text):
     body, stripped = strip_gutenberg(alice_text)
-    assert stripped
     assert "Project Gutenberg" not in body and "*** START" not in body
     assert body.lstrip().startswith("ALICE'S ADVENTURES IN WONDERLAND")
     assert "THE END" in body[-200:]
-    assert strip_gutenberg("no markers here") == ("no markers here", False)
+    # what was cut, counted against the text: before + book + after is the whole file
+    assert stripped.before + len(body.rstrip("\n")) + stripped.after == len(alice_text)
+    assert alice_text[stripped.before :].startswith("ALICE'S ADVENTURES")
+    assert 500 < stripped.before < 1000 and 15000 < stripped.after < 25000
+    assert "597 characters before" in stripped.describe() and "most" not in stripped.describe()
+    assert strip_gutenberg("no markers here") == ("no markers here", None)
+
+
+GUTENBERG_LIKE = "*** START OF THE PROJECT GUTENBERG EBOOK A TITLE ***"
+
+
+def _book(before: str, body: str, after: str, start=GUTENBERG_LIKE, end=None) -> str:
+    end = end or GUTENBERG_LIKE.replace("START", "END")
+    return f"{before}{start}\n{body}{end}\n{after}"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # source code that mentions the markers (jaxchar's own corpus.py once did)
+        'START, END = "*** START OF", "*** END OF"\n' + "x = 1\n" * 3000,
+        "# *** START OF THE PROJECT GUTENBERG EBOOK\n"
+        + "y = 2\n" * 3000
+        + "# *** END OF THE PROJECT GUTENBERG EBOOK\n",
+        # marker lines in the middle of a long text: not where Gutenberg puts them
+        _book("a" * 100_000 + "\n", "body\n" * 1000, "z" * 100_000 + "\n"),
+        # a marker inside a line, not a line of its own
+        "text "
+        + GUTENBERG_LIKE
+        + "\nbody\n" * 500
+        + "text "
+        + GUTENBERG_LIKE.replace("START", "END"),
+        # only one of the two markers
+        _book("", "body\n" * 500, "", end="the end"),
+    ],
+    ids=["code-strings", "code-comments", "markers-mid-file", "inside-a-line", "no-end"],
+)
+def test_texts_that_are_not_gutenberg_books_are_kept_whole(text):
+    assert strip_gutenberg(text) == (text, None)
+
+
+@pytest.mark.parametrize(
+    "start, end",
+    [
+        (
+            "*** START OF THIS PROJECT GUTENBERG EBOOK X ***",
+            "*** END OF THIS PROJECT GUTENBERG EBOOK X ***",
+        ),
+        (
+            "***START OF THE PROJECT GUTENBERG EBOOK X***",
+            "***END OF THE PROJECT GUTENBERG EBOOK X***",
+        ),
+        ("*** START OF THE PROJECT GUTENBERG ETEXT X", "*** END OF THE PROJECT GUTENBERG ETEXT X"),
+        (
+            "  *** START OF THE PROJECT GUTENBERG EBOOK X ***\r",
+            "*** END OF THE PROJECT GUTENBERG EBOOK X ***",
+        ),
+    ],
+)
+def test_gutenberg_marker_forms_are_recognised(start, end):
+    text = _book("licence\n" * 50, "the book\n" * 2000, "licence\n" * 2000, start, end)
+    body, stripped = strip_gutenberg(text)
+    assert body == "the book\n" * 2000 and stripped.after > 0
+
+
+def test_stripping_most_of_a_text_says_so_and_errors_name_the_stripping():
+    text = _book("licence\n" * 1000, "a short poem\n", "licence\n" * 1000)
+    body, stripped = strip_gutenberg(text)
+    assert body == "a short poem\n" and "most of the file" in stripped.describe()
+    corpus = prepare(text, DataConfig(seq_length=5, val_fraction=0))
+    assert "--keep-gutenberg-header" in corpus.summary(5)
+    with pytest.raises(CorpusError, match="after Project Gutenberg header and footer removed"):
+        prepare(text, DataConfig(seq_length=100, val_fraction=0))
+    kept = prepare(text, DataConfig(seq_length=100, val_fraction=0, strip_gutenberg=False))
+    assert kept.total_chars == len(text) and kept.stripped is None
 
 
 def test_alice_matches_the_tutorial_setup():
     corpus = load_corpus(DATA / "wonderland.txt", DataConfig())
-    assert corpus.stripped_header
+    assert corpus.stripped is not None
     assert len(corpus.vocab) == 45 and corpus.train_ids.dtype == np.uint8
     assert corpus.total_chars == len(corpus.train_ids)
     text = corpus.vocab.decode(corpus.train_ids)
