@@ -18,6 +18,7 @@ import json
 import math
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +39,21 @@ class CheckpointError(RuntimeError):
     """A run directory or checkpoint that cannot be used, with what to do about it."""
 
 
-def _write_json_atomic(path: Path, value: Any) -> None:
+def _write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def _write_json_atomic(path: Path, value: Any) -> None:
+    _write_text_atomic(path, json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+
+
+def _why(err: Exception) -> str:
+    """A damaged checkpoint's error in a few words (orbax's messages run to pages)."""
+    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    first = first if len(first) <= 80 else first[:77] + "..."
+    return f"{err.__class__.__name__}: {first}" if first else err.__class__.__name__
 
 
 def _read_run_file(path: Path) -> dict:
@@ -92,6 +104,8 @@ class RunDir:
         # after --resume its BestN saw the earlier saves without them and deleted the best.)
         options = ocp.CheckpointManagerOptions(create=True)
         self._scores: dict[int, float | None] = {}
+        self.notes: list[str] = []  # one line per damaged checkpoint passed over
+        self.damaged: set[int] = set()  # steps found unreadable
         self.manager = ocp.CheckpointManager(path / "checkpoints", options=options)
 
     @classmethod
@@ -190,6 +204,9 @@ class RunDir:
             "vocab": list(self.vocab.chars),
             "metrics": metrics,
         }
+        if step in self.steps():  # a damaged save that resuming passed over: replace it
+            self.manager.delete(step)
+            self._scores.pop(step, None)
         self.manager.save(
             step,
             args=ocp.args.Composite(
@@ -252,7 +269,9 @@ class RunDir:
 
     def restore_latest(self, target: dict) -> dict | None:
         """The newest readable save, restored into the structure of `target`; None if the
-        run has no save yet. Damaged saves are skipped in favour of older ones."""
+        run has no readable save (training then starts again). A damaged save is passed
+        over for the one before it, with a note in `notes`; the save that later reaches its
+        step replaces it, and metrics.jsonl forgets the lines after the restored step."""
         state = target["state"]
         abstract = {
             "opt_state": state.opt_state,
@@ -261,7 +280,8 @@ class RunDir:
             "totals": target["totals"],
             "rng": np.asarray(jax.random.key_data(jax.random.PRNGKey(self.cfg.train.seed))),
         }
-        for step in reversed(self.steps()):
+        steps = self.steps()
+        for step in reversed(steps):
             try:
                 restored = self.manager.restore(
                     step,
@@ -270,8 +290,10 @@ class RunDir:
                         train=ocp.args.StandardRestore(abstract),
                     ),
                 )
-            except Exception:  # damaged or half-deleted: fall back to the previous save
+            except Exception as err:  # damaged or half-deleted: fall back to the previous save
+                self._skip(step, err, "resuming from an earlier one")
                 continue
+            self._forget_metrics_after(step)
             part = restored["train"]
             new_state = state.replace(
                 step=part["step"],
@@ -280,13 +302,35 @@ class RunDir:
                 carry=part["carry"],
             )
             return {"state": new_state, "totals": part["totals"]}
+        if steps:
+            self.notes.append(
+                f"every checkpoint in {self.path} is damaged: training starts again from step 0"
+            )
+            self._forget_metrics_after(0)
         return None
 
-    def load_params(self, step: int | None = None) -> tuple[dict, int]:
-        """Params of `step` (default: the best step), as device arrays."""
-        step = self.best_step() if step is None else step
-        if step is None:
-            raise CheckpointError(f"{self.path} has no usable checkpoint yet: train it first")
+    def _skip(self, step: int, err: Exception, then: str) -> None:
+        self.damaged.add(step)
+        self.notes.append(f"skipped checkpoint {step}: it cannot be read ({_why(err)}); {then}")
+
+    def _forget_metrics_after(self, step: int) -> None:
+        """metrics.jsonl keeps the lines of saves up to `step` (later ones will be written
+        again by the resumed run)."""
+        path = self.path / "metrics.jsonl"
+        if jax.process_index() != 0 or not path.is_file():
+            return
+        lines = path.read_text(encoding="utf-8").splitlines()
+
+        def kept(line: str) -> bool:
+            try:
+                return json.loads(line)["step"] <= step
+            except (ValueError, KeyError, TypeError):  # a torn last line
+                return False
+
+        _write_text_atomic(path, "".join(line + "\n" for line in lines if kept(line)))
+
+    def read_params(self, step: int) -> dict:
+        """Params of checkpoint `step`, as device arrays (CheckpointError if damaged)."""
         if step not in self.steps():
             raise CheckpointError(f"{self.path} has no checkpoint at step {step}")
         try:
@@ -294,10 +338,40 @@ class RunDir:
                 step, args=ocp.args.Composite(params=ocp.args.StandardRestore())
             )
         except Exception as err:
+            self.damaged.add(step)
             raise CheckpointError(
-                f"checkpoint {step} in {self.path} cannot be read ({err.__class__.__name__})"
+                f"checkpoint {step} in {self.path} is damaged ({_why(err)}): choose another "
+                "--step (`jaxchar info` lists them)"
             ) from None
-        return jax.tree.map(jax.numpy.asarray, restored["params"]), step
+        return jax.tree.map(jax.numpy.asarray, restored["params"])
+
+    def generation_order(self) -> list[int]:
+        """The steps `load_params` tries, in order: by the monitored loss, best first; then
+        saves with no finite loss (made on interruption), newest first."""
+        steps = self.steps()
+        ranked = [s for s in self._ranked(steps) if self._score(s) != math.inf]
+        return ranked + [s for s in reversed(steps) if self._score(s) == math.inf]
+
+    def load_params(self, step: int | None = None) -> tuple[dict, int]:
+        """Params of `step`, or of the best readable checkpoint (a damaged best one is
+        passed over, with a note in `notes`), as device arrays."""
+        if step is not None:
+            return self.read_params(step), step
+        for candidate in self.generation_order():
+            try:
+                return self.read_params(candidate), candidate
+            except CheckpointError:
+                self.notes.append(
+                    f"skipped checkpoint {candidate}: it is damaged; using an earlier one"
+                )
+        steps = self.steps()
+        if not steps:
+            raise CheckpointError(f"{self.path} has no checkpoint yet: train it first")
+        listed = ", ".join(map(str, steps))
+        raise CheckpointError(
+            f"every checkpoint in {self.path} is damaged (steps {listed} cannot be read): "
+            "train it again (--overwrite)"
+        )
 
     def close(self) -> None:
         self.manager.wait_until_finished()
@@ -311,16 +385,18 @@ class RunDir:
 
 
 def load_checkpoint(run_dir: str | Path, step: int | None = None) -> tuple[dict, Config, Vocab]:
-    """(params, config, vocab) of a run's best checkpoint (or of `step`); no corpus needed."""
+    """(params, config, vocab) of a run's best readable checkpoint (or of `step`); no corpus
+    needed. A damaged checkpoint passed over is reported with `warnings.warn`."""
     with RunDir.open(run_dir) as run:
         params, _ = run.load_params(step)
+    for note in run.notes:
+        warnings.warn(note, stacklevel=2)
     return params, run.cfg, run.vocab
 
 
-def export_run(run_dir: str | Path, out_dir: str | Path, step: int | None = None) -> Path:
+def write_export(params: dict, cfg: Config, vocab: Vocab, out_dir: str | Path) -> Path:
     """Writes params.npz (keys like "lstm_0/cell/recurrent_kernel"), config.json and
     vocab.json: everything needed to use the model without jaxchar or orbax."""
-    params, cfg, vocab = load_checkpoint(run_dir, step)
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise CheckpointError(f"{out} exists and is not empty: choose a new folder")
@@ -333,6 +409,12 @@ def export_run(run_dir: str | Path, out_dir: str | Path, step: int | None = None
     _write_json_atomic(out / "config.json", cfg.to_dict())
     _write_json_atomic(out / "vocab.json", {"chars": list(vocab.chars)})
     return out
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path, step: int | None = None) -> Path:
+    """`write_export` of a run's best readable checkpoint (or of `step`)."""
+    params, cfg, vocab = load_checkpoint(run_dir, step)
+    return write_export(params, cfg, vocab, out_dir)
 
 
 def load_export(out_dir: str | Path) -> tuple[dict, Config, Vocab]:

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from jaxchar import data
-from jaxchar.checkpoint import RunDir
+from jaxchar.checkpoint import CheckpointError, RunDir, write_export
 from jaxchar.config import Config, ConfigError, SampleConfig, override
 from jaxchar.corpus import CorpusError, Vocab, encode_text, load_corpus, prepare, read_text
 from jaxchar.lstm.backends import Choice, runnable, select
@@ -88,7 +88,34 @@ class Run:
         return self._params[step]
 
     def best_step(self) -> int | None:
-        return self.dir.best_step()
+        """The step `generate` uses by default: the best readable checkpoint (None if the
+        run has none)."""
+        try:
+            return self.params()[1]
+        except CheckpointError:
+            return None
+
+    @property
+    def notes(self) -> list[str]:
+        """One line per damaged checkpoint passed over so far."""
+        return self.dir.notes
+
+    def damage(self, step: int) -> str | None:
+        """What makes checkpoint `step` unusable ("its metrics", "its params"), or None."""
+        try:
+            self.metrics(step)
+        except Exception:
+            return "its metrics cannot be read"
+        try:
+            self.dir.read_params(step)
+        except CheckpointError:
+            return "its params cannot be read"
+        return None
+
+    def export(self, out_dir: str | Path, step: int | None = None) -> Path:
+        """`jaxchar export`: params.npz, config.json and vocab.json of a checkpoint."""
+        params, _ = self.params(step)
+        return write_export(params, self.stored_cfg, self.vocab, out_dir)
 
     def steps(self) -> list[int]:
         return self.dir.steps()
@@ -377,13 +404,19 @@ def train_run(
         for hook in hooks:
             hook(params, metrics)
 
+    def log_with_notes(event: dict) -> None:  # a resume's notes come before it starts
+        if event["event"] == "start":
+            for note in run.notes:
+                log({"event": "note", "text": note})
+        log(event)
+
     try:
         result = fit(
             cfg,
             corpus.train_ids,
             corpus.val_ids,
             checkpointer=run,
-            log=log,
+            log=log_with_notes,
             should_stop=should_stop,
             mesh=mesh,
             on_save=on_save,

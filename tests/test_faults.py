@@ -1,6 +1,7 @@
 """Interruption, damaged checkpoints, non-finite losses: nothing saved is lost."""
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -164,7 +165,7 @@ def test_damaged_latest_checkpoint_is_skipped_on_resume_and_never_best(alice_tex
 
     restored = reopened.restore_latest({"state": state_like, "totals": zero_totals()})
     assert int(restored["state"].step) == 10  # fell back to the previous good save
-    with pytest.raises(CheckpointError, match="cannot be read"):
+    with pytest.raises(CheckpointError, match="checkpoint 15 .* is damaged"):
         reopened.load_params(15)
     reopened.close()
 
@@ -294,3 +295,80 @@ def test_half_written_checkpoint_is_ignored(alice_text, tmp_path):
         jax.tree.leaves(result.state.params), jax.tree.leaves(straight.state.params), strict=True
     ):
         np.testing.assert_array_equal(x, y)
+
+
+@pytest.fixture(scope="module")
+def three_saves(tmp_path_factory, text_file):
+    """A tiny run with saves at steps 10, 20 and 30 (keep-best 3: all kept)."""
+    run = tmp_path_factory.mktemp("three") / "run"
+    args = ["train", str(text_file), "--run-dir", str(run), *TINY[:2], "--max-steps", "30"]
+    sets = ["--set", "train.save_every_steps=10", "--set", "train.sample_chars=0", "--quiet"]
+    assert main([*args, *sets]) == 0
+    return run
+
+
+def _damage_params(run: Path, step: int) -> None:
+    """Truncates the largest data file of the step's params (a disk that filled up)."""
+    files = [f for f in (run / "checkpoints" / str(step) / "params").rglob("*") if f.is_file()]
+    largest = max(files, key=lambda f: f.stat().st_size)
+    largest.write_bytes(largest.read_bytes()[:100])
+
+
+def _lines(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_every_command_passes_over_a_damaged_newest_checkpoint(
+    three_saves, text_file, tmp_path, capsys
+):
+    run = tmp_path / "run"
+    shutil.copytree(three_saves, run)
+    _damage_params(run, 30)
+    capsys.readouterr()
+    assert main(["info", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "30      1" in out and "(damaged: its params cannot be read)" in out
+    assert [line for line in out.splitlines() if "<- best" in line][0].split()[0] == "20"
+    for argv in (
+        ["generate", str(run), "--length", "10", "--prompt", "alice"],
+        ["evaluate", str(run), str(text_file)],
+        ["export", str(run), str(tmp_path / "exported")],
+    ):
+        assert main(argv) == 0, argv
+        err = capsys.readouterr().err
+        assert "note: skipped checkpoint 30: it is damaged; using an earlier one" in err, argv
+    assert main(["evaluate", str(run), str(text_file), "--step", "30"]) == 2
+    assert "checkpoint 30" in capsys.readouterr().err
+    # resume: from 20, the damaged 30 written again, then on to 40; no duplicate log lines
+    again = ["train", str(text_file), "--run-dir", str(run), "--resume", "--max-steps", "40"]
+    assert main([*again, "--epochs", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "skipped checkpoint 30" in err and "resuming at step 20" in err
+    assert "Traceback" not in err and "StepAlreadyExists" not in err
+    steps = [m["step"] for m in _lines(run)]
+    assert steps == [10, 20, 30, 36, 40]  # 36: the end of the first epoch
+    original = {m["step"]: m for m in _lines(three_saves)}
+    assert _lines(run)[2]["val_loss"] == original[30]["val_loss"]  # the same training
+    with RunDir.open(run) as opened:
+        assert opened.read_params(30) is not None and opened.best_step() == 40
+
+
+def test_every_file_emptied_is_damage_not_an_empty_run(three_saves, text_file, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(three_saves, run)
+    for f in (run / "checkpoints").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"")
+    # a real process: orbax's logs and leftover threads must stay off stderr
+    cmd = [sys.executable, "-m", "jaxchar"]
+    done = subprocess.run([*cmd, "generate", str(run)], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.startswith("jaxchar: error: every checkpoint in")
+    assert "damaged" in done.stderr and "train it first" not in done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr  # one line: no absl, no traceback
+    info = subprocess.run([*cmd, "info", str(run)], capture_output=True, text=True)
+    assert info.returncode == 0 and info.stdout.count("(damaged:") == 3, info.stdout
+    assert "ERROR" not in info.stderr and "Traceback" not in info.stderr, info.stderr
+    # resuming starts again (the damaged saves replaced) and ends as the first run did
+    assert main(["train", str(text_file), "--run-dir", str(run), "--resume", "--quiet"]) == 0
+    assert [m["val_loss"] for m in _lines(run)] == [m["val_loss"] for m in _lines(three_saves)]

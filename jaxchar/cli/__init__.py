@@ -15,7 +15,7 @@ import os
 import sys
 
 from jaxchar.cli import generate, tools, train
-from jaxchar.cli.common import EXIT_INTERRUPTED, EXIT_USAGE, err
+from jaxchar.cli.common import EXIT_INTERRUPTED, EXIT_USAGE, err, quiet_library_noise
 from jaxchar.version import __version__
 
 # the library's refusals: (module, class). A module the command never imported cannot have
@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not args.debug:
+        quiet_library_noise()
     try:
         return args.func(args)
     except BrokenPipeError:  # stdout closed early (`| head`): end quietly, as Unix tools do

@@ -40,3 +40,28 @@ def add_unknown(p: argparse.ArgumentParser, what: str) -> None:
         help=f"{what} characters outside the run's vocabulary: refuse them or leave them out "
         "(default: error)",
     )
+
+
+def say_notes(notes: list[str], quiet: bool = False) -> None:
+    """The library's notes (a damaged checkpoint passed over, a backend replaced), once."""
+    while notes:
+        info(f"note: {notes.pop(0)}", quiet)
+
+
+def quiet_library_noise() -> None:
+    """Without --debug, the libraries' own logs and leftover tracebacks stay off stderr: a
+    damaged checkpoint makes orbax log JSON errors (absl) and leaves coroutines and threads
+    that complain at exit; jaxchar's one-line notes and errors say what happened."""
+    import logging
+    import threading
+
+    for name in ("absl", "asyncio", "orbax", "jax"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    sys.unraisablehook = lambda unraisable: None
+    default = threading.excepthook
+
+    def threads(args) -> None:
+        if not (args.exc_type is RuntimeError and "Event loop is closed" in str(args.exc_value)):
+            default(args)
+
+    threading.excepthook = threads

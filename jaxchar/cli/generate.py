@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jaxchar.cli.common import add_common, add_step, add_unknown, info
+from jaxchar.cli.common import add_common, add_step, add_unknown, info, say_notes
 from jaxchar.config import ConfigError
 
 INTERACTIVE_HELP = "type a prompt and press Enter; :temp T, :len N, :seed S, :quit"
@@ -21,6 +21,7 @@ def run(args: argparse.Namespace) -> int:
             info(trained.note, args.quiet)
         opts = trained.options(**_options(args))  # checked before the checkpoint is read
         _, step = trained.params(args.step)
+        say_notes(trained.notes, args.quiet)
         if args.interactive:
             return _interactive(trained, args)
         if prompt is None:

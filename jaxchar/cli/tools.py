@@ -7,7 +7,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from jaxchar.cli.common import add_common, add_step, add_unknown, info
+from jaxchar.cli.common import add_common, add_step, add_unknown, info, say_notes
 from jaxchar.config import ConfigError, load_config, shipped_names
 from jaxchar.version import __version__
 
@@ -21,6 +21,7 @@ def evaluate(args: argparse.Namespace) -> int:
         result = trained.evaluate(
             file=args.file, step=args.step, encoding=args.encoding, unknown=args.unknown
         )
+        say_notes(trained.notes, args.quiet)
     print(
         f"{args.file}: {result.loss:.4f} nats/char, {result.bpc:.4f} bits/char "
         f"({result.chars} characters, checkpoint step {result.step})"
@@ -29,9 +30,11 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 def export(args: argparse.Namespace) -> int:
-    from jaxchar.checkpoint import export_run
+    from jaxchar.run import Run
 
-    out = export_run(args.run_dir, args.out, args.step)
+    with Run.open(args.run_dir) as trained:
+        out = trained.export(args.out, args.step)
+        say_notes(trained.notes, args.quiet)
     info(f"wrote {out}/params.npz, config.json, vocab.json", args.quiet)
     return 0
 
@@ -86,14 +89,19 @@ def show(args: argparse.Namespace) -> int:
             print(f"[{name}] " + ", ".join(f"{k}={v}" for k, v in section.items()))
         print(f"{'step':>8} {'epoch':>6} {'train loss':>11} {'val loss':>9} {'bits/char':>9}")
         for step in trained.steps():
-            try:
-                m = trained.metrics(step)
-            except Exception:
-                print(f"{step:>8} (damaged: cannot be read)")
+            damage = trained.damage(step)
+            if damage == "its metrics cannot be read":
+                print(f"{step:>8} (damaged: {damage})")
                 continue
+            m = trained.metrics(step)
             val = f"{m['val_loss']:.4f}" if "val_loss" in m else "-"
             bpc = m.get("val_bpc", m.get("train_bpc"))
-            mark = "  <- best, used by generate" if step == best else ""
+            if damage:
+                mark = f"  (damaged: {damage})"
+            elif step == best:
+                mark = "  <- best, used by generate"
+            else:
+                mark = "  (interrupted: for resuming)" if m.get("interrupted") else ""
             print(f"{step:>8} {m['epoch']:>6} {m['train_loss']:>11.4f} {val:>9} {bpc:>9.3f}{mark}")
         for purpose, choice in choices(trained.cfg.model, jax.default_backend()).items():
             print(f"backend, {purpose}: {choice.backend} ({choice.reason})")

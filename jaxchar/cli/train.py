@@ -110,8 +110,10 @@ class Progress:
         kind = event["event"]
         if self.quiet and kind != "note":
             return
-        if kind in ("corpus", "backend", "note", "samples"):
+        if kind in ("corpus", "backend", "samples"):
             self.line(event["text"])
+        elif kind == "note":
+            self.line(f"note: {event['text']}")
         elif kind == "start":
             if self.tty:
                 from tqdm import tqdm
