@@ -246,6 +246,15 @@ class Streams(Sequence):
 
 
 @dataclass(frozen=True)
+class ResetEvery(Sequence):
+    """Evaluation with a bounded context: in-order chunks of seq_length characters, each
+    from a fresh state, so every character is scored with at most seq_length - 1 before it
+    (comparable with fixed-context models)."""
+
+    eval_carries_state: ClassVar[bool] = False
+
+
+@dataclass(frozen=True)
 class Sentences(Window):
     """Sentence-padded many-to-many: each row one sentence span from a fresh state."""
 
@@ -273,7 +282,7 @@ class Sentences(Window):
         return span_batch(ids, spans, items % spans.shape[0], valid, self.seq_length)
 
 
-Objective = Window | Sequence | Streams | Sentences
+Objective = Window | Sequence | Streams | Sentences | ResetEvery
 
 
 def objective(cfg: Config) -> Objective:

@@ -29,7 +29,7 @@ from jaxchar.config import Config, ConfigError, SampleConfig, override
 from jaxchar.corpus import CorpusError, Vocab, encode_text, load_corpus, prepare, read_text
 from jaxchar.lstm.backends import Choice, runnable, select
 from jaxchar.sampling import sample, sample_stream
-from jaxchar.train import LN2, FitResult, evaluate, fit, with_vocab
+from jaxchar.train import LN2, FitResult, fit, score, with_vocab
 
 Log = Callable[[dict], None]
 
@@ -225,8 +225,11 @@ class Run:
         step: int | None = None,
         encoding: str | None = None,
         unknown: str = "error",
+        context: int | None = None,
     ) -> Evaluation:
-        """Loss of a checkpoint on a text (or a file's text), prepared as the training text."""
+        """Loss of a checkpoint on a text (or a file's text), prepared as the training text:
+        as training scores its held-out text (the same number for the same text), or with
+        `context`, every character with at most context - 1 characters before it."""
         d = self.cfg.data
         if file is not None:
             text = read_text(file, encoding or d.encoding, d.errors)
@@ -234,7 +237,8 @@ class Run:
             raise ConfigError("give a text or a file to evaluate")
         ids, spans = encode_text(text, d, self.vocab, unknown)
         params, step = self.params(step)
-        return Evaluation(evaluate(params, self.cfg, ids, spans), len(ids), step)
+        result = score(params, self.cfg, ids, None if context else spans, context)
+        return Evaluation(result.loss, result.chars, step)
 
 
 # --- training -------------------------------------------------------------------------------

@@ -166,7 +166,7 @@ def run_steps(
 
 @partial(jax.jit, static_argnames=("cfg", "obj", "n"))
 def _evaluate_jit(params, ids, spans, *, cfg: Config, obj: data.Objective, n: int):
-    """Summed loss over n in-order evaluation batches of `obj`, divided by their weight."""
+    """Summed loss over n in-order evaluation batches of `obj`, and their weight."""
 
     def body(acc, i):
         total, weight, carry = acc
@@ -175,23 +175,45 @@ def _evaluate_jit(params, ids, spans, *, cfg: Config, obj: data.Objective, n: in
 
     carry = init_carry(cfg.model, obj.batch) if obj.eval_carries_state else None
     (total, weight, _), _ = jax.lax.scan(body, (0.0, 0.0, carry), jnp.arange(n))
-    return total / jnp.maximum(weight, 1.0)
+    return total, weight
 
 
-def evaluate(params, cfg: Config, ids, spans=None) -> float:
-    """Mean loss (nats/char) of the model on the ids, without dropout, over the whole text
-    (or the first train.eval_batches batches). The sentences objective scores its sentence
-    `spans` (corpus.sentence_spans of these ids), each from a fresh state."""
-    obj = data.objective(cfg).for_evaluation(len(ids))
+@dataclass(frozen=True)
+class Score:
+    loss: float  # nats/char
+    chars: int  # characters scored
+
+
+def score(params, cfg: Config, ids, spans=None, context: int | None = None) -> Score:
+    """The model's mean loss (nats/char) on the ids, without dropout, and how many
+    characters it scored: the whole text as training evaluates it (or the first
+    train.eval_batches batches), or with `context`, in-order chunks of `context`
+    characters each from a fresh state (every character scored with at most context - 1
+    characters before it). The sentences objective scores its sentence `spans`
+    (corpus.sentence_spans of these ids), each from a fresh state."""
+    if context is not None:
+        if context < 1:
+            raise TrainingError(f"the context must be at least 1 character, not {context}")
+        per_chunk = replace(cfg.data, objective="sequence", stateful=False, seq_length=context)
+        cfg = replace(cfg, data=per_chunk)
+        obj = data.ResetEvery(cfg.train.batch_size, context).for_evaluation(len(ids))
+    else:
+        obj = data.objective(cfg).for_evaluation(len(ids))
     if obj.needs_spans and (spans is None or not len(spans)):
         raise TrainingError("the sentences objective needs the text's sentence spans")
     n = obj.eval_steps(len(ids), 0 if spans is None else len(spans))
-    if cfg.train.eval_batches:
+    if cfg.train.eval_batches and context is None:
         n = min(n, cfg.train.eval_batches)
     if n < 1:
         raise TrainingError("the text is too short to evaluate: it needs seq_length + 1 chars")
     spans = None if spans is None else jnp.asarray(spans)
-    return float(_evaluate_jit(params, jnp.asarray(ids), spans, cfg=cfg, obj=obj, n=n))
+    total, weight = _evaluate_jit(params, jnp.asarray(ids), spans, cfg=cfg, obj=obj, n=n)
+    return Score(float(total / jnp.maximum(weight, 1.0)), int(weight))
+
+
+def evaluate(params, cfg: Config, ids, spans=None) -> float:
+    """`score(...).loss`: the loss training reports as its validation loss."""
+    return score(params, cfg, ids, spans).loss
 
 
 class Checkpointer(Protocol):
@@ -303,9 +325,12 @@ def _save_metrics(
     if interrupted:
         metrics["interrupted"] = True
     elif val_ids is not None and len(val_ids):
-        metrics["val_loss"] = evaluate(params, cfg, val_ids, val_spans)
-        metrics["val_bpc"] = metrics["val_loss"] / LN2
-    if not all(math.isfinite(v) for v in metrics.values() if not isinstance(v, bool)):
+        held_out = score(params, cfg, val_ids, val_spans)
+        metrics["val_loss"] = held_out.loss
+        metrics["val_bpc"] = held_out.loss / LN2
+        # characters scored, of the held-out text's (fewer with train.eval_batches)
+        metrics["val_chars"], metrics["val_text_chars"] = held_out.chars, len(val_ids)
+    if not all(math.isfinite(v) for v in metrics.values() if isinstance(v, float)):
         raise TrainingError(f"non-finite metrics: {metrics}; not saved")
     return metrics
 

@@ -19,12 +19,17 @@ def evaluate(args: argparse.Namespace) -> int:
         if trained.note:
             info(trained.note, args.quiet)
         result = trained.evaluate(
-            file=args.file, step=args.step, encoding=args.encoding, unknown=args.unknown
+            file=args.file,
+            step=args.step,
+            encoding=args.encoding,
+            unknown=args.unknown,
+            context=args.context,
         )
         say_notes(trained.notes, args.quiet)
+    how = f", each with at most {args.context - 1} before it" if args.context else ""
     print(
         f"{args.file}: {result.loss:.4f} nats/char, {result.bpc:.4f} bits/char "
-        f"({result.chars} characters, checkpoint step {result.step})"
+        f"({result.chars} characters scored{how}; checkpoint step {result.step})"
     )
     return 0
 
@@ -136,6 +141,13 @@ def add_parsers(sub) -> None:
     ev.add_argument("file", help="a text file (normalized as the run's training text)")
     add_step(ev)
     ev.add_argument("--encoding", help="text encoding of the file (default: the run's)")
+    ev.add_argument(
+        "--context",
+        type=int,
+        help="score in chunks of N characters, each from a fresh state: every character "
+        "with at most N - 1 before it, to compare with fixed-context models (default: as "
+        "training scores its held-out text)",
+    )
     add_unknown(ev, "text")
     add_common(ev)
     ev.set_defaults(func=evaluate)

@@ -141,6 +141,9 @@ class Progress:
             )
             if "val_loss" in event:
                 text += f", val loss {event['val_loss']:.4f} ({event['val_bpc']:.3f} bits/char)"
+                scored, whole = event["val_chars"], event["val_text_chars"]
+                if scored < 0.95 * whole:  # train.eval_batches: say which part it measured
+                    text += f" on the first {scored:,} of {whole:,} held-out characters"
             if event.get("interrupted"):
                 text += " (mid-epoch, for resuming: validation runs at the next regular save)"
             self.line(text)
