@@ -4,7 +4,6 @@ plot."""
 import contextlib
 import io
 import json
-import subprocess
 import sys
 
 import jax
@@ -130,30 +129,18 @@ def test_generate_output_file_matches_stdout(run, tmp_path, capsys):
     assert capsys.readouterr().out == ""
 
 
-def test_interactive_mode_through_stdin(run):
-    script = "alice was\n:temp 0.5\n:len 20\n:bogus\nthe \n:quit\n"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "jaxchar",
-            "generate",
-            str(run[0]),
-            "--interactive",
-            "--length",
-            "30",
-            "--temperature",
-            "0",
-        ],
-        input=script,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
-    outputs = proc.stdout.splitlines()
-    assert [len(line) for line in outputs] == [30, 20]
-    assert "unknown command :bogus" in proc.stderr and "temperature 0.5" in proc.stderr
+def test_interactive_mode_through_stdin(run, monkeypatch, capsys):
+    script = "alice was\n:temp 0.5\n:len 20\n:seed 3\n:bogus\nthe \n:quit\n"
+    monkeypatch.setattr(sys, "stdin", io.StringIO(script))
+    argv = ["generate", str(run[0]), "--interactive", "--length", "30", "--temperature", "0"]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert [len(line) for line in out.splitlines()] == [30, 20]
+    assert "unknown command :bogus" in err and "temperature 0.5, length 20, seed 3" in err
+    # the second prompt's text is what a plain generate gives for the same settings
+    plain = ["generate", str(run[0]), "--prompt", "the ", "--length", "20", "--seed", "3"]
+    assert main([*plain, "--temperature", "0.5", "--quiet"]) == 0
+    assert capsys.readouterr().out.splitlines() == [out.splitlines()[1]]
 
 
 def test_export_round_trip_gives_the_same_logits(run, tmp_path):
