@@ -189,15 +189,13 @@ def test_evaluate_with_a_bounded_context_against_a_loop_of_fresh_chunks(tiny_run
     # into chunks of `context` inputs (+ the next character as the target)
     batch = cfg.train.batch_size
     stream = (len(ids) - 1) // batch
-    total, count = 0.0, 0
-    for row in range(batch):
-        for k in range(stream // context):
-            start = row * stream + k * context
-            chunk = np.asarray(ids[start : start + context + 1], np.int32)
-            logits, _ = apply(params, cfg.model, chunk[None, :-1])
-            logp = jax.nn.log_softmax(np.asarray(logits[0], np.float64), axis=-1)
-            total -= float(np.sum(np.take_along_axis(np.asarray(logp), chunk[1:, None], 1)))
-            count += context
+    starts = [row * stream + k * context for row in range(batch) for k in range(stream // context)]
+    chunks = np.stack([np.asarray(ids[a : a + context + 1], np.int32) for a in starts])
+    # each chunk a row of its own, from a fresh (zero) state: rows do not interact
+    logits, _ = apply(params, cfg.model, chunks[:, :-1])  # [chunks, context, vocab]
+    logp = np.asarray(jax.nn.log_softmax(np.asarray(logits, np.float64), axis=-1))
+    total = -float(np.sum(np.take_along_axis(logp, chunks[:, 1:, None], axis=2)))
+    count = chunks.shape[0] * context
     assert got.chars == count
     assert got.loss == pytest.approx(total / count, rel=1e-4)
     assert got.loss > run.evaluate(text).loss  # less context, a higher loss
