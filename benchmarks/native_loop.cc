@@ -105,7 +105,7 @@ int main(int argc, char** argv) {
   std::vector<int32_t> ids(static_cast<size_t>(rows) * length);
   jaxchar::Problem p{};
   p.layers = 1, p.hidden = kHidden, p.vocab = kVocab, p.batch = rows, p.threads = threads;
-  p.kind = 0;
+  p.gate_activation = 0;
   p.prompt_length = 1, p.prompt = first.data(), p.steps = length;
   p.recurrent = w.recurrent.data(), p.upper = zeros.data(), p.upper_bias = zeros.data();
   p.table = w.table.data(), p.head = w.head.data(), p.head_bias = w.head_bias.data();
