@@ -68,8 +68,16 @@ def _wait_for_save(run_dir: Path, proc, count=1, timeout=120):
     pytest.fail("no checkpoint appeared in time")
 
 
+def _log(run: Path) -> list[dict]:
+    """metrics.jsonl without timings and without the saves made on interruption."""
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    drop = ("wall_s", "chars_per_s")
+    return [{k: v for k, v in m.items() if k not in drop} for m in lines if "interrupted" not in m]
+
+
 def _resume_and_compare(text_file, run, straight_run):
-    """--resume the run to its end; its params must equal the uninterrupted run's."""
+    """--resume the run to its end; its params and its metrics.jsonl lines (timings and
+    interruption saves aside) must equal the uninterrupted run's."""
     again = [sys.executable, "-m", "jaxchar", "train", str(text_file), "--run-dir", str(run)]
     resumed = subprocess.run([*again, "--resume", "--quiet"], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
@@ -77,6 +85,7 @@ def _resume_and_compare(text_file, run, straight_run):
         jax.tree.leaves(_params(run, 30)), jax.tree.leaves(_params(straight_run, 30)), strict=True
     ):
         np.testing.assert_array_equal(x, y)
+    assert _log(run) == _log(straight_run)
 
 
 def _params(run_dir, step):

@@ -182,6 +182,22 @@ def test_a_resumed_run_logs_and_keeps_what_the_uninterrupted_run_does(
         assert resumed._ranked(resumed.steps())[:2] == straight._ranked(straight.steps())[:2]
 
 
+def test_a_save_on_interruption_skips_the_validation_pass(alice_text, monkeypatch):
+    """Ctrl-C must be quick on any corpus: the interruption's save does not evaluate the
+    held-out text (it says so), while regular saves do."""
+    import jaxchar.train
+
+    cfg, corpus = _setup(alice_text, "train.max_steps=20", "train.save_every_steps=10")
+    cfg = override(cfg, ["train.steps_per_call=1"])
+    calls, real = [], jaxchar.train.score
+    monkeypatch.setattr(jaxchar.train, "score", lambda *a, **k: calls.append(1) or real(*a, **k))
+    polls = iter(range(1, 100))
+    result = fit(cfg, corpus.train_ids, corpus.val_ids, should_stop=lambda: next(polls) >= 13)
+    first, last = result.history
+    assert first["step"] == 10 and "val_loss" in first and len(calls) == 1
+    assert last["step"] == 13 and last["interrupted"] and "val_loss" not in last
+
+
 def test_checkpoint_round_trip_and_best_k(alice_text, tmp_path):
     cfg, corpus = _setup(
         alice_text,
