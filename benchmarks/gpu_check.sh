@@ -2,7 +2,7 @@
 # The accelerator checks and benchmarks in one run, for a machine with an NVIDIA GPU that
 # already has jax (CUDA), flax, optax, orbax-checkpoint and torch installed.
 #   JAXCHAR_DATA=/path/to/shared/data bash benchmarks/gpu_check.sh
-# 1. facts: GPU, driver, JAX version and devices;
+# 1. facts: GPU, driver, JAX version and devices; `jaxchar bench` on every shipped config;
 # 2. the model and backend tests on the GPU: the cuDNN layer (model.impl = "cudnn") and the
 #    fused layer against the nn.scan reference, values and gradients; the sampler under jit
 #    and vmap on every shipped config;
@@ -23,9 +23,11 @@ status=0
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || status=1
 python3 -c "import jax, flax, optax; print('jax', jax.__version__, jax.devices())" || exit 1
 python3 -m jaxchar env || status=1  # the backends each config runs on this GPU
+# jaxchar alone on this device, every shipped config: what users will compare
+python3 -m jaxchar bench --json benchmarks/results/bench_gpu.json || status=1
 # float32 products (no TF32), so that the tolerances written for the CPU hold; one process
 # (-o addopts="": pytest-xdist need not be installed there)
-JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=highest python3 -m pytest -q -o addopts="" -p no:cacheprovider tests/test_model.py tests/test_backends.py || status=1
+JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=highest python3 -m pytest -q -o addopts="" -p no:cacheprovider tests/test_model.py tests/test_backends.py tests/test_lowering.py || status=1
 python3 benchmarks/bench_train.py --configs small stacked fast --reps 20 --peers torch || status=1
 python3 benchmarks/bench_generate.py --batches 1 64 --reps 5 || status=1
 python3 benchmarks/profile_step.py train --config small || status=1

@@ -226,7 +226,7 @@ def test_print_config(capsys):
     assert cfg["train"]["epochs"] == 3 and cfg["train"]["batch_size"] == 128
 
 
-COMMANDS = ["train", "generate", "evaluate", "export", "plot", "info", "env"]
+COMMANDS = ["train", "generate", "evaluate", "export", "plot", "info", "env", "bench"]
 
 
 @pytest.mark.parametrize("sub", [[], *([c] for c in COMMANDS)])

@@ -168,3 +168,34 @@ def test_plot_writes_a_png(run, tmp_path):
     out = tmp_path / "loss.png"
     assert main(["plot", str(run[0]), str(run[0]), "--output", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
+
+
+def test_bench_measures_a_config_and_writes_its_figures(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--quick", "--config", "tiny", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "tiny" in table and "train chars/s" in table
+    record = json.loads(out.read_text())
+    assert record["platform"] == "cpu" and record["quick"] is True and record["jax"]
+    tiny = record["configs"]["tiny"]
+    figures = [tiny["train"][k] for k in ("compile_s", "step_ms", "chars_per_s", "tflop_per_s")] + [
+        tiny[g]["chars_per_s"] for g in ("generate_1", "generate_64")
+    ]
+    assert all(np.isfinite(x) and x > 0 for x in figures), tiny
+    assert tiny["generate_64"]["rows"] == 64 and tiny["train"]["backend"]
+
+
+def test_the_flop_count_against_counting_by_hand():
+    from jaxchar.bench import train_flops_per_step
+    from jaxchar.config import load_config, override
+    from jaxchar.train import with_vocab
+
+    # the tutorial's small model: 1 x LSTM-256 over 100 scaled features, batch 128, the
+    # head at the last position only
+    small = with_vocab(load_config("small"), 45)
+    lstm = 2 * (1 + 256) * 1024  # per row and position
+    head = 2 * 256 * 45  # per row, once
+    assert train_flops_per_step(small) == 3 * (128 * 100 * lstm + 128 * head)
+    # many-to-many: the head at every position
+    seq = override(small, ["data.objective=sequence"])
+    assert train_flops_per_step(seq) == 3 * 128 * 100 * (lstm + head)

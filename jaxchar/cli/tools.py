@@ -130,6 +130,20 @@ def env(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench(args: argparse.Namespace) -> int:
+    """Training and generation speed of each config on this machine's default device."""
+    from jaxchar.bench import bench as measure
+    from jaxchar.bench import table
+
+    names = args.config or (["fast"] if args.quick else shipped_names())
+    record = measure(names, quick=args.quick, log=lambda line: info(line, args.quiet))
+    print(table(record))
+    if args.json:
+        Path(args.json).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        info(f"wrote {args.json}", args.quiet)
+    return 0
+
+
 def add_parsers(sub) -> None:
     ev = sub.add_parser(
         "evaluate",
@@ -198,3 +212,26 @@ def add_parsers(sub) -> None:
     )
     add_common(en)
     en.set_defaults(func=env)
+
+    be = sub.add_parser(
+        "bench",
+        help="training and generation speed of each config on this machine",
+        description="Measure jaxchar alone on the default device (CPU, GPU or TPU): each "
+        "config's compile time, time per training step, training chars/s and achieved "
+        "FLOP/s, and generation chars/s at 1 and 64 rows (medians after a warm-up). "
+        "Comparisons with PyTorch and Keras are in benchmarks/.",
+    )
+    be.add_argument(
+        "--config",
+        action="append",
+        help="a config name or TOML file, repeatable (default: every shipped one; with "
+        "--quick, fast)",
+    )
+    be.add_argument(
+        "--quick",
+        action="store_true",
+        help="fewer repetitions and shorter samples: about a minute on a 2-core CPU",
+    )
+    be.add_argument("--json", help="also write the figures to this JSON file")
+    add_common(be)
+    be.set_defaults(func=bench)
