@@ -4,6 +4,7 @@ plot."""
 import contextlib
 import io
 import json
+import subprocess
 import sys
 
 import jax
@@ -199,3 +200,51 @@ def test_the_flop_count_against_counting_by_hand():
     # many-to-many: the head at every position
     seq = override(small, ["data.objective=sequence"])
     assert train_flops_per_step(seq) == 3 * 128 * 100 * (lstm + head)
+
+
+LOAD_EXPORT = """
+import json, sys
+import jax, numpy as np
+from jax import export
+
+out = sys.argv[1]
+meta = json.load(open(f"{out}/sampler.json"))
+sampler = export.deserialize(bytearray(open(f"{out}/sampler.bin", "rb").read()))
+arrays = np.load(f"{out}/params.npz")
+params = [arrays[name] for name in meta["params"]]
+prompt = np.array(json.loads(sys.argv[2]), np.int32)
+key = np.asarray(jax.random.key_data(jax.random.PRNGKey(7)))
+ids = sampler.call(params, key, prompt, np.float32(0.8), np.float32(0.9))
+assert "jaxchar" not in sys.modules and "flax" not in sys.modules, "more than jax and numpy"
+print(json.dumps({"ids": np.asarray(ids).tolist(), "platforms": list(sampler.platforms)}))
+"""
+
+
+def test_a_stablehlo_export_samples_without_jaxchar(tiny_run, tmp_path):
+    out = tmp_path / "sampler"
+    argv = ["export", str(tiny_run), str(out), "--format", "stablehlo", "--length", "40"]
+    assert main([*argv, "--rows", "2", "--prompt-length", "6", "--quiet"]) == 0
+    assert "export.deserialize" in (out / "README.md").read_text()
+    params, cfg, vocab = load_checkpoint(tiny_run)
+    prompt = np.stack([vocab.encode("alice "), vocab.encode("the qu")]).astype(np.int32)
+    done = subprocess.run(
+        [sys.executable, "-c", LOAD_EXPORT, str(out), json.dumps(prompt.tolist())],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)
+    assert result["platforms"] == ["cpu", "cuda", "tpu"]
+    want = sample(
+        params,
+        jax.random.PRNGKey(7),
+        jnp.asarray(prompt),
+        cfg=cfg.model,
+        length=40,
+        temperature=0.8,
+        top_p=0.9,
+        mode="stateful",
+        seq_length=cfg.data.seq_length,
+    )
+    np.testing.assert_array_equal(np.asarray(result["ids"]), np.asarray(want))

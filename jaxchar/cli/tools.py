@@ -38,9 +38,17 @@ def export(args: argparse.Namespace) -> int:
     from jaxchar.run import Run
 
     with Run.open(args.run_dir) as trained:
-        out = trained.export(args.out, args.step)
+        if args.format == "stablehlo":
+            from jaxchar.export import export_sampler
+
+            params, _ = trained.params(args.step)
+            sizes = {"length": args.length, "rows": args.rows, "prompt_length": args.prompt_length}
+            out = export_sampler(params, trained.stored_cfg, trained.vocab, args.out, **sizes)
+        else:
+            out = trained.export(args.out, args.step)
         say_notes(trained.notes, args.quiet)
-    info(f"wrote {out}/params.npz, config.json, vocab.json", args.quiet)
+    files = "sampler.bin, sampler.json, README.md, " if args.format == "stablehlo" else ""
+    info(f"wrote {out}/{files}params.npz, config.json, vocab.json", args.quiet)
     return 0
 
 
@@ -175,6 +183,24 @@ def add_parsers(sub) -> None:
     ex.add_argument("run_dir", help="the --run-dir of a training run")
     ex.add_argument("out", help="a new (or empty) folder")
     add_step(ex)
+    ex.add_argument(
+        "--format",
+        choices=("npz", "stablehlo"),
+        default="npz",
+        help="npz: the arrays, config and vocabulary; stablehlo: also the jitted sampler "
+        "serialized with jax.export for cpu, cuda and tpu, runnable with jax and numpy "
+        "alone (default: npz)",
+    )
+    ex.add_argument(
+        "--length", type=int, default=200, help="stablehlo: characters generated (default: 200)"
+    )
+    ex.add_argument("--rows", type=int, default=1, help="stablehlo: samples per call (default: 1)")
+    ex.add_argument(
+        "--prompt-length",
+        type=int,
+        default=16,
+        help="stablehlo: characters of every prompt (default: 16)",
+    )
     add_common(ex)
     ex.set_defaults(func=export)
 
