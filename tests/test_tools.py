@@ -220,6 +220,7 @@ print(json.dumps({"ids": np.asarray(ids).tolist(), "platforms": list(sampler.pla
 """
 
 
+@pytest.mark.slow  # starts a process
 def test_a_stablehlo_export_samples_without_jaxchar(tiny_run, tmp_path):
     out = tmp_path / "sampler"
     argv = ["export", str(tiny_run), str(out), "--format", "stablehlo", "--length", "40"]
