@@ -43,7 +43,7 @@ class Progress:
 
     def __call__(self, event: dict) -> None:
         kind = event["event"]
-        if self.quiet and kind != "note":
+        if self.quiet:
             return
         if kind in ("corpus", "backend", "samples"):
             self.line(event["text"])
