@@ -1,36 +1,72 @@
 #!/usr/bin/env bash
 # The accelerator checks and benchmarks in one run, for a machine with an NVIDIA GPU that
 # already has jax (CUDA), flax, optax, orbax-checkpoint and torch installed.
-#   JAXCHAR_DATA=/path/to/shared/data bash benchmarks/gpu_check.sh
-# 1. facts: GPU, driver, JAX version and devices; `jaxchar bench` on every shipped config;
-# 2. the model and backend tests on the GPU: the cuDNN layer (model.impl = "cudnn") and the
-#    fused layer against the nn.scan reference, values and gradients; the sampler under jit
-#    and vmap on every shipped config;
-# 3. bench_train on small, stacked and fast: jaxchar fused, jaxchar cudnn and PyTorch's
-#    cuDNN nn.LSTM, interleaved; the epoch column answers "small epoch under 5 s";
-# 4. bench_generate at batch 1 and 64 (the PyTorch loop on CUDA);
-# 5. profile_step on the small config's train step and on sampling at batch 64: where the
-#    GPU's time goes, kernel by kernel.
-# Results land in benchmarks/results/*_gpu.json and, where $OUT is set, are copied there.
-# Where ../shared/data does not travel with the checkout, copy the corpora into an ignored
-# folder first (mkdir -p .gpudata && cp ../shared/data/*.txt .gpudata/ && echo /.gpudata/ >>
-# .git/info/exclude), take that folder along, and run with JAXCHAR_DATA=.gpudata.
+#   JAXCHAR_DATA=/path/to/shared/data [BUDGET_S=500] bash benchmarks/gpu_check.sh
+# Steps, most important first; each gets at most its own cap and what is left of BUDGET_S
+# (a step cut short is reported and the run goes on), so that one short lease records
+# whatever fits:
+#  1. facts: GPU, driver, JAX version and devices, the backends each config runs here;
+#  2. `jaxchar bench` on every shipped config (auto), then with model.impl = "cudnn";
+#  3. the model, backend and lowering tests on the GPU: the cuDNN layer and the fused layer
+#     against the nn.scan reference (values and gradients), the sampler under jit and vmap,
+#     the cuDNN layer's lowering to cuDNN's RNN calls;
+#  4. the main job: one epoch of the default config on Alice, timed, then generation;
+#  5. bench_train on small, stacked and fast: jaxchar (auto and cudnn) and PyTorch's cuDNN
+#     nn.LSTM, interleaved; bench_generate at batch 1 and 64 (the PyTorch loop on CUDA);
+#  6. profile_step on the small config's train step: where the GPU's time goes.
+# Results land in benchmarks/results/*_gpu.json and, where $OUT is set, are copied there
+# with the whole log. Where ../shared/data does not travel with the checkout, copy the
+# corpora into an ignored folder first (mkdir -p .gpudata && cp ../shared/data/*.txt
+# .gpudata/ && echo /.gpudata/ >> .git/info/exclude), take that folder along, and run with
+# JAXCHAR_DATA=.gpudata.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export JAXCHAR_DATA="${JAXCHAR_DATA:-$PWD/../shared/data}"
-status=0
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || status=1
-python3 -c "import jax, flax, optax; print('jax', jax.__version__, jax.devices())" || exit 1
-python3 -m jaxchar env || status=1  # the backends each config runs on this GPU
-# jaxchar alone on this device, every shipped config: what users will compare
-python3 -m jaxchar bench --json benchmarks/results/bench_gpu.json || status=1
-# float32 products (no TF32), so that the tolerances written for the CPU hold; one process
-# (-o addopts="": pytest-xdist need not be installed there)
-JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=highest python3 -m pytest -q -o addopts="" -p no:cacheprovider tests/test_model.py tests/test_backends.py tests/test_lowering.py || status=1
-python3 benchmarks/bench_train.py --configs small stacked fast --reps 20 --peers torch || status=1
-python3 benchmarks/bench_generate.py --batches 1 64 --reps 5 || status=1
-python3 benchmarks/profile_step.py train --config small || status=1
-python3 benchmarks/profile_step.py generate --batch 64 || status=1
-if [ -n "${OUT:-}" ]; then cp benchmarks/results/*_gpu.json "$OUT"/ 2>/dev/null; fi
-exit $status
+# several processes share the GPU (pytest workers; torch beside jax): no preallocation
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
+RESULTS=benchmarks/results
+began=$(date +%s)
+budget=${BUDGET_S:-500}
+failed=()
+
+step() {  # step NAME CAP_S COMMAND...: runs COMMAND within min(CAP_S, what is left)
+    local name=$1 cap=$2 left
+    shift 2
+    left=$((budget - ($(date +%s) - began)))
+    if ((left < 15)); then
+        echo "=== $name: skipped, the budget is spent"
+        failed+=("$name (skipped)")
+        return
+    fi
+    ((cap > left)) && cap=$left
+    echo "=== $name (at most ${cap} s; $(($(date +%s) - began)) s in)"
+    local t0=$(date +%s)
+    timeout -k 5 "$cap" "$@"
+    local rc=$?
+    echo "=== $name: exit $rc after $(($(date +%s) - t0)) s"
+    ((rc == 0)) || failed+=("$name (exit $rc)")
+}
+
+step facts 40 bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv &&
+    python3 -c "import jax, flax, optax, orbax.checkpoint as o; print(\"jax\", jax.__version__, \"flax\", flax.__version__, \"optax\", optax.__version__, jax.devices())" &&
+    python3 -m jaxchar env'
+step bench 150 python3 -m jaxchar bench --config small --config stacked --config fast \
+    --config shakespeare --config code --config tiny --json "$RESULTS/bench_gpu.json"
+step bench-cudnn 70 python3 -m jaxchar bench --config small --config stacked --config fast \
+    --set model.impl=cudnn --json "$RESULTS/bench_gpu_cudnn.json"
+# float32 products (no TF32), so that the tolerances written for the CPU hold;
+# -o addopts="": the project's pytest options need not apply there
+step tests 130 env JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=highest python3 -m pytest \
+    -q -o addopts="" -p no:cacheprovider -n 4 tests/test_model.py tests/test_backends.py \
+    tests/test_lowering.py -rs
+run=$(mktemp -d)
+step main-job 70 bash -c "time python3 -m jaxchar train alice --run-dir $run/fast --epochs 1 &&
+    time python3 -m jaxchar generate $run/fast --length 300"
+step bench-train 100 python3 benchmarks/bench_train.py --configs small stacked fast --reps 10 \
+    --peers torch
+step bench-generate 50 python3 benchmarks/bench_generate.py --batches 1 64 --reps 3 --peers torch
+step profile 30 python3 benchmarks/profile_step.py train --config small
+if [ -n "${OUT:-}" ]; then cp "$RESULTS"/*_gpu*.json "$OUT"/ 2>/dev/null; fi
+echo "=== done after $(($(date +%s) - began)) s; not passed: ${failed[*]:-none}"
+((${#failed[@]} == 0))

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxchar import data
-from jaxchar.config import Config, load_config
+from jaxchar.config import Config, load_config, override
 from jaxchar.lstm.backends import select
 from jaxchar.sampling import sample
 from jaxchar.train import create_state, make_optimizer, run_steps, with_vocab, zero_totals
@@ -43,6 +43,40 @@ def train_flops_per_step(cfg: Config) -> float:
     return 3.0 * forward
 
 
+def xla_cost(cfg: Config) -> dict[str, float]:
+    """XLA's own count of one training step's FLOPs and bytes accessed (its cost analysis of
+    the lowered program, before fusion). XLA counts a loop's body once, whatever its trip
+    count, and cannot see inside the C++ kernels: so the step is analysed on the nn.scan
+    layer fully unrolled over the window, one step per call. The count covers every
+    operation, not only the matrix products; the bytes are an upper bound (every operation's
+    operands and results, as if nothing were fused)."""
+    model = dataclasses.replace(cfg.model, impl="scan", unroll=cfg.data.seq_length)
+    train = dataclasses.replace(cfg.train, steps_per_call=1)
+    cfg = dataclasses.replace(cfg, model=model, train=train)
+    tx = make_optimizer(cfg.train, 10)
+    state = jax.eval_shape(lambda: create_state(cfg, tx, jax.random.PRNGKey(1)))
+    ids = jax.ShapeDtypeStruct((200_000,), jnp.uint8)
+    spans = _spans(cfg)
+    lowered = run_steps.lower(state, zero_totals(), ids, 0, 0, spans, cfg=cfg, tx=tx, n=1)
+    cost = lowered.cost_analysis() or {}
+    if isinstance(cost, list | tuple):  # older JAX: one dict per computation
+        cost = cost[0] if cost else {}
+    return {
+        "xla_flops_per_step": float(cost.get("flops", float("nan"))),
+        "xla_bytes_per_step": float(cost.get("bytes accessed", float("nan"))),
+    }
+
+
+def _spans(cfg: Config) -> jax.Array | None:
+    """Sentence spans of about 3/4 of seq_length over the synthetic ids, where the
+    objective trains on sentences."""
+    if not data.objective(cfg).needs_spans:
+        return None
+    length = max(2, 3 * cfg.data.seq_length // 4)
+    starts = jnp.arange(0, 190_000, length + 1)
+    return jnp.stack([starts, starts + length], axis=1).astype(jnp.int32)
+
+
 def _median_time(fn: Callable[[], object], reps: int) -> float:
     jax.block_until_ready(fn())  # warm-up: compiled, caches filled
     times = []
@@ -58,11 +92,7 @@ def measure_training(cfg: Config, reps: int) -> dict:
     n = cfg.train.steps_per_call
     tx = make_optimizer(cfg.train, 10 * n)
     ids = jax.random.randint(jax.random.PRNGKey(0), (200_000,), 0, VOCAB).astype(jnp.uint8)
-    spans = None
-    if obj.needs_spans:  # sentences of about 3/4 of seq_length
-        length = max(2, 3 * cfg.data.seq_length // 4)
-        starts = jnp.arange(0, 190_000, length + 1)
-        spans = jnp.stack([starts, starts + length], axis=1).astype(jnp.int32)
+    spans = _spans(cfg)
     state = create_state(cfg, tx, jax.random.PRNGKey(1))
     totals = zero_totals()
     began = time.perf_counter()
@@ -85,6 +115,7 @@ def measure_training(cfg: Config, reps: int) -> dict:
         "tflop_per_s": flops / per_step / 1e12,
         "flops_per_step": flops,
         "backend": select(cfg.model, "layer", platform=jax.default_backend()).backend,
+        **xla_cost(cfg),
     }
 
 
@@ -109,8 +140,16 @@ def measure_generation(cfg: Config, rows: int, length: int, reps: int) -> dict:
     return {"chars_per_s": rows * length / seconds, "rows": rows, "backend": choice.backend}
 
 
-def bench(names: list[str], quick: bool = False, log: Callable[[str], None] = print) -> dict:
-    """Measures each config (a shipped name or a TOML path); returns the JSON record."""
+def bench(
+    names: list[str],
+    quick: bool = False,
+    log: Callable[[str], None] = print,
+    changes: list[str] | None = None,
+    save: Callable[[dict], None] | None = None,
+) -> dict:
+    """Measures each config (a shipped name or a TOML path), with `changes`
+    (`section.key=value`, as `--set`) applied to each; returns the JSON record, and hands
+    it to `save` after each config (so that a run cut short keeps what it measured)."""
     reps, length = (3, 100) if quick else (10, 500)
     device = jax.devices()[0]
     record = {
@@ -120,10 +159,11 @@ def bench(names: list[str], quick: bool = False, log: Callable[[str], None] = pr
         "device": str(getattr(device, "device_kind", device)),
         "devices": jax.device_count(),
         "quick": quick,
+        "changes": list(changes or []),
         "configs": {},
     }
     for name in names:
-        cfg = with_vocab(load_config(name), VOCAB)
+        cfg = with_vocab(override(load_config(name), list(changes or [])), VOCAB)
         if quick:  # fewer steps per dispatch: the same step, a shorter measurement
             cfg = dataclasses.replace(
                 cfg,
@@ -137,6 +177,8 @@ def bench(names: list[str], quick: bool = False, log: Callable[[str], None] = pr
             "generate_1": measure_generation(cfg, 1, length, reps),
             "generate_64": measure_generation(cfg, 64, length, reps),
         }
+        if save:
+            save(record)
     return record
 
 
@@ -173,4 +215,6 @@ def table(record: dict) -> str:
         f"jaxchar {record['jaxchar']}, JAX {record['jax']}, {record['platform']} "
         f"({record['device']} x {record['devices']})"
     )
+    if record.get("changes"):
+        title += ", with " + " ".join(record["changes"])
     return "\n".join([title, *lines])

@@ -135,3 +135,33 @@ def test_bfloat16_lowers_with_bfloat16_products_for_the_accelerators():
     _accelerator_safe(text)
     dots = [line for line in text.splitlines() if "dot_general" in line]
     assert sum("bf16" in line for line in dots) >= 4
+
+
+GPU = jax.default_backend() == "gpu"
+
+
+@pytest.mark.skipif(
+    not GPU,
+    reason="tracing jax.experimental.rnn sizes cuDNN's workspace through the CUDA plugin, "
+    "so the cuDNN layer lowers only where a GPU is present (benchmarks/gpu_check.sh runs this)",
+)
+@pytest.mark.parametrize("name", SHIPPED)
+def test_the_cudnn_layer_lowers_to_cudnns_rnn_calls(name):
+    cfg = override(_cfg(name), ["model.impl=cudnn"])
+    tx = make_optimizer(cfg.train, 10)
+    state = create_state(cfg, tx, jax.random.PRNGKey(0))
+    spans = None
+    if data.objective(cfg).needs_spans:
+        spans = jnp.array([[i * 50, i * 50 + 40] for i in range(200)], jnp.int32)
+
+    def steps(state, totals, ids, spans):
+        return run_steps(state, totals, ids, 0, 0, spans, cfg=cfg, tx=tx, n=2)
+
+    text = _module(
+        steps, state, zero_totals(), jnp.zeros((50_000,), jnp.uint8), spans, platforms=["cuda"]
+    )
+    _accelerator_safe(text)
+    calls = [c for c in re.findall(r"custom_call @(\w+)", text) if "rnn" in c]
+    # forward and backward through cuDNN (jaxlib's cudnn_rnn targets), once per layer each
+    assert sum("bwd" not in c for c in calls) == cfg.model.layers, calls
+    assert sum("bwd" in c for c in calls) == cfg.model.layers, calls

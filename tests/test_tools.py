@@ -11,12 +11,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import DATA
+from conftest import DATA, REPO
 
 from jaxchar.checkpoint import load_checkpoint, load_export
 from jaxchar.cli import main
 from jaxchar.model import apply
 from jaxchar.sampling import sample, sample_stream
+
+SHIPPED = sorted(p.stem for p in (REPO / "configs").glob("*.toml"))
 
 
 @pytest.fixture(scope="module")
@@ -184,6 +186,33 @@ def test_bench_measures_a_config_and_writes_its_figures(tmp_path, capsys):
     ]
     assert all(np.isfinite(x) and x > 0 for x in figures), tiny
     assert tiny["generate_64"]["rows"] == 64 and tiny["train"]["backend"]
+    assert tiny["train"]["xla_flops_per_step"] > 0 and tiny["train"]["xla_bytes_per_step"] > 0
+
+
+def test_bench_applies_set_to_every_config(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    args = ["bench", "--quick", "--config", "tiny", "--set", "model.impl=scan"]
+    assert main([*args, "--json", str(out), "--quiet"]) == 0
+    assert "with model.impl=scan" in capsys.readouterr().out
+    record = json.loads(out.read_text())
+    assert record["changes"] == ["model.impl=scan"]
+    assert record["configs"]["tiny"]["train"]["backend"] == "scan"
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_xla_counts_the_flops_the_bench_assumes(name):
+    """XLA's cost analysis of a shipped config's train step (unrolled, so that every
+    timestep counts) agrees with the matrix-product count that bench's FLOP/s rests on: a
+    few percent more, for the gates, the loss and Adam."""
+    from jaxchar.bench import VOCAB, train_flops_per_step, xla_cost
+    from jaxchar.config import load_config
+    from jaxchar.train import with_vocab
+
+    cfg = with_vocab(load_config(name), VOCAB)
+    cost, products = xla_cost(cfg), train_flops_per_step(cfg)
+    assert products <= cost["xla_flops_per_step"] <= 1.1 * products
+    # at least the parameters and the batch's activations pass through memory
+    assert cost["xla_bytes_per_step"] > 4 * cfg.train.batch_size * cfg.data.seq_length
 
 
 def test_the_flop_count_against_counting_by_hand():

@@ -144,10 +144,16 @@ def bench(args: argparse.Namespace) -> int:
     from jaxchar.bench import table
 
     names = args.config or (["fast"] if args.quick else shipped_names())
-    record = measure(names, quick=args.quick, log=lambda line: info(line, args.quiet))
+
+    def save(record: dict) -> None:  # after each config: a run cut short keeps its figures
+        Path(args.json).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+    log = lambda line: info(line, args.quiet)  # noqa: E731
+    record = measure(
+        names, quick=args.quick, log=log, changes=args.set, save=save if args.json else None
+    )
     print(table(record))
     if args.json:
-        Path(args.json).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         info(f"wrote {args.json}", args.quiet)
     return 0
 
@@ -257,6 +263,13 @@ def add_parsers(sub) -> None:
         "--quick",
         action="store_true",
         help="fewer repetitions and shorter samples: about a minute on a 2-core CPU",
+    )
+    be.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="change every measured config, e.g. model.impl=cudnn (repeatable)",
     )
     be.add_argument("--json", help="also write the figures to this JSON file")
     add_common(be)
