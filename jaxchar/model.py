@@ -12,6 +12,8 @@ No file, flag, log or clock here: everything is a pure function of params and in
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -21,6 +23,43 @@ from jaxchar.lstm import LSTMLayer, select
 from jaxchar.lstm.layer import TIME_MAJOR
 
 Carry = tuple[tuple[jax.Array, jax.Array], ...]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def embed_lookup(rows: int, table: jax.Array, ids: jax.Array) -> jax.Array:
+    """table[ids], whose gradient is one matrix product, one_hot(ids)^T @ g, rather than
+    the scatter-add of a gather's transpose: on GPUs XLA adds a scatter's updates with
+    atomics in no fixed order, and the same seed trained twice gave different bits."""
+    return jnp.take(table, ids, axis=0)
+
+
+def _embed_fwd(rows, table, ids):
+    return jnp.take(table, ids, axis=0), ids
+
+
+def _embed_bwd(rows, ids, g):
+    hot = jax.nn.one_hot(ids.reshape(-1), rows, dtype=g.dtype)
+    g = g.reshape(-1, g.shape[-1])
+    # exact float32 sums (no TF32 on GPUs): the product only adds rows of g
+    grad = jnp.matmul(hot.T, g, precision=jax.lax.Precision.HIGHEST)
+    return grad, None
+
+
+embed_lookup.defvjp(_embed_fwd, _embed_bwd)
+
+
+class Embed(nn.Module):
+    """nn.Embed's parameter (the same name, shape and initializer, so checkpoints and seeds
+    are unchanged) with a deterministic gradient (`embed_lookup`)."""
+
+    rows: int
+    features: int
+
+    @nn.compact
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        init = nn.initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0)
+        table = self.param("embedding", init, (self.rows, self.features))
+        return embed_lookup(self.rows, table, ids)
 
 
 def _fmix32(h: jax.Array) -> jax.Array:
@@ -117,7 +156,7 @@ class CharLSTM(nn.Module):
         elif cfg.encoding == "onehot":  # built on the device inside the step, [batch, time, vocab]
             x = jax.nn.one_hot(ids, cfg.vocab_size, dtype=dtype)
         else:
-            x = nn.Embed(cfg.vocab_size, cfg.embed_dim, name="embed")(ids)
+            x = Embed(cfg.vocab_size, cfg.embed_dim, name="embed")(ids)
         # (time, batch, feature) axes of x, for dropout's positions
         axes = (0, 1) if time_major else (1, 0)
         x = self._dropper(cfg.input_dropout, train)(x, *axes, 2 if x.ndim == 3 else None)

@@ -309,3 +309,25 @@ def test_cudnn_weight_packing_matches_jax_reference_lstm(in_dim):
     np.testing.assert_allclose(hs, ref_hs, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(h, ref_h[0], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(c, ref_c[0], rtol=1e-5, atol=1e-6)
+
+
+def test_the_embedding_keeps_nn_embeds_parameters_and_its_gradient_is_deterministic():
+    import flax.linen as nn
+
+    from jaxchar.model import Embed, embed_lookup
+
+    ids = jax.random.randint(jax.random.PRNGKey(1), (6, 11), 0, 9)
+    ours = Embed(9, 5).init(jax.random.PRNGKey(0), ids)["params"]["embedding"]
+    flax_own = nn.Embed(9, 5).init(jax.random.PRNGKey(0), ids)["params"]["embedding"]
+    np.testing.assert_array_equal(ours, flax_own)  # same seed, same model as before
+
+    def loss(lookup, table):
+        return jnp.sum(jnp.sin(lookup(table)) * jnp.arange(5.0))
+
+    np.testing.assert_array_equal(embed_lookup(9, ours, ids), jnp.take(ours, ids, axis=0))
+    want = jax.grad(loss, argnums=1)(lambda t: jnp.take(t, ids, axis=0), ours)  # scatter-add
+    got = jax.grad(loss, argnums=1)(lambda t: embed_lookup(9, t, ids), ours)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    # under jit (the product XLA compiles), twice: the same bits
+    step = jax.jit(jax.grad(lambda t: loss(lambda u: embed_lookup(9, u, ids), t)))
+    np.testing.assert_array_equal(step(ours), step(ours))
