@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The accelerator checks and benchmarks in one run, for a machine with an NVIDIA GPU that
 # already has jax (CUDA), flax, optax, orbax-checkpoint and torch installed.
-#   JAXCHAR_DATA=/path/to/shared/data [BUDGET_S=500] bash benchmarks/gpu_check.sh
+#   JAXCHAR_DATA=/path/to/shared/data [BUDGET_S=600] bash benchmarks/gpu_check.sh
 # Steps, most important first; each gets at most its own cap and what is left of BUDGET_S
 # (a step cut short is reported and the run goes on), so that one short lease records
 # whatever fits:
@@ -27,7 +27,7 @@ export JAXCHAR_DATA="${JAXCHAR_DATA:-$PWD/../shared/data}"
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
 RESULTS=benchmarks/results
 began=$(date +%s)
-budget=${BUDGET_S:-500}
+budget=${BUDGET_S:-600}
 failed=()
 
 step() {  # step NAME CAP_S COMMAND...: runs COMMAND within min(CAP_S, what is left)
@@ -57,8 +57,8 @@ step bench-cudnn 70 python3 -m jaxchar bench --config small --config stacked --c
     --set model.impl=cudnn --json "$RESULTS/bench_gpu_cudnn.json"
 # float32 products (no TF32), so that the tolerances written for the CPU hold;
 # -o addopts="": the project's pytest options need not apply there
-step tests 130 env JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=highest python3 -m pytest \
-    -q -o addopts="" -p no:cacheprovider -n 4 tests/test_model.py tests/test_backends.py \
+step tests 240 env JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=highest python3 -m pytest \
+    -q -o addopts="" -p no:cacheprovider -p no:benchmark -n 8 tests/test_model.py tests/test_backends.py \
     tests/test_lowering.py -rs
 run=$(mktemp -d)
 step main-job 70 bash -c "time python3 -m jaxchar train alice --run-dir $run/fast --epochs 1 &&

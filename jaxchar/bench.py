@@ -30,7 +30,8 @@ VOCAB = 64  # a book's vocabulary is 40-100 characters
 
 def train_flops_per_step(cfg: Config) -> float:
     """Matrix-product FLOPs of one training step (forward and backward, about 3x the
-    forward's): the LSTM products at every position, the head where the loss reads."""
+    forward's): the LSTM products at every position, the head where the loss reads, and an
+    embedding's gradient."""
     m, d = cfg.model, cfg.data
     rows, steps = cfg.train.batch_size, d.seq_length
     features = {"embed": m.embed_dim, "onehot": m.vocab_size, "scaled": 1}[m.encoding]
@@ -40,7 +41,9 @@ def train_flops_per_step(cfg: Config) -> float:
         lstm += 2.0 * (width + m.hidden) * 4 * m.hidden  # input and recurrent products
     scored = 1 if data.objective(cfg).last_only else steps
     forward = rows * steps * lstm + rows * scored * 2.0 * m.hidden * m.vocab_size
-    return 3.0 * forward
+    # an embedding's gradient is one product too, one_hot(ids)^T @ g (jaxchar.model.Embed)
+    embed = rows * steps * 2.0 * m.vocab_size * m.embed_dim if m.encoding == "embed" else 0.0
+    return 3.0 * forward + embed
 
 
 def xla_cost(cfg: Config) -> dict[str, float]:
@@ -54,10 +57,19 @@ def xla_cost(cfg: Config) -> dict[str, float]:
     train = dataclasses.replace(cfg.train, steps_per_call=1)
     cfg = dataclasses.replace(cfg, model=model, train=train)
     tx = make_optimizer(cfg.train, 10)
+    # on the CPU backend, which every JAX has: the GPU and TPU plugins analyse only compiled
+    # programs, and the count does not depend on where the program runs
+    on_cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+
+    def shape(x):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on_cpu)
+
     state = jax.eval_shape(lambda: create_state(cfg, tx, jax.random.PRNGKey(1)))
-    ids = jax.ShapeDtypeStruct((200_000,), jnp.uint8)
+    totals = jax.eval_shape(zero_totals)
     spans = _spans(cfg)
-    lowered = run_steps.lower(state, zero_totals(), ids, 0, 0, spans, cfg=cfg, tx=tx, n=1)
+    args = jax.tree.map(shape, (state, totals, jax.ShapeDtypeStruct((200_000,), jnp.uint8)))
+    spans = None if spans is None else shape(spans)
+    lowered = run_steps.lower(*args, 0, 0, spans, cfg=cfg, tx=tx, n=1)
     cost = lowered.cost_analysis() or {}
     if isinstance(cost, list | tuple):  # older JAX: one dict per computation
         cost = cost[0] if cost else {}
