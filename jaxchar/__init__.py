@@ -31,6 +31,8 @@ _WHERE = {  # public name -> the module that defines it
     "init_carry": "model",
     "init_params": "model",
     "step": "model",
+    "Beams": "beam",
+    "beam_search": "beam",
     "sample": "sampling",
     "sample_logits": "sampling",
     "sample_stream": "sampling",

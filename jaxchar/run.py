@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from jaxchar import data
+from jaxchar.beam import beam_search
 from jaxchar.checkpoint import CheckpointError, RunDir, write_export
 from jaxchar.config import Config, ConfigError, SampleConfig, override
 from jaxchar.corpus import CorpusError, Vocab, encode_text, load_corpus, prepare, read_text
@@ -197,6 +198,49 @@ class Run:
         rows = sample(params, key, ids, num_samples=opts.num_samples, **settings)
         rows = np.asarray(rows).reshape(opts.num_samples, -1)
         return [self.vocab.decode(row) for row in rows]
+
+    def beam(
+        self,
+        prompt: str | None = None,
+        *,
+        beam: int,
+        length: int | None = None,
+        results: int = 1,
+        stop: str | None = None,
+        length_penalty: float = 0.0,
+        seed: int = 0,
+        step: int | None = None,
+        dtype: str | None = None,
+        unknown: str = "error",
+    ) -> list[tuple[str, float]]:
+        """The `results` most likely continuations (of `beam` kept, `results` <= beam) of
+        `length` characters (default the run's), best first, each with its total
+        log-probability (nats): `jaxchar.beam_search`, stateful. `stop`, one character of
+        the vocabulary, ends a hypothesis there (see jaxchar.beam)."""
+        if not 1 <= results <= beam:
+            raise ConfigError(f"results must be between 1 and the beam width {beam}")
+        opts = self.options(length=length)
+        params, _ = self.params(step)
+        model = dataclasses.replace(self.cfg.model, dtype=dtype) if dtype else self.cfg.model
+        ids = self.encode_prompt(self.default_prompt(seed) if prompt is None else prompt, unknown)
+        stop_id = None
+        if stop is not None:
+            if len(stop) != 1 or stop not in self.vocab.chars:
+                raise ConfigError(f"stop must be one character of the vocabulary, not {stop!r}")
+            stop_id = self.vocab.chars.index(stop)
+        found = beam_search(
+            params,
+            ids,
+            cfg=model,
+            length=opts.length,
+            beam=beam,
+            stop_id=stop_id,
+            length_penalty=length_penalty,
+        )
+        ids, totals, lengths = (np.asarray(x) for x in found[:3])
+        return [
+            (self.vocab.decode(ids[i, : int(lengths[i])]), float(totals[i])) for i in range(results)
+        ]
 
     def stream(
         self,

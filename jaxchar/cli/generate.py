@@ -24,13 +24,19 @@ def run(args: argparse.Namespace) -> int:
         say_notes(trained.notes, args.quiet)
         if args.interactive:
             return _interactive(trained, args)
+        if args.beam is not None and args.beam < 1:
+            raise ConfigError(f"--beam must be at least 1, not {args.beam}")
         if prompt is None:
             prompt = trained.default_prompt(args.seed)
         trained.encode_prompt(prompt, args.unknown)  # refused before anything is printed
-        info(f'checkpoint step {step}, {opts.mode} mode; seed: "{prompt}"', args.quiet)
+        mode = f"beam search of width {args.beam}" if args.beam else f"{opts.mode} mode"
+        info(f'checkpoint step {step}, {mode}; seed: "{prompt}"', args.quiet)
         out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout  # noqa: SIM115
         try:
-            _write(trained, prompt, args, args.seed, out, _options(args))
+            if args.beam:
+                _write_beams(trained, prompt, args, out)
+            else:
+                _write(trained, prompt, args, args.seed, out, _options(args))
         finally:
             if args.output:
                 out.close()
@@ -61,6 +67,27 @@ def _write(trained, prompt: str, args, seed: int, out, options: dict) -> None:
     texts = trained.generate(prompt, **common, **options)
     for i, text in enumerate(texts):
         out.write(f"===== sample {i + 1} of {len(texts)} =====\n{text}\n")
+
+
+def _write_beams(trained, prompt: str, args, out) -> None:
+    """The --num-samples best of --beam hypotheses, best first, with their log-probability."""
+    found = trained.beam(
+        prompt,
+        beam=args.beam,
+        length=args.length,
+        results=args.num_samples or 1,
+        stop=args.stop,
+        length_penalty=args.length_penalty,
+        step=args.step,
+        dtype=args.dtype,
+        unknown=args.unknown,
+    )
+    if len(found) == 1:
+        out.write(found[0][0] + "\n")
+        return
+    for i, (text, log_prob) in enumerate(found):
+        out.write(f"===== beam {i + 1} of {len(found)} (log-probability {log_prob:.3f}) =====\n")
+        out.write(text + "\n")
 
 
 def _interactive(trained, args: argparse.Namespace) -> int:
@@ -141,6 +168,20 @@ def add_parser(sub) -> None:
         help="window: the last seq_length characters each step, as training saw them; "
         "stateful: one stream, state carried; auto: what the run was trained for "
         "(default: from the run's config)",
+    )
+    search = gen.add_argument_group("beam search (instead of sampling)")
+    search.add_argument(
+        "--beam",
+        type=int,
+        help="keep the N most likely continuations at each character and print the best "
+        "(--num-samples: the best that many); temperature, top-k and top-p do not apply",
+    )
+    search.add_argument("--stop", help="with --beam: a character that ends a hypothesis (e.g. '.')")
+    search.add_argument(
+        "--length-penalty",
+        type=float,
+        default=0.0,
+        help="with --beam and --stop: rank by log-probability / length**A (default: 0)",
     )
     gen.add_argument(
         "--seed", type=int, default=0, help="the seed of sampling and of the prompt (default: 0)"
