@@ -14,7 +14,7 @@ import argparse
 import os
 import sys
 
-from jaxchar.cli import generate, tools, train
+from jaxchar.cli import generate, serve, tools, train
 from jaxchar.cli.common import EXIT_INTERRUPTED, EXIT_USAGE, err, quiet_library_noise
 from jaxchar.version import __version__
 
@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_parser(sub)
     generate.add_parser(sub)
+    serve.add_parser(sub)
     tools.add_parsers(sub)
     return parser
 
