@@ -16,10 +16,11 @@ Nothing here knows about HTTP: `submit` takes a callback that receives text piec
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 
 import jax
@@ -45,54 +46,68 @@ def draw_row(key, logits, temperature, top_k, top_p):
     return jnp.where(temperature > 0, drawn, jnp.argmax(logits).astype(jnp.int32))
 
 
-@partial(jax.jit, static_argnames=("cfg", "mode", "n"), donate_argnames=("state",))
-def _advance(params, state, *, cfg: ModelConfig, mode: str, n: int):
-    """Every row `n` characters further: (state, ids [rows, n], -1 where a row made none)."""
-    rows = state["gen"].shape[0]
+@partial(jax.jit, static_argnames=("cfg", "mode", "rows"), donate_argnames=("state",))
+def _advance(params, state, keys, left, temperature, top_k, top_p, *, cfg, mode, rows):
+    """The first `rows` rows of the state `keys.shape[1]` characters further. keys [rows,
+    n, 2]: each row's keys for its next n draws; left [rows]: characters each row still
+    needs (it makes none after those). Returns (state, ids [rows, n], -1 where none)."""
     reference = _reference(cfg)
+    part = jax.tree.map(lambda x: x[:rows], state)
+    settings = temperature, top_k, top_p
 
-    def body(st, _):
-        live = st["active"] & (st["gen"] < st["length"])
-        keys = st["keys"][jnp.arange(rows), jnp.minimum(st["gen"], st["keys"].shape[1] - 1)]
+    def body(st, xs):
+        t, k = xs
         if mode == "stateful":
             logits = st["logits"]
         else:
             logits, _ = apply(params, cfg, st["window"], mask=st["mask"], last_only=True)
-        ids = jax.vmap(draw_row)(keys, logits, st["temperature"], st["top_k"], st["top_p"])
-        st = dict(st, gen=st["gen"] + live)
+        ids = jax.vmap(draw_row)(k, logits, *settings)
         if mode == "stateful":
-            st["logits"], st["carry"] = step(params, reference, st["carry"], ids)
+            logits, carry = step(params, reference, st["carry"], ids)
+            st = dict(st, logits=logits, carry=carry)
         else:
-            st["window"] = jnp.concatenate([st["window"][:, 1:], ids[:, None]], axis=1)
-            st["mask"] = jnp.concatenate([st["mask"][:, 1:], jnp.ones((rows, 1), bool)], axis=1)
-        return st, jnp.where(live, ids, -1)
+            window = jnp.concatenate([st["window"][:, 1:], ids[:, None]], axis=1)
+            mask = jnp.concatenate([st["mask"][:, 1:], jnp.ones((rows, 1), bool)], axis=1)
+            st = dict(st, window=window, mask=mask)
+        return st, jnp.where(t < left, ids, -1)
 
-    state, out = jax.lax.scan(body, state, None, length=n)
+    n = keys.shape[1]
+    part, out = jax.lax.scan(body, part, (jnp.arange(n), keys.transpose(1, 0, 2)))
+    state = jax.tree.map(lambda whole, p: whole.at[:rows].set(p), state, part)
     return state, out.T
 
 
 @partial(jax.jit, static_argnames=("cfg",))
-def _prime(params, prompt, mask, *, cfg: ModelConfig):
-    """The state after a left-padded prompt [1, P] (masked positions leave it untouched):
-    (carry, logits [1, V]), as jaxchar.sampling reads a prompt."""
+def _prime(params, prompts, mask, *, cfg: ModelConfig):
+    """The states after left-padded prompts [m, P] (masked positions leave a state
+    untouched): (carry, logits [m, V]), as jaxchar.sampling reads a prompt."""
     reference = _reference(cfg)
-    logits, carry = apply(params, reference, prompt, init_carry(reference, 1), mask=mask)
+    rows = prompts.shape[0]
+    logits, carry = apply(params, reference, prompts, init_carry(reference, rows), mask=mask)
     return carry, logits[:, -1]
 
 
+@partial(jax.jit, static_argnames=("length",))
+def _keys(seeds, *, length):
+    """split(PRNGKey(seed), length) for each seed: [m, length, 2]. (JAX's partitionable
+    threefry, its default, makes the first n keys of a longer split those of split(.., n).)"""
+    return jax.vmap(lambda s: jax.random.split(jax.random.PRNGKey(s), length))(seeds)
+
+
 @partial(jax.jit, donate_argnames=("state",))
-def _admit(state, slot, row):
-    """Writes one request's row (a dict of [1, ...] values) into row `slot` of the state."""
-    new = dict(state)
-    for name, value in row.items():
-        if name == "carry":
-            new["carry"] = jax.tree.map(lambda s, v: s.at[slot].set(v[0]), state["carry"], value)
-        else:
-            new[name] = state[name].at[slot].set(value[0])
-    return new
+def _admit(state, slots, rows):
+    """Writes new requests' rows (the state's structure, [m, ...] each) into rows `slots`
+    [m] of the state; slots past the state's end (padding) are dropped."""
+    return jax.tree.map(lambda s, v: s.at[slots].set(v, mode="drop"), state, rows)
 
 
-@dataclass
+@partial(jax.jit, donate_argnames=("state",))
+def _move(state, src, dst):
+    """Copies row `src` of the state into row `dst` (the busy rows stay at the front)."""
+    return jax.tree.map(lambda s: s.at[dst].set(s[src]), state)
+
+
+@dataclass(eq=False)  # a request is itself: compared by identity
 class Request:
     """One generation: ids of the prompt, settings, and where its text goes."""
 
@@ -105,21 +120,30 @@ class Request:
     emit: Callable[[list[int] | None], None]  # new ids; None when finished
     made: int = 0
     cancelled: bool = False
-    submitted: float = field(default_factory=time.perf_counter)
+    keys: np.ndarray | None = None  # [length, 2]: split(PRNGKey(seed), length), on admission
 
     def cancel(self) -> None:
         """The client went away: its row is freed at the next step."""
         self.cancelled = True
 
 
-def _bucket(n: int) -> int:
-    """Prompt lengths are padded up to a power of two (at least 16): few compilations."""
-    return max(16, 1 << (n - 1).bit_length())
+def _ended(event: threading.Event, ids: list[int] | None) -> None:
+    if ids is None:
+        event.set()
+
+
+def _bucket(n: int, floor: int = 1) -> int:
+    """The power of two at or above n (at least `floor`): few shapes, few compilations."""
+    return max(floor, 1 << max(0, n - 1).bit_length())
 
 
 class Engine:
     """See the module's docstring. `start()` runs the loop on a thread; `submit` is safe to
-    call from any thread; `stop()` ends it."""
+    call from any thread; `stop()` ends it.
+
+    The busy rows are kept at the front of the state (a finished row's place is taken by
+    the last busy row), and each call advances only the smallest power of two of rows that
+    holds them: one request alone costs a one-row step, 64 together one 64-row step."""
 
     def __init__(
         self,
@@ -139,31 +163,22 @@ class Engine:
         self.seq_length, self.slots, self.chunk = seq_length, slots, chunk
         self.gather_s, self.max_length = gather_ms / 1000, max_length
         self._pending: list[Request] = []
-        self._rows: list[Request | None] = [None] * slots
+        self._rows: list[Request] = []  # the busy rows, in state order
         self._cond = threading.Condition()
         self._stopped = False
         self._thread: threading.Thread | None = None
-        self.calls = 0  # jitted advance calls so far (for tests and the load benchmark)
+        self.calls = 0  # advance calls so far (for tests and the load benchmark)
         self.state = self._empty_state()
 
     def _empty_state(self) -> dict:
-        s, v = self.slots, self.cfg.vocab_size
-        state = {
-            "keys": jnp.zeros((s, self.max_length, 2), jnp.uint32),
-            "gen": jnp.zeros((s,), jnp.int32),
-            "length": jnp.zeros((s,), jnp.int32),
-            "active": jnp.zeros((s,), bool),
-            "temperature": jnp.zeros((s,), jnp.float32),
-            "top_k": jnp.zeros((s,), jnp.int32),
-            "top_p": jnp.ones((s,), jnp.float32),
-        }
+        s = self.slots
         if self.mode == "stateful":
-            state["carry"] = init_carry(_reference(self.cfg), s)
-            state["logits"] = jnp.zeros((s, v), jnp.float32)
-        else:
-            state["window"] = jnp.zeros((s, self.seq_length), jnp.int32)
-            state["mask"] = jnp.zeros((s, self.seq_length), bool)
-        return state
+            carry = init_carry(_reference(self.cfg), s)
+            return {"carry": carry, "logits": jnp.zeros((s, self.cfg.vocab_size), jnp.float32)}
+        return {
+            "window": jnp.zeros((s, self.seq_length), jnp.int32),
+            "mask": jnp.zeros((s, self.seq_length), bool),
+        }
 
     # --- the public side ---------------------------------------------------------------
 
@@ -179,7 +194,7 @@ class Engine:
 
     def busy_rows(self) -> int:
         with self._cond:
-            return sum(r is not None for r in self._rows)
+            return len(self._rows)
 
     def start(self) -> Engine:
         self._thread = threading.Thread(target=self._loop, name="jaxchar-engine", daemon=True)
@@ -193,110 +208,147 @@ class Engine:
         if self._thread:
             self._thread.join(timeout=30)
 
-    def warm_up(self) -> None:
-        """Compiles the advance call and the shortest prompt bucket before serving."""
-        done = threading.Event()
-        req = Request(np.array([0]), 1, 0, 0.0, 0, 1.0, lambda ids: ids is None and done.set())
-        if self._thread is None:
-            self.submit(req)
-            self._step()
-            while not done.is_set():
-                self._step()
-        else:
-            self.submit(req)
-            done.wait(timeout=300)
+    def warm_up(self, lengths: tuple[int, ...] = ()) -> None:
+        """Compiles before serving what requests would otherwise compile on the way: for
+        every power of two of rows up to `slots`, that many requests admitted at once (a
+        one-character prompt, two chunks each), so every row count's advance, prompt and
+        admission call is ready; and the keys of requests of each of `lengths`."""
+        for length in lengths:
+            _keys(np.zeros((self.slots,), np.uint32), length=_bucket(length, self.chunk))
+        m = 1
+        while m <= self.slots:
+            done = [threading.Event() for _ in range(m)]
+            for ev in done:
+                self.submit(
+                    Request(np.array([0]), 2 * self.chunk, 0, 0.5, 0, 1.0, partial(_ended, ev))
+                )
+            if self._thread is None:
+                while not all(ev.is_set() for ev in done):
+                    self._step()
+            for ev in done:
+                ev.wait(timeout=300)
+            m *= 2
 
     # --- the loop ----------------------------------------------------------------------
 
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._stopped and not self._pending and not any(self._rows):
+                while not self._stopped and not self._pending and not self._rows:
                     self._cond.wait()
                 if self._stopped:
                     return
-                idle = not any(self._rows)
+                idle = not self._rows
             if idle and self.gather_s > 0:  # let the requests that arrive together gather
                 time.sleep(self.gather_s)
             try:
                 self._step()
-            except Exception as err:  # noqa: BLE001 - every waiting client must hear of it
-                self._fail_all(err)
+            except Exception:  # noqa: BLE001 - every waiting client must hear of it
+                logging.getLogger("jaxchar.engine").exception("generation failed")
+                self._fail_all()
 
     def _step(self) -> None:
         self._admit_pending()
-        if not any(self._rows):
+        with self._cond:
+            rows = list(self._rows)
+        if not rows:
             return
+        k, n = _bucket(len(rows)), self.chunk
+        keys = np.zeros((k, n, 2), np.uint32)
+        left = np.zeros((k,), np.int32)
+        temperature = np.zeros((k,), np.float32)
+        top_k = np.zeros((k,), np.int32)
+        top_p = np.ones((k,), np.float32)
+        for i, req in enumerate(rows):
+            part = req.keys[req.made : req.made + n]
+            keys[i, : len(part)] = part
+            left[i] = req.length - req.made
+            temperature[i], top_k[i], top_p[i] = req.temperature, req.top_k, req.top_p
         self.state, out = _advance(
-            self.params, self.state, cfg=self.cfg, mode=self.mode, n=self.chunk
+            self.params,
+            self.state,
+            keys,
+            left,
+            temperature,
+            top_k,
+            top_p,
+            cfg=self.cfg,
+            mode=self.mode,
+            rows=k,
         )
         self.calls += 1
         out = np.asarray(out)
-        with self._cond:
-            for slot, req in enumerate(self._rows):
-                if req is None:
-                    continue
-                ids = [int(i) for i in out[slot] if i >= 0]
-                req.made += len(ids)
-                if req.cancelled:
-                    self._free(slot)
-                    continue
-                if ids:
-                    req.emit(ids)
-                if req.made >= req.length:
-                    req.emit(None)
-                    self._free(slot)
+        finished = []
+        for i, req in enumerate(rows):
+            ids = [int(x) for x in out[i] if x >= 0]
+            req.made += len(ids)
+            if req.cancelled:
+                finished.append(req)
+                continue
+            if ids:
+                req.emit(ids)
+            if req.made >= req.length:
+                req.emit(None)
+                finished.append(req)
+        if finished:
+            self._free(finished)
 
-    def _free(self, slot: int) -> None:
-        self._rows[slot] = None
-        self.state["active"] = self.state["active"].at[slot].set(False)
+    def _free(self, done: list[Request]) -> None:
+        """Drops finished rows; the last busy rows move into their places."""
+        with self._cond:
+            for req in done:
+                slot, last = self._rows.index(req), len(self._rows) - 1
+                if slot != last:
+                    self.state = _move(self.state, last, slot)
+                    self._rows[slot] = self._rows[last]
+                self._rows.pop()
 
     def _admit_pending(self) -> None:
+        """Moves pending requests into free rows: their prompts read in one call, their
+        keys made in one call, their rows written in one call."""
         with self._cond:
             self._pending = [r for r in self._pending if not r.cancelled]
-            free = [i for i, r in enumerate(self._rows) if r is None]
-            taken = []
-            while free and self._pending:
-                slot, req = free.pop(0), self._pending.pop(0)
-                self._rows[slot] = req
-                taken.append((slot, req))
-        for slot, req in taken:
-            self.state = _admit(self.state, slot, self._row(req))
+            first, taken = len(self._rows), []
+            while self._pending and len(self._rows) < self.slots:
+                taken.append(self._pending.pop(0))
+                self._rows.append(taken[-1])
+        if not taken:
+            return
+        m = _bucket(len(taken))
+        seeds = np.zeros((self.slots,), np.uint32)  # one shape: one compilation per length
+        seeds[: len(taken)] = [r.seed % 2**32 for r in taken]
+        longest = _bucket(max(r.length for r in taken), self.chunk)
+        keys = np.asarray(_keys(seeds, length=longest))
+        for i, req in enumerate(taken):
+            req.keys = keys[i, : req.length]
+        slots = np.full((m,), self.slots, np.int32)  # past the end: dropped
+        slots[: len(taken)] = np.arange(first, first + len(taken))
+        self.state = _admit(self.state, slots, self._rows_for(taken, m))
 
-    def _row(self, req: Request) -> dict:
-        keys = np.zeros((1, self.max_length, 2), np.uint32)
-        keys[0, : req.length] = np.asarray(
-            jax.random.split(jax.random.PRNGKey(req.seed), req.length)
-        )
-        row = {
-            "keys": keys,
-            "gen": np.zeros((1,), np.int32),
-            "length": np.array([req.length], np.int32),
-            "active": np.ones((1,), bool),
-            "temperature": np.array([req.temperature], np.float32),
-            "top_k": np.array([req.top_k], np.int32),
-            "top_p": np.array([req.top_p], np.float32),
-        }
-        prompt = np.asarray(req.prompt, np.int32)
+    def _rows_for(self, reqs: list[Request], m: int) -> dict:
+        """The first state of each request's row, [m, ...] (rows past len(reqs) padding)."""
+        prompts = [np.asarray(r.prompt, np.int32) for r in reqs]
         if self.mode == "stateful":
-            width = _bucket(len(prompt))
-            padded = np.zeros((1, width), np.int32)
-            padded[0, width - len(prompt) :] = prompt
-            mask = np.arange(width)[None] >= width - len(prompt)
-            row["carry"], row["logits"] = _prime(self.params, padded, mask, cfg=self.cfg)
-        else:
-            tail = prompt[-self.seq_length :]
-            window = np.zeros((1, self.seq_length), np.int32)
-            window[0, self.seq_length - len(tail) :] = tail
-            row["window"] = window
-            row["mask"] = np.arange(self.seq_length)[None] >= self.seq_length - len(tail)
-        return row
+            width = _bucket(max(len(p) for p in prompts), 16)
+            padded = np.zeros((m, width), np.int32)
+            for i, p in enumerate(prompts):
+                padded[i, width - len(p) :] = p
+            lengths = np.array([len(p) for p in prompts] + [1] * (m - len(prompts)))
+            mask = np.arange(width)[None] >= width - lengths[:, None]
+            carry, logits = _prime(self.params, padded, mask, cfg=self.cfg)
+            return {"carry": carry, "logits": logits}
+        window = np.zeros((m, self.seq_length), np.int32)
+        mask = np.zeros((m, self.seq_length), bool)
+        for i, p in enumerate(prompts):
+            tail = p[-self.seq_length :]
+            window[i, self.seq_length - len(tail) :] = tail
+            mask[i, self.seq_length - len(tail) :] = True
+        return {"window": window, "mask": mask}
 
-    def _fail_all(self, err: Exception) -> None:
+    def _fail_all(self) -> None:
         with self._cond:
-            waiting = [r for r in self._rows if r is not None] + self._pending
-            self._rows = [None] * self.slots
-            self._pending = []
+            waiting = self._rows + self._pending
+            self._rows, self._pending = [], []
         self.state = self._empty_state()
         for req in waiting:
             req.emit(None)

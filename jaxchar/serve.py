@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,28 @@ def _parse(body: bytes) -> dict[str, Any]:
     return out
 
 
+class _Mailbox:
+    """Pieces from the engine's thread to the requests' queues on the event loop, with one
+    wake-up of the loop for all the rows of an engine step rather than one per row."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.items, self.lock, self.scheduled = loop, [], threading.Lock(), False
+
+    def put(self, queue: asyncio.Queue, item: Any) -> None:
+        with self.lock:
+            self.items.append((queue, item))
+            if self.scheduled:
+                return
+            self.scheduled = True
+        self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self.lock:
+            items, self.items, self.scheduled = self.items, [], False
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
 class Server:
     """The run, its engine, and the request handling (independent of the web framework's
     objects where it can be, so that tests can reach it)."""
@@ -106,6 +129,7 @@ class Server:
             gather_ms=gather_ms,
             max_length=max_length,
         )
+        self._mailbox: _Mailbox | None = None
 
     def settings(self, given: dict[str, Any]) -> dict[str, Any]:
         """The request's settings, checked, with the run's defaults filled in."""
@@ -201,9 +225,12 @@ class Server:
         """Queues a sampling request; its pieces (lists of ids, then None) arrive on the
         queue from the engine's thread."""
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        if self._mailbox is None or self._mailbox.loop is not loop:
+            self._mailbox = _Mailbox(loop)
+        mailbox = self._mailbox
 
         def emit(ids):
-            loop.call_soon_threadsafe(queue.put_nowait, ids)
+            mailbox.put(queue, ids)
 
         req = Request(
             s["ids"], s["length"], s["seed"], s["temperature"], s["top_k"], s["top_p"], emit
@@ -314,7 +341,8 @@ def make_app(server: Server, *, warm_up: bool = True):
     async def lifespan(app):
         server.engine.start()
         if warm_up:
-            await asyncio.to_thread(server.engine.warm_up)
+            lengths = (min(server.opts.length, server.engine.max_length),)
+            await asyncio.to_thread(server.engine.warm_up, lengths)
         yield
         server.engine.stop()
 
