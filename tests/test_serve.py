@@ -303,3 +303,27 @@ def test_serve_without_the_extra_says_what_to_install(monkeypatch, tiny_run, cap
     assert main(["serve", str(tiny_run)]) == 2
     err = capsys.readouterr().err
     assert "jaxchar[serve]" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--slots", "0"], "--slots"),
+        (["--chunk", "0"], "--chunk"),
+        (["--step", "123456"], "123456"),
+    ],
+)
+def test_serve_refuses_bad_options_in_one_line(tiny_run, capsys, args, words):
+    from jaxchar.cli import main
+
+    assert main(["serve", str(tiny_run), *args]) == 2
+    err = capsys.readouterr().err
+    assert words in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_serve_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
+    from jaxchar.cli import main
+
+    assert main(["serve", str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
