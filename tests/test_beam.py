@@ -24,28 +24,32 @@ def _params(seed=0):
     return jax.tree.map(lambda w: 3.0 * w, params)
 
 
-def _log_prob(params, cfg, prompt, continuation) -> float:
-    """The model's total log-probability of `continuation` after `prompt`, read off one
-    forward pass over both (a plain loop over positions, in float64)."""
-    ids = np.concatenate([np.asarray(prompt), np.asarray(continuation)])[None]
-    logits, _ = apply(params, cfg, jnp.asarray(ids), init_carry(cfg, 1))
-    logits = np.asarray(logits[0], np.float64)
-    total, start = 0.0, len(prompt) - 1
-    for i, c in enumerate(continuation):
-        row = logits[start + i]
-        total += row[c] - (row.max() + np.log(np.exp(row - row.max()).sum()))
-    return total
+def _log_probs(params, cfg, prompt, continuations) -> np.ndarray:
+    """The model's log-probabilities of each row of `continuations` [n, L] after `prompt`,
+    position by position [n, L], read off one forward pass (in float64 from there on)."""
+    conts = np.asarray(continuations)
+    ids = np.concatenate([np.broadcast_to(np.asarray(prompt), (len(conts), len(prompt))), conts], 1)
+    forward = jax.jit(apply, static_argnums=1)  # one compilation for all the rows
+    logits, _ = forward(params, cfg, jnp.asarray(ids), init_carry(cfg, len(conts)))
+    logits = np.asarray(logits, np.float64)[:, len(prompt) - 1 : -1]
+    top = logits.max(-1, keepdims=True)
+    logp = logits - (top + np.log(np.exp(logits - top).sum(-1, keepdims=True)))
+    return np.take_along_axis(logp, conts[..., None], -1)[..., 0]
 
 
 def _exhaustive(params, length, stop_id=None, alpha=0.0):
-    """Every continuation of `length` characters, scored; with stop_id, each cut after its
-    first stop (continuations equal up to it are the same hypothesis)."""
+    """Every continuation of `length` characters, scored (one forward pass over them all);
+    with stop_id, each cut after its first stop (continuations equal up to it are the same
+    hypothesis)."""
+    conts = np.array(list(itertools.product(range(TINY.vocab_size), repeat=length)))
+    logp = _log_probs(params, TINY, PROMPT, conts)
     found = {}
-    for cont in itertools.product(range(TINY.vocab_size), repeat=length):
+    for cont, row in zip(conts, logp, strict=True):
+        cont = tuple(int(c) for c in cont)
         if stop_id is not None and stop_id in cont:
             cont = cont[: cont.index(stop_id) + 1]
         if cont not in found:
-            total = _log_prob(params, TINY, PROMPT, cont)
+            total = float(row[: len(cont)].sum())
             found[cont] = (total / len(cont) ** alpha, total)
     return sorted(found.items(), key=lambda item: -item[1][0])
 
@@ -84,9 +88,8 @@ def test_a_narrow_beam_returns_the_models_scores_best_first(tiny_run):
     totals = [float(x) for x in got.log_probs]
     assert totals == sorted(totals, reverse=True)
     assert len({tuple(np.asarray(r)) for r in got.ids}) == 5  # five different hypotheses
-    for row, total in zip(got.ids, totals, strict=True):
-        want = _log_prob(params, trained.cfg.model, prompt, np.asarray(row))
-        np.testing.assert_allclose(total, want, rtol=1e-4, atol=1e-4)
+    want = _log_probs(params, trained.cfg.model, prompt, np.asarray(got.ids)).sum(1)
+    np.testing.assert_allclose(totals, want, rtol=1e-4, atol=1e-4)
 
 
 def test_beam_one_is_greedy_sampling(tiny_run):
