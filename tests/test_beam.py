@@ -92,8 +92,10 @@ def test_a_narrow_beam_returns_the_models_scores_best_first(tiny_run):
     np.testing.assert_allclose(totals, want, rtol=1e-4, atol=1e-4)
 
 
-def test_beam_one_is_greedy_sampling(tiny_run):
-    trained = Run.open(tiny_run)
+@pytest.mark.parametrize("which", ["tiny_run", "fast_run"])
+def test_beam_one_is_greedy_sampling(which, request):
+    """On the tiny config and on the default config's shapes (2 x LSTM-256)."""
+    trained = Run.open(request.getfixturevalue(which))
     params, _ = trained.params()
     prompt = trained.encode_prompt("the queen said")
     greedy = sample(

@@ -43,7 +43,7 @@ def _collect(engine, run, jobs, length=40):
     return [run.vocab.decode(ids) for ids in texts]
 
 
-@pytest.mark.parametrize("which", ["tiny_run", "window_run"])
+@pytest.mark.parametrize("which", ["tiny_run", "fast_run", "window_run"])
 def test_batched_rows_get_what_each_request_gets_alone(which, request):
     """Eight requests at once, as rows of one call, against the same requests one at a time
     and against Run.generate: the same text for the same seed and settings (stateful
