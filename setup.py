@@ -17,11 +17,12 @@ from pathlib import Path
 from setuptools import Extension, setup
 from setuptools.command.build_py import build_py
 
-# name -> compiler flags. x86-64-v3 is AVX2 + FMA; x86-64-v4 adds AVX-512 F/BW/DQ/VL/CD.
+# name -> compiler flags; x86-64-v4 is AVX-512 F/BW/DQ/VL/CD. Only variants that `auto` may
+# choose are built: an x86-64-v3 (AVX2) build measured 0.05-0.19x the JAX paths
+# (docs/benchmarks.md), so AVX2-only CPUs run the JAX paths and compile nothing for them.
 VARIANTS = {
     "avx512bf16": ["-march=x86-64-v4", "-mavx512bf16"],
     "avx512": ["-march=x86-64-v4"],
-    "avx2": ["-march=x86-64-v3"],
 }
 
 

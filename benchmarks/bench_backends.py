@@ -2,7 +2,7 @@
 same run: what `model.impl = "auto"` must be shown before it picks a kernel.
 
     python benchmarks/bench_backends.py [--reps 5] [--load] [--configs fast small ...]
-    JAXCHAR_NATIVE=avx2 python benchmarks/bench_backends.py    # the AVX2 kernel variant
+    JAXCHAR_NATIVE=avx512 python benchmarks/bench_backends.py  # the AVX-512 variant on a BF16 CPU
 
 Per config: a training step (forward and backward of the loss, the config's batch and
 window) with the C++ recurrences (`native`) against the fused layer's lax.scan loops

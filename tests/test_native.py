@@ -16,14 +16,20 @@ from jaxchar.model import apply, init_carry, init_params
 from jaxchar.sampling import sample, sample_stream
 
 pytestmark = pytest.mark.skipif(
-    not native.available(), reason="jaxchar/csrc/native.cc was not built (no C++ compiler?)"
+    not native.available(), reason=f"no C++ kernel variant loaded: {native.variant()[1]}"
 )
 
-CONFIGS = [  # every input encoding, one and two layers, both gate functions
-    ModelConfig(vocab_size=13, layers=1, hidden=32, encoding="scaled"),
-    ModelConfig(vocab_size=13, layers=2, hidden=32, encoding="embed", embed_dim=6),
+CONFIGS = [  # every input encoding, one and two layers, both gate functions; forced, so
+    # the kernel runs wherever a variant is loaded (auto's choice is test_backends's)
+    ModelConfig(vocab_size=13, layers=1, hidden=32, encoding="scaled", impl="native"),
+    ModelConfig(vocab_size=13, layers=2, hidden=32, encoding="embed", embed_dim=6, impl="native"),
     ModelConfig(
-        vocab_size=13, layers=2, hidden=64, encoding="onehot", gate_activation="hard_sigmoid"
+        vocab_size=13,
+        layers=2,
+        hidden=64,
+        encoding="onehot",
+        gate_activation="hard_sigmoid",
+        impl="native",
     ),
 ]
 
@@ -56,6 +62,9 @@ def test_sample_runs_the_kernel_on_the_cpu_only_where_it_applies():
     def lowered(cfg, **kw):
         return sample.lower(_params(cfg), key, prompt, cfg=cfg, length=8, **kw).as_text()
 
+    # forced, the kernel runs wherever a variant is loaded; auto runs it where measured faster
+    auto = dataclasses.replace(cfg, impl="auto")
+    assert ("jaxchar_generate" in lowered(auto)) == (_sampler(auto) == "native")
     assert "jaxchar_generate" in lowered(cfg)
     assert "jaxchar_generate" not in lowered(_reference(cfg))
     assert "jaxchar_generate" not in lowered(cfg, top_k=3)

@@ -4,10 +4,13 @@ once, and the recurrences of the LSTM layer's training step, as XLA FFI calls.
 This module only loads the kernels and wraps their calls; `jaxchar.lstm.backends` decides
 whether one runs. setup.py compiles the sources once per instruction set (VARIANTS, best
 first); `variant()` imports the best one that this CPU's flags allow, or none: on other
-architectures, on CPUs without AVX2, where nothing was built, and when the environment
-variable JAXCHAR_NATIVE is 0. That variable is the one switch outside the config: it keeps
-the shared library from being loaded at all (a deployment setting, like XLA_FLAGS), and it is
-read once, on first use.
+architectures, on CPUs without AVX-512 (only variants that `auto` may choose are built: an
+AVX2 build measured slower than the JAX paths, docs/benchmarks.md), where nothing was built,
+and when the environment variable JAXCHAR_NATIVE is 0. Two deployment settings (like
+XLA_FLAGS) are read once, on first use, and are the only switches outside the config:
+JAXCHAR_NATIVE=0 keeps the shared library from being loaded at all, and JAXCHAR_CPU_AS=avx2
+(or avx512) makes the loader see only that instruction set's flags, so that one machine
+can show what a smaller CPU runs (CI reruns the backend tests that way).
 
 At batch 1 each character is a few matrix-vector products; XLA runs them on one core and
 streams the kernels from the L3 cache every step (the recurrent kernel alone is 1 MB at
@@ -60,13 +63,12 @@ VARIANTS = {
         "avx512_bf16",
     ),
     "avx512": ("avx2", "fma", "bmi2", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512cd"),
-    "avx2": ("avx2", "fma", "bmi2"),
 }
+# what JAXCHAR_CPU_AS may name: the flags of a CPU kind that has no built variant
+CPU_KINDS = {**VARIANTS, "avx2": ("avx2", "fma", "bmi2")}
 
 
-@functools.cache
-def cpu_flags() -> frozenset[str]:
-    """This CPU's instruction-set flags, from /proc/cpuinfo (empty where there is none)."""
+def _real_flags() -> frozenset[str]:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -75,6 +77,22 @@ def cpu_flags() -> frozenset[str]:
     except OSError:
         pass
     return frozenset()
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """This CPU's instruction-set flags, from /proc/cpuinfo (empty where there is none);
+    with JAXCHAR_CPU_AS=KIND only those of that kind (CPU_KINDS) that this CPU also has, so
+    an AVX-512 machine can behave as an AVX2-only one. x86 flags that no kind names (sse,
+    ...) are kept; only the vector extensions are masked."""
+    flags = _real_flags()
+    kind = os.environ.get("JAXCHAR_CPU_AS", "").strip().lower()
+    if not kind:
+        return flags
+    if kind not in CPU_KINDS:
+        raise ValueError(f"JAXCHAR_CPU_AS={kind!r}: name one of {', '.join(CPU_KINDS)}")
+    masked = {f for needs in CPU_KINDS.values() for f in needs} - set(CPU_KINDS[kind])
+    return flags - masked - {"avx512_vnni", "avx512vbmi", "amx_bf16", "avx512ifma"}
 
 
 @functools.cache
@@ -94,7 +112,7 @@ def cpu_model() -> str | None:
 def variant() -> tuple[str | None, str]:
     """(the loaded variant's name or None, why): imports the best built variant this CPU
     can run and registers its FFI targets with XLA. JAXCHAR_NATIVE=0 loads none; naming a
-    variant (JAXCHAR_NATIVE=avx2) loads that one if this CPU can run it (benchmarks)."""
+    variant (JAXCHAR_NATIVE=avx512) loads that one if this CPU can run it (benchmarks)."""
     wish = os.environ.get("JAXCHAR_NATIVE", "").strip().lower()
     if wish in ("0", "false", "no", "off"):
         return None, "turned off by JAXCHAR_NATIVE=0"
