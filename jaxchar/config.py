@@ -116,7 +116,7 @@ class ModelConfig:
         _check(self.embed_dim >= 1, "model.embed_dim must be at least 1")
         _check(self.unroll >= 1, "model.unroll must be at least 1")
         _one_of("model", "dtype", self.dtype, ("float32", "bfloat16"))
-        _one_of("model", "impl", self.impl, ("auto", "scan", "fused", "native", "cudnn"))
+        _one_of("model", "impl", self.impl, ("auto", "scan", "fused", "native", "pallas", "cudnn"))
         _check(
             self.impl != "cudnn" or self.dtype == "float32",
             "model.impl = 'cudnn' computes in float32 (jax.experimental.rnn): set "

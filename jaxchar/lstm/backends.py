@@ -3,7 +3,9 @@
 Backends: `scan` (the nn.scan cells, jaxchar/lstm/cells.py: the definition and reference),
 `fused` (jaxchar/lstm/fused.py: the layer with a hand-written backward pass, lax.scan loops),
 `native` (the fused layer's loops, or the whole stateful sampling loop, in C++ on CPUs:
-jaxchar/lstm/native.py) and `cudnn` (jaxchar/lstm/cudnn.py, NVIDIA GPUs).
+jaxchar/lstm/native.py), `pallas` (the fused layer's loops as one Pallas kernel each on
+NVIDIA GPUs, jaxchar/lstm/pallas.py; interpreted on CPUs, for tests) and `cudnn`
+(jaxchar/lstm/cudnn.py, NVIDIA GPUs).
 
 `model.impl = "auto"` picks a backend only where it is correct under jit, vmap and grad,
 deterministic for a seed, and measured faster on that kind of machine (docs/benchmarks.md):
@@ -14,10 +16,12 @@ deterministic for a seed, and measured faster on that kind of machine (docs/benc
 - layer, GPU or TPU: `fused`: on an H200 cuDNN measured 1.7-1.9x slower than the fused
   layer (the shipped configs' shapes); TPUs have not been measured.
 - layer, GRU cells or masked (left-padded) steps: `scan`, whatever the impl.
+- `pallas` is never picked by auto: no GPU run has measured it yet (docs/benchmarks.md, "The
+  Pallas training kernels"); forced, it runs on NVIDIA GPUs and, interpreted, on CPUs.
 - sample (stateful loop), CPU with an AVX-512 variant: `native` up to 64 rows without
   top-k/top-p (measured faster than the scan); everywhere else `scan`.
 
-A forced backend (`scan`, `fused`, `native`, `cudnn`) runs wherever it applies; where this
+A forced backend (`scan`, `fused`, `native`, `pallas`, `cudnn`) runs wherever it applies; where this
 machine cannot run it at all (no GPU for cuDNN, no kernels for native) `select` raises
 `BackendError` saying why for the layers, while sampling takes the lax.scan loop (so that
 a stored run generates anywhere). Where a forced backend does not apply to a call (a GRU, a masked
@@ -34,7 +38,7 @@ from dataclasses import dataclass
 import jax.numpy as jnp
 
 from jaxchar.config import ModelConfig
-from jaxchar.lstm import cudnn, native
+from jaxchar.lstm import cudnn, native, pallas
 
 # kernel variants that benchmarks showed faster than the JAX paths on their kind of CPU
 MEASURED_FASTER = ("avx512bf16", "avx512")
@@ -46,7 +50,7 @@ class BackendError(ValueError):
 
 @dataclass(frozen=True)
 class Choice:
-    backend: str  # scan | fused | native | cudnn
+    backend: str  # scan | fused | native | pallas | cudnn
     reason: str
 
 
@@ -80,6 +84,8 @@ def _impossible(cfg: ModelConfig, platform: str) -> str | None:
     if cfg.impl == "native" and (platform != "cpu" or not native.available()):
         where = f"this is a {platform}" if platform != "cpu" else native.variant()[1]
         return f"model.impl = 'native' cannot run here: {where}; use auto"
+    if cfg.impl == "pallas" and platform not in ("gpu", "cpu"):
+        return f"model.impl = 'pallas' has no {platform} variant yet (NVIDIA GPUs); use auto"
     if cfg.impl == "cudnn" and (platform != "gpu" or not cudnn.available()):
         return f"model.impl = 'cudnn' needs an NVIDIA GPU (this is a {platform}); use auto"
     return None
@@ -92,6 +98,13 @@ def _layer(cfg: ModelConfig, platform: str, masked: bool) -> Choice:
         return Choice("scan", "masked (left-padded) steps run on the nn.scan reference")
     if cfg.impl in ("scan", "fused"):
         return Choice(cfg.impl, f"model.impl = '{cfg.impl}'")
+    if cfg.impl == "pallas":
+        fits, why = pallas.supports(cfg.hidden, _dtype(cfg))
+        if not fits:
+            return Choice("fused", f"model.impl = 'pallas', but {why}: the fused layer")
+        if platform == "cpu":
+            return Choice("pallas", "model.impl = 'pallas', in Pallas's interpreter (slow)")
+        return Choice("pallas", "model.impl = 'pallas'")
     if cfg.impl == "cudnn":
         if cfg.gate_activation != "sigmoid":
             return Choice("fused", "cuDNN has only the sigmoid gate: the fused layer")

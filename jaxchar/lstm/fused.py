@@ -13,9 +13,11 @@ The input projection is done here too, as one product over all timesteps before 
 so that its weight gradient is also one product over [batch*time] written by hand: left to
 autodiff, XLA transposed the whole [time, batch, 4*hidden] gradient in memory first.
 
-With `kernel` (the `native` backend, chosen by jaxchar.lstm.backends), both loops run in C++ on
-CPUs (jaxchar/lstm/native.py) and as the lax.scan loops below on any other platform of the
-same program. Under `jax.vmap` the kernels' batching rule folds the mapped axis into the
+With `kernel="native"` (chosen by jaxchar.lstm.backends), both loops run in C++ on CPUs
+(jaxchar/lstm/native.py) and as the lax.scan loops below on any other platform of the same
+program; with `kernel="pallas"`, each loop is one Pallas kernel on NVIDIA GPUs
+(jaxchar/lstm/pallas.py), interpreted on CPUs, and the lax.scan loops elsewhere.
+Under `jax.vmap` the kernels' batching rule folds the mapped axis into the
 batch (one call for all), unless the weights themselves are mapped: then the lax.scan loops
 run, batched by XLA.
 
@@ -29,7 +31,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from jaxchar.lstm import native
+from jaxchar.lstm import native, pallas
 from jaxchar.lstm.cells import gate, matmul
 
 
@@ -71,7 +73,10 @@ def _forward(w_h, xs, c0, h0, w_in, bias, dtype, gate_activation, with_hs_fm, ke
     def with_fm(out):  # (hs, c, h) -> (hs, c, h, hs [H, T, B]) where it is asked for
         return (*out, out[0].transpose(2, 0, 1)) if with_hs_fm else out
 
-    if not kernel or xs.shape[0] == 0:
+    if kernel == "pallas" and xs.shape[0]:
+        out, (acts, cs) = _pallas_forward(w_h, gx, c0, h0, w_in, bias, dtype, gate_activation)
+        return with_fm(out), (acts, cs, None)
+    if kernel != "native" or xs.shape[0] == 0:
         out, (acts, cs) = scan(w_h, gx, c0, h0, w_in, bias)
         return with_fm(out), (acts, cs, None)
 
@@ -95,6 +100,33 @@ def _forward(w_h, xs, c0, h0, w_in, bias, dtype, gate_activation, with_hs_fm, ke
 
     args = w_h, gx, c0, h0, w_in, bias
     return jax.lax.platform_dependent(*args, cpu=on_cpu, default=elsewhere)
+
+
+def _pallas_forward(w_h, gx, c0, h0, w_in, bias, dtype, gate_activation):
+    """The forward loop as one Pallas kernel: compiled on NVIDIA GPUs, interpreted on CPUs
+    (where only a forced `model.impl = "pallas"` gets here), the lax.scan loop elsewhere."""
+    # scalar inputs too become [T, B, 4H] before the loop: the kernel reads one projection
+    gx = gx[..., None] * w_in + bias if gx.ndim == 2 else gx + bias
+
+    def scan(gx, w_h, c0, h0):
+        (hs, c, h), (acts, cs) = _scan_forward(w_h, gx, c0, h0, None, None, dtype, gate_activation)
+        return hs, c, h, acts, cs
+
+    def kernel(interpret):
+        def run(gx, w_h, c0, h0):
+            kw = dict(gate_activation=gate_activation, dtype=dtype, interpret=interpret)
+            return pallas.layer_forward(gx, w_h, c0, h0, fallback=scan, **kw)
+
+        return run
+
+    def elsewhere(*args):
+        hs, c, h, acts, cs = scan(*args)
+        return (hs, c, h), (acts, cs)
+
+    args = gx, w_h, c0, h0
+    return jax.lax.platform_dependent(
+        *args, cuda=kernel(False), cpu=kernel(True), default=elsewhere
+    )
 
 
 def _h_prev_fm(h0, hs, xs):
@@ -155,7 +187,7 @@ def lstm_layer(
     dtype=jnp.float32,
     gate_activation="sigmoid",
     with_hs_fm=False,
-    kernel=False,
+    kernel=None,
 ):
     """Runs the layer over xs; returns (hs [T, B, H], final c, final h).
 
@@ -169,8 +201,9 @@ def lstm_layer(
     writes hs_fm as it goes, where XLA would transpose hs in memory (4-10 ms of a stacked step).
     hs_fm carries no gradient: it stands for hs, whose gradient flows through xs.
 
-    `kernel` runs both recurrences in C++ on CPUs (float32, hidden % 64 == 0; the caller,
-    jaxchar.lstm.backends, has checked)."""
+    `kernel` names the backend that runs both recurrences: "native" (C++ on CPUs: float32,
+    hidden % 64 == 0), "pallas" (one Pallas kernel each on NVIDIA GPUs, see pallas.py) or
+    None (the lax.scan loops); the caller, jaxchar.lstm.backends, has checked that it applies."""
     return _forward(w_h, xs, c0, h0, w_in, bias, dtype, gate_activation, with_hs_fm, kernel)[0]
 
 
@@ -184,7 +217,30 @@ def _fwd(w_h, xs, c0, h0, w_in, bias, xs_fm, dtype, gate_activation, with_hs_fm,
 def _bwd(dtype, gate_activation, with_hs_fm, kernel, res, grads):
     w_h, xs, c0, h0, w_in, hs, acts, cs, h_prev_fm, xs_fm = res
     d_hs, d_c_last, d_h_last = grads[:3]  # (hs_fm's, if any, is dropped: see lstm_layer)
-    if h_prev_fm is not None:  # the forward pass ran the kernel
+    if kernel == "pallas" and acts.shape[0]:
+
+        def scan(w_h, acts, cs, c0, *args):
+            return _scan_backward(w_h, acts, cs, c0, *args, dtype, gate_activation)
+
+        def pallas_kernel(interpret):
+            def run(*args):
+                kw = dict(gate_activation=gate_activation, dtype=dtype, interpret=interpret)
+                return pallas.layer_backward(w_h, acts, cs, c0, *args, fallback=scan, **kw)
+
+            return run
+
+        def other(*args):
+            return scan(w_h, acts, cs, c0, *args)
+
+        dz, dc0, dh0 = jax.lax.platform_dependent(
+            d_hs,
+            d_c_last,
+            d_h_last,
+            cuda=pallas_kernel(False),
+            cpu=pallas_kernel(True),
+            default=other,
+        )
+    elif h_prev_fm is not None:  # the forward pass ran the C++ kernel
 
         def xla(w_h, acts, cs, c0, *args):
             return _scan_backward(w_h, acts, cs, c0, *args, jnp.float32, gate_activation)

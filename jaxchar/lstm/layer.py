@@ -4,8 +4,8 @@ jaxchar.lstm.backends chose. Every backend keeps the same parameters under the s
 depend on the backend that trained them.
 
 Layouts: `scan` and `cudnn` are batch-major (inputs [batch, time(, features)], outputs
-[batch, time, H]); `fused` and `native` are time-major ([time, batch, ...]), so that stacked
-fused layers need no transposes between them.
+[batch, time, H]); `fused`, `native` and `pallas` are time-major ([time, batch, ...]), so
+that stacked fused layers need no transposes between them.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from jaxchar.lstm import cudnn
 from jaxchar.lstm.cells import GRUCell, LSTMCell, forget_bias_init, matmul
 from jaxchar.lstm.fused import lstm_layer
 
-TIME_MAJOR = ("fused", "native")
+TIME_MAJOR = ("fused", "native", "pallas")
+KERNELS = ("native", "pallas")  # backends whose recurrences are kernels inside fused.lstm_layer
 
 
 class _RecurrentKernel(nn.Module):
@@ -39,7 +40,7 @@ class LSTMLayer(nn.Module):
     scalar_input: bool  # inputs are scalars per (batch, time), else feature vectors
     unroll: int = 1
     dtype: Any = jnp.float32
-    backend: str = "scan"  # scan | fused | native | cudnn (jaxchar.lstm.backends's choice)
+    backend: str = "scan"  # scan | fused | native | pallas | cudnn (backends.select's choice)
     cell_type: str = "lstm"  # or "gru" (always the scan backend)
     gate_activation: str = "sigmoid"  # or "hard_sigmoid" (Keras 1)
     # time-major backends: also return hs transposed, [H, time, batch], for the next layer
@@ -92,7 +93,7 @@ class LSTMLayer(nn.Module):
             self.dtype,
             self.gate_activation,
             self.with_hs_fm,
-            self.backend == "native",
+            self.backend if self.backend in KERNELS else None,
         )
         return ((c, h), hs, *hs_fm)
 

@@ -44,6 +44,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxchar.config import ModelConfig
+from jaxchar.lstm.folding import fold, foldable, unfold
 
 MAX_ROWS = 64  # beyond it the rows' state outgrows the L2 cache; at 128 and 256 rows the
 # kernel and the scan ran within 7% of each other (it is faster at every batch up to 64)
@@ -284,66 +285,23 @@ def _batched_generate(cfg: ModelConfig, threads, fallback, fits):
             noise = jax.vmap(lambda k: _noise(k, rows, vocab, temperature))(keys)
         else:  # [n, B, V], the same for every M
             noise = _noise(keys, rows, vocab, temperature)
-        noise = _fold(noise, b_keys, 1, size)  # [n, M * B, V]
-        carry = jax.tree.map(lambda x, b: _fold(x, b, 0, size), carry, b_carry)
+        noise = fold(noise, b_keys, 1, size)  # [n, M * B, V]
+        carry = jax.tree.map(lambda x, b: fold(x, b, 0, size), carry, b_carry)
         (carry, last), ids = _generate_call(
             params,
             cfg,
             carry,
-            _fold(logits, b_logits, 0, size),
+            fold(logits, b_logits, 0, size),
             noise,
             temperature,
-            _fold(prompt, b_prompt, 0, size),
+            fold(prompt, b_prompt, 0, size),
             threads,
         )
-        out = (jax.tree.map(lambda x: _unfold(x, 0, size), carry), _unfold(last, 0, size))
-        out = (out, _unfold(ids, 0, size))
+        out = (jax.tree.map(lambda x: unfold(x, 0, size), carry), unfold(last, 0, size))
+        out = (out, unfold(ids, 0, size))
         return out, jax.tree.map(lambda _: True, out)
 
     return call
-
-
-def _fold(x: jax.Array, batched: bool, axis: int, size: int) -> jax.Array:
-    """A mapped [M, ..., B (at axis + 1), ...] array as [..., M * B, ...] (broadcast first
-    when not mapped)."""
-    if not batched:
-        x = jnp.broadcast_to(x, (size, *x.shape))
-    x = jnp.moveaxis(x, 0, axis)
-    return x.reshape(*x.shape[:axis], -1, *x.shape[axis + 2 :])
-
-
-def _unfold(x: jax.Array, axis: int, size: int) -> jax.Array:
-    """`_fold`'s inverse: [..., M * B, ...] -> [M, ..., B, ...]."""
-    x = x.reshape(*x.shape[:axis], size, x.shape[axis] // size, *x.shape[axis + 1 :])
-    return jnp.moveaxis(x, axis, 0)
-
-
-def _foldable(call, fallback, in_axes: tuple, out_axes: tuple):
-    """call(*arrays) -> tuple of arrays, with a batching rule: under `jax.vmap`, when no
-    weight (an input whose axis is None) is mapped, the mapped axis is folded into each
-    array's rows axis (in_axes, out_axes) and the kernel runs once for all; when a weight is
-    mapped, `fallback` (the same function in plain JAX) runs, vmapped."""
-
-    @custom_vmap
-    def f(*args):
-        return tuple(call(*args))
-
-    @f.def_vmap
-    def rule(size, batched, *args):
-        if any(b for b, axis in zip(batched, in_axes, strict=True) if axis is None):
-            axes = [0 if b else None for b in batched]
-            out = tuple(jax.vmap(fallback, in_axes=axes)(*args))
-        else:
-            folded = [
-                x if axis is None else _fold(x, b, axis, size)
-                for x, b, axis in zip(args, batched, in_axes, strict=True)
-            ]
-            out = tuple(
-                _unfold(x, axis, size) for x, axis in zip(f(*folded), out_axes, strict=True)
-            )
-        return out, tuple(True for _ in out)
-
-    return f
 
 
 def _generate_call(params, cfg, carry, logits, noise, temperature, prompt, threads):
@@ -537,7 +495,7 @@ def layer_forward(
         return (forward_fm if hs_fm else forward)(*args, hard_sigmoid, threads)
 
     rows = (None, 1, None, None, 0, 0), (1, 1, 1, 2, 2)
-    outs = _foldable(kernel, fallback or _no_fallback, *rows)(*args)
+    outs = foldable(kernel, fallback or _no_fallback, *rows)(*args)
     return outs if hs_fm else outs[:4]
 
 
@@ -570,7 +528,7 @@ def layer_backward(
         return backward(*args, hard_sigmoid, threads)
 
     rows = (None, 1, 1, 0, 1, 0, 0), (1, 0, 0)
-    return _foldable(kernel, fallback or _no_fallback, *rows)(*args)
+    return foldable(kernel, fallback or _no_fallback, *rows)(*args)
 
 
 def _no_fallback(*args):
