@@ -15,8 +15,10 @@ With `--set model.dtype=bfloat16` every tool runs its products in bfloat16 with 
 weights: PyTorch under `torch.autocast`, Keras with the `mixed_bfloat16` policy, and the peak
 is measured for bfloat16 products (results in train_bfloat16.json).
 
-On a GPU the PyTorch peer runs on CUDA (cuDNN's nn.LSTM) and jaxchar runs twice: with the
-config's layer (`fused`) and with `model.impl = "cudnn"`. Writes benchmarks/results/train.json
+On a GPU the PyTorch peer runs on CUDA (cuDNN's nn.LSTM; `--peers torch torch-half` adds it
+under float16 autocast, where cuDNN's persistent algorithm can apply) and jaxchar runs three
+times: with the config's layer (`fused`), with `model.impl = "cudnn"` and with the Pallas
+kernels (`model.impl = "pallas"`). Writes benchmarks/results/train.json
 (train_gpu.json on a GPU).
 """
 
@@ -108,7 +110,33 @@ def jaxchar_runner(cfg, ids: np.ndarray):
     return run, k
 
 
-def torch_runner(cfg, ids: np.ndarray):
+def jaxchar_pallas_runner(cfg, ids: np.ndarray):
+    """jaxchar with the Pallas training kernels (model.impl = "pallas"), on NVIDIA GPUs only:
+    elsewhere they run in Pallas's interpreter, which is for tests, not timings."""
+    import jax
+
+    if jax.default_backend() != "gpu" or cfg.model.impl == "pallas":
+        raise ImportError(
+            "the Pallas kernels compile for NVIDIA GPUs only"
+            if jax.default_backend() != "gpu"
+            else "the config already uses pallas"
+        )
+    model = dataclasses.replace(cfg.model, impl="pallas")
+    return jaxchar_runner(dataclasses.replace(cfg, model=model), ids)
+
+
+def torch_half_runner(cfg, ids: np.ndarray):
+    """PyTorch under float16 autocast on CUDA, where cuDNN may pick its persistent LSTM
+    algorithm (PyTorch asks for it only in half precision, for eligible shapes): PyTorch's
+    fastest LSTM, timed beside the float32 one."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ImportError("float16 autocast is timed on CUDA only")
+    return torch_runner(cfg, ids, half=torch.float16)
+
+
+def torch_runner(cfg, ids: np.ndarray, half=None):
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -145,8 +173,10 @@ def torch_runner(cfg, ids: np.ndarray):
 
     net = Net().to(device)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3, eps=1e-7)
-    # bfloat16 products on float32 weights, as jaxchar's model.dtype = "bfloat16"
-    half = torch.autocast(device, dtype=torch.bfloat16, enabled=m.dtype == "bfloat16")
+    # bfloat16 products on float32 weights, as jaxchar's model.dtype = "bfloat16" (or the
+    # `half` type asked for)
+    enabled = half is not None or m.dtype == "bfloat16"
+    half = torch.autocast(device, dtype=half or torch.bfloat16, enabled=enabled)
     rng = np.random.default_rng(0)
 
     def batch():
@@ -252,12 +282,14 @@ def run_all(args) -> None:
             "jaxchar": jaxchar_runner,
             "jaxchar cudnn": jaxchar_cudnn_runner,
             "jaxchar fused": _fused_runner,
+            "jaxchar pallas": jaxchar_pallas_runner,
             "torch": torch_runner,
+            "torch-half": torch_half_runner,
             "keras": keras_runner,
         }
         spe = Plan.of(cfg, len(corpus.train_ids)).steps_per_epoch
         runners, per_call, compile_s = {}, {}, {}
-        for tool in ["jaxchar", "jaxchar cudnn", "jaxchar fused", *args.peers]:
+        for tool in ["jaxchar", "jaxchar cudnn", "jaxchar fused", "jaxchar pallas", *args.peers]:
             try:
                 fn, k = makers[tool](cfg, corpus.train_ids)
             except ImportError as err:

@@ -321,3 +321,21 @@ def test_jaxchar_cpu_as_names_a_known_kind(monkeypatch):
     finally:
         monkeypatch.delenv("JAXCHAR_CPU_AS")
         native.cpu_flags.cache_clear()
+
+
+def test_unroll_reaches_the_fused_layers_loops_and_changes_no_value():
+    # model.unroll is a speed lever for the fused layer's loops too (benchmarks/bench_kernels)
+    cfg = ModelConfig(vocab_size=11, layers=2, hidden=32, encoding="embed", embed_dim=5)
+    cfg = dataclasses.replace(cfg, impl="fused")
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    ids = jax.random.randint(jax.random.PRNGKey(1), (3, 9), 0, 11)
+    grad = jax.jit(
+        jax.value_and_grad(lambda p, c: jnp.sum(jnp.sin(apply(p, c, ids)[0]))), static_argnums=1
+    )
+    unrolled = dataclasses.replace(cfg, unroll=4)
+    text = str(jax.make_jaxpr(grad, static_argnums=1)(params, unrolled))
+    assert text.count("unroll=4") == 2 * cfg.layers  # the forward and backward loops
+    for got, want in zip(
+        jax.tree.leaves(grad(params, unrolled)), jax.tree.leaves(grad(params, cfg)), strict=True
+    ):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

@@ -61,14 +61,15 @@ def _scalar(xs) -> bool:
     return xs.ndim == 2  # [T, B] scalar features, else [T, B, F] vectors
 
 
-def _forward(w_h, xs, c0, h0, w_in, bias, dtype, gate_activation, with_hs_fm, kernel):
+def _forward(w_h, xs, c0, h0, w_in, bias, dtype, gate_activation, with_hs_fm, kernel, unroll):
     # vector inputs: one [T*B, F] x [F, 4H] product for all timesteps, outside the loop
     gx = xs if _scalar(xs) else matmul(xs, w_in, dtype)
 
     def scan(w_h, gx, c0, h0, w_in, bias):
         if _scalar(xs):
-            return _scan_forward(w_h, gx, c0, h0, w_in, bias, dtype, gate_activation)
-        return _scan_forward(w_h, gx + bias, c0, h0, None, None, dtype, gate_activation)
+            return _scan_forward(w_h, gx, c0, h0, w_in, bias, dtype, gate_activation, unroll)
+        args = w_h, gx + bias, c0, h0, None, None, dtype, gate_activation, unroll
+        return _scan_forward(*args)
 
     def with_fm(out):  # (hs, c, h) -> (hs, c, h, hs [H, T, B]) where it is asked for
         return (*out, out[0].transpose(2, 0, 1)) if with_hs_fm else out
@@ -160,7 +161,7 @@ def _kernel_forward_xla(gate_activation):
     return forward
 
 
-def _scan_forward(w_h, xs, c0, h0, w_in, bias, dtype, gate_activation):
+def _scan_forward(w_h, xs, c0, h0, w_in, bias, dtype, gate_activation, unroll=1):
 
     def body(carry, x_t):
         c, h = carry
@@ -171,11 +172,11 @@ def _scan_forward(w_h, xs, c0, h0, w_in, bias, dtype, gate_activation):
         h = o * jnp.tanh(c)
         return (c, h), (h, a, c)
 
-    (c, h), (hs, acts, cs) = jax.lax.scan(body, (c0, h0), xs)
+    (c, h), (hs, acts, cs) = jax.lax.scan(body, (c0, h0), xs, unroll=unroll)
     return (hs, c, h), (acts, cs)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
+@partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11))
 def lstm_layer(
     w_h,
     xs,
@@ -188,6 +189,7 @@ def lstm_layer(
     gate_activation="sigmoid",
     with_hs_fm=False,
     kernel=None,
+    unroll=1,
 ):
     """Runs the layer over xs; returns (hs [T, B, H], final c, final h).
 
@@ -204,17 +206,18 @@ def lstm_layer(
     `kernel` names the backend that runs both recurrences: "native" (C++ on CPUs: float32,
     hidden % 64 == 0), "pallas" (one Pallas kernel each on NVIDIA GPUs, see pallas.py) or
     None (the lax.scan loops); the caller, jaxchar.lstm.backends, has checked that it applies."""
-    return _forward(w_h, xs, c0, h0, w_in, bias, dtype, gate_activation, with_hs_fm, kernel)[0]
+    args = w_h, xs, c0, h0, w_in, bias, dtype, gate_activation, with_hs_fm, kernel, unroll
+    return _forward(*args)[0]
 
 
-def _fwd(w_h, xs, c0, h0, w_in, bias, xs_fm, dtype, gate_activation, with_hs_fm, kernel):
+def _fwd(w_h, xs, c0, h0, w_in, bias, xs_fm, dtype, gate_activation, with_hs_fm, kernel, unroll):
     out, (acts, cs, h_prev_fm) = _forward(
-        w_h, xs, c0, h0, w_in, bias, dtype, gate_activation, with_hs_fm, kernel
+        w_h, xs, c0, h0, w_in, bias, dtype, gate_activation, with_hs_fm, kernel, unroll
     )
     return out, (w_h, xs, c0, h0, w_in, out[0], acts, cs, h_prev_fm, xs_fm)
 
 
-def _bwd(dtype, gate_activation, with_hs_fm, kernel, res, grads):
+def _bwd(dtype, gate_activation, with_hs_fm, kernel, unroll, res, grads):
     w_h, xs, c0, h0, w_in, hs, acts, cs, h_prev_fm, xs_fm = res
     d_hs, d_c_last, d_h_last = grads[:3]  # (hs_fm's, if any, is dropped: see lstm_layer)
     if kernel == "pallas" and acts.shape[0]:
@@ -255,7 +258,7 @@ def _bwd(dtype, gate_activation, with_hs_fm, kernel, res, grads):
         dz, dc0, dh0 = jax.lax.platform_dependent(*grads, cpu=on_cpu, default=elsewhere)
     else:
         dz, dc0, dh0 = _scan_backward(
-            w_h, acts, cs, c0, d_hs, d_c_last, d_h_last, dtype, gate_activation
+            w_h, acts, cs, c0, d_hs, d_c_last, d_h_last, dtype, gate_activation, unroll
         )
 
     # each weight gradient is one product over all [time, batch] rows, contracting both
@@ -284,7 +287,7 @@ def _bwd(dtype, gate_activation, with_hs_fm, kernel, res, grads):
     return d_w_h, d_xs, dc0, dh0, d_w_in, d_bias, d_xs_fm
 
 
-def _scan_backward(w_h, acts, cs, c0, d_hs, d_c_last, d_h_last, dtype, gate_activation):
+def _scan_backward(w_h, acts, cs, c0, d_hs, d_c_last, d_h_last, dtype, gate_activation, unroll=1):
     """dz [T, B, 4H] and the gradients of c0 and h0, by a reverse lax.scan."""
     c_prev = jnp.concatenate([c0[None], cs[:-1]], axis=0)
     w_h_transposed = w_h.T.astype(dtype)
@@ -309,7 +312,7 @@ def _scan_backward(w_h, acts, cs, c0, d_hs, d_c_last, d_h_last, dtype, gate_acti
         return (dh_prev, dc * f), dz
 
     (dh0, dc0), dz = jax.lax.scan(
-        body, (d_h_last, d_c_last), (d_hs, acts, cs, c_prev), reverse=True
+        body, (d_h_last, d_c_last), (d_hs, acts, cs, c_prev), reverse=True, unroll=unroll
     )
     return dz, dc0, dh0
 

@@ -94,6 +94,7 @@ class LSTMLayer(nn.Module):
             self.gate_activation,
             self.with_hs_fm,
             self.backend if self.backend in KERNELS else None,
+            self.unroll,
         )
         return ((c, h), hs, *hs_fm)
 
