@@ -23,7 +23,9 @@ class CorpusError(ValueError):
     """A text file or corpus name that cannot be used, with what to do about it."""
 
 
-# name -> (file name in a data folder, public source)
+# name -> (file name in a data folder, public source). Those whose file is in EMBEDDED ship
+# with the package (public domain, 1.3 MB together) and need neither a folder nor a network.
+EMBEDDED = Path(__file__).resolve().parent / "corpora"
 NAMED_CORPORA: dict[str, tuple[str, str]] = {
     "alice": ("wonderland.txt", "https://www.gutenberg.org/cache/epub/11/pg11.txt"),
     "shakespeare": (
@@ -48,13 +50,14 @@ def resolve_corpus(
 ) -> Path:
     """Turns `alice`, `shakespeare` or a path into the path of a text file.
 
-    Named corpora are looked up in `data_dir`, then in `cache_dir`, and otherwise downloaded
-    once into `cache_dir` (written to a temporary name, then renamed, so no half file stays).
+    Named corpora are the package's own copy where it ships one (both of today's do), else
+    looked up in `data_dir`, then in `cache_dir`, and otherwise downloaded once into
+    `cache_dir` (written to a temporary name, then renamed, so no half file stays).
     """
     if spec not in NAMED_CORPORA:
         return Path(spec)
     filename, url = NAMED_CORPORA[spec]
-    for folder in (data_dir, cache_dir):
+    for folder in (EMBEDDED, data_dir, cache_dir):
         if folder and (Path(folder) / filename).is_file():
             return Path(folder) / filename
     if cache_dir is None or not download:

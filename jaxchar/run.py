@@ -27,7 +27,16 @@ from jaxchar import data
 from jaxchar.beam import beam_search
 from jaxchar.checkpoint import CheckpointError, RunDir, write_export
 from jaxchar.config import Config, ConfigError, SampleConfig, override
-from jaxchar.corpus import CorpusError, Vocab, encode_text, load_corpus, prepare, read_text
+from jaxchar.corpus import (
+    NAMED_CORPORA,
+    CorpusError,
+    Vocab,
+    encode_text,
+    load_corpus,
+    prepare,
+    read_text,
+    resolve_corpus,
+)
 from jaxchar.lstm.backends import Choice, runnable, select
 from jaxchar.sampling import sample, sample_stream
 from jaxchar.train import LN2, FitResult, fit, score, with_vocab
@@ -422,15 +431,18 @@ def train_run(
     should_stop: Callable[[], bool] | None = None,
     tensorboard: bool = False,
 ) -> Trained:
-    """Trains cfg (default: the `fast` config) on a text file into run_dir, or continues the
-    run there (`resume`, with the run's stored config; `changes` such as
-    ["train.epochs=30"] may raise its epochs or steps). `log` receives fit's events plus
-    {"event": "corpus" | "backend" | "note" | "samples", "text": ...}; `should_stop` is
-    polled between dispatches, and the run then saves and returns (interrupted)."""
+    """Trains cfg (default: the `fast` config) on a text file (or `alice`, `shakespeare`: the
+    package's own copies) into run_dir, or continues the run there (`resume`, with the run's
+    stored config; `changes` such as ["train.epochs=30"] may raise its epochs or steps).
+    `log` receives fit's events plus {"event": "corpus" | "backend" | "note" | "samples",
+    "text": ...}; `should_stop` is polled between dispatches, and the run then saves and
+    returns (interrupted)."""
     from jaxchar import distributed
     from jaxchar.config import load_config
 
     log = log or (lambda event: None)
+    if str(corpus_path) in NAMED_CORPORA:
+        corpus_path = resolve_corpus(str(corpus_path), download=False)
     if tensorboard:  # refused before the run directory is touched
         TensorBoard.check()
     if resume:

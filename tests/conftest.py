@@ -6,14 +6,15 @@ import pytest
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("JAXCHAR_DATA") or REPO.parent / "shared" / "data")
+# the package's own copies of alice and shakespeare (test_corpus checks them against the
+# sha256 that ../shared/data/README.md records); SHARED holds the other test corpora
+DATA = REPO / "jaxchar" / "corpora"
+SHARED = Path(os.environ.get("JAXCHAR_DATA") or REPO.parent / "shared" / "data")
 ALICE = DATA / "wonderland.txt"
 
 
 @pytest.fixture(scope="session")
 def alice_text() -> str:
-    if not ALICE.is_file():
-        pytest.fail(f"test corpus missing: {ALICE} (set JAXCHAR_DATA to ../shared/data)")
     return ALICE.read_text(encoding="utf-8")
 
 

@@ -1,11 +1,16 @@
+import hashlib
+import re
+
 import numpy as np
 import pytest
-from conftest import DATA
+from conftest import DATA, SHARED
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jaxchar.config import DataConfig
 from jaxchar.corpus import (
+    EMBEDDED,
+    NAMED_CORPORA,
     CorpusError,
     UnknownCharactersError,
     Vocab,
@@ -195,8 +200,11 @@ def test_alice_matches_the_tutorial_setup():
     assert "Total Patterns: 144331" in corpus.summary(100)
 
 
+@pytest.mark.skipif(
+    not (SHARED / "wonderland_utf8_bom.txt").is_file(), reason="../shared/data is not here"
+)
 def test_bom_file_is_read_as_utf8_without_the_mark():
-    text = read_text(DATA / "wonderland_utf8_bom.txt")
+    text = read_text(SHARED / "wonderland_utf8_bom.txt")
     assert text.startswith("Alice was") and "\ufeff" not in text
     assert "\u2019" in text  # curly quotes survive
 
@@ -243,9 +251,33 @@ def test_missing_file_directory_and_short_text(tmp_path):
         prepare("short text", DataConfig(seq_length=100))
 
 
-def test_named_corpora_resolve_from_the_data_folder_without_network(tmp_path):
-    assert resolve_corpus("alice", str(DATA), tmp_path) == DATA / "wonderland.txt"
-    assert resolve_corpus("shakespeare", str(DATA), tmp_path) == DATA / "tinyshakespeare.txt"
+# the sha256 that ../shared/data/README.md records for the published files
+PUBLISHED = {
+    "wonderland.txt": "85afadc129f83223297f7ef8bad88e2a43f61f0b30f3bbefe2eb87f1bbdd318b",
+    "tinyshakespeare.txt": "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
+}
+
+
+def test_alice_and_shakespeare_ship_with_the_package_as_published(tmp_path):
+    # no folder, no cache, no network: the package's own copies, byte for byte the files
+    # whose sha256 ../shared/data/README.md records (read from there where it exists)
+    readme = SHARED / "README.md"
+    table = readme.read_text() if readme.is_file() else ""
+    for name, filename in (("alice", "wonderland.txt"), ("shakespeare", "tinyshakespeare.txt")):
+        path = resolve_corpus(name, None, None, download=False)
+        assert path == EMBEDDED / filename and path.is_file()
+        found = re.search(rf"`{re.escape(filename)}`.*?`([0-9a-f]{{64}})`", table)
+        want = found.group(1) if found else PUBLISHED[filename]
+        assert want == PUBLISHED[filename]
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == want, filename
+    # the package's copy wins over a folder's
+    assert resolve_corpus("alice", str(tmp_path), tmp_path) == EMBEDDED / "wonderland.txt"
+
+
+def test_other_named_corpora_resolve_from_the_data_folder_without_network(tmp_path, monkeypatch):
+    monkeypatch.setitem(NAMED_CORPORA, "poems", ("poems.txt", "https://example.invalid/p.txt"))
+    (tmp_path / "poems.txt").write_text("a poem\n")
+    assert resolve_corpus("poems", str(tmp_path), None) == tmp_path / "poems.txt"
     with pytest.raises(CorpusError, match="JAXCHAR_DATA"):
-        resolve_corpus("alice", None, None, download=False)
+        resolve_corpus("poems", None, None, download=False)
     assert resolve_corpus("some/file.txt", str(DATA)).name == "file.txt"

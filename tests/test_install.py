@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import DATA, REPO
+from conftest import REPO
 
 pytestmark = pytest.mark.slow
 
@@ -51,10 +51,13 @@ def venv(tmp_path_factory):
 
 
 def _env(venv: Path, **extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith("PYTHON") and k != "JAXCHAR_DATA"
+    }
     env.update(
         PATH=f"{venv / 'bin'}{os.pathsep}{env['PATH']}",
-        JAXCHAR_DATA=str(DATA.resolve()),
+        # no data folder and an empty cache: alice and shakespeare come from the package
+        JAXCHAR_CACHE=str(venv / "empty-cache"),
         JAX_PLATFORMS="cpu",
         **extra,
     )

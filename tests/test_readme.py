@@ -25,7 +25,6 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch, capsys):
     run = str(tmp_path / "alice")
     train = (
         train.replace('load_config("fast")\n', 'load_config("fast")' + few_steps)
-        .replace("../shared/data/wonderland.txt", str(DATA / "wonderland.txt"))
         .replace("runs/alice", run)
         .replace("held_out.txt", str(tmp_path / "held_out.txt"))
     )

@@ -128,9 +128,7 @@ def add_parser(sub) -> None:
         f"checkpoints. Shipped configs: {', '.join(shipped_names())}. Options left out "
         "come from the config.",
     )
-    t.add_argument(
-        "corpus", help="a text file, or alice / shakespeare (looked up in $JAXCHAR_DATA)"
-    )
+    t.add_argument("corpus", help="a text file, or alice / shakespeare (shipped with jaxchar)")
     t.add_argument(
         "--run-dir",
         help="folder for checkpoints, config and metrics (required, except with --print-config)",
