@@ -104,6 +104,8 @@ class RunDir:
         # after --resume its BestN saw the earlier saves without them and deleted the best.)
         options = ocp.CheckpointManagerOptions(create=True)
         self._scores: dict[int, float | None] = {}
+        self._misfits: dict[int, str | None] = {}  # see `misfit`
+        self._want: dict[str, tuple] | None = None  # the model's parameter shapes
         self.notes: list[str] = []  # one line per damaged checkpoint passed over
         self.damaged: set[int] = set()  # steps found unreadable
         self.manager = ocp.CheckpointManager(path / "checkpoints", options=options)
@@ -218,6 +220,7 @@ class RunDir:
         )
         self.manager.wait_until_finished()
         self._scores[step] = _rank_value(metrics, self.monitor)
+        self._misfits[step] = None  # this run's own model wrote it
         self._prune()
         if jax.process_index() == 0:  # orbax saves collectively; the log has one writer
             with open(self.path / "metrics.jsonl", "a", encoding="utf-8") as f:
@@ -235,11 +238,27 @@ class RunDir:
         _check_version(meta.get("format_version"), self.path / "checkpoints" / str(step))
         return meta
 
+    def misfit(self, step: int) -> str | None:
+        """Why checkpoint `step`'s parameters (names, shapes, dtypes, read from orbax's
+        metadata without loading them) do not fit this run's model, or None: a checkpoint
+        of another run copied into this one is unusable like a damaged one."""
+        if step not in self._misfits:
+            try:
+                got = _param_shapes(self.path / "checkpoints" / str(step) / "params")
+            except Exception:  # unreadable: the damaged checkpoint's paths report it
+                got = None
+            want = self._want or _model_shapes(self.cfg)
+            self._want = want
+            self._misfits[step] = None if got is None else _difference(want, got)
+        return self._misfits[step]
+
     def _score(self, step: int) -> float | None:
         """The step's monitored loss from its `meta` (+inf if not finite); None when the
-        save cannot be read."""
+        save cannot be read or does not fit the model."""
         if step not in self._scores:
             try:
+                if self.misfit(step):  # never the best, never deleted by `_prune`
+                    raise CheckpointError(self.misfit(step))
                 self._scores[step] = _rank_value(self.meta(step)["metrics"], self.monitor)
             except Exception:  # damaged: never the best, never deleted by `_prune`
                 self._scores[step] = None
@@ -282,6 +301,10 @@ class RunDir:
         }
         steps = self.steps()
         for step in reversed(steps):
+            if why := self.misfit(step):
+                self.damaged.add(step)
+                self.notes.append(f"skipped checkpoint {step}: {why}; resuming from an earlier one")
+                continue
             try:
                 restored = self.manager.restore(
                     step,
@@ -294,6 +317,7 @@ class RunDir:
                 self._skip(step, err, "resuming from an earlier one")
                 continue
             self._forget_metrics_after(step)
+            self._write_missing_metrics(step)
             part = restored["train"]
             new_state = state.replace(
                 step=part["step"],
@@ -329,10 +353,37 @@ class RunDir:
 
         _write_text_atomic(path, "".join(line + "\n" for line in lines if kept(line)))
 
+    def _write_missing_metrics(self, step: int) -> None:
+        """Appends the metrics line of save `step` (from the save's own `meta`) when
+        metrics.jsonl lacks it: a process killed after orbax committed the save but before
+        `save` appended its line leaves exactly that, and a resumed run must show the lines
+        an uninterrupted one does."""
+        path = self.path / "metrics.jsonl"
+        if jax.process_index() != 0:
+            return
+        lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+        for line in lines:
+            try:
+                if json.loads(line)["step"] == step:
+                    return
+            except (ValueError, KeyError, TypeError):
+                continue
+        try:
+            metrics = self.meta(step)["metrics"]
+        except Exception:  # a save without readable metrics: nothing to write back
+            return
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(metrics) + "\n")
+
     def read_params(self, step: int) -> dict:
         """Params of checkpoint `step`, as device arrays (CheckpointError if damaged)."""
         if step not in self.steps():
             raise CheckpointError(f"{self.path} has no checkpoint at step {step}")
+        if why := self.misfit(step):
+            raise CheckpointError(
+                f"checkpoint {step} in {self.path}: {why}; choose another --step "
+                "(`jaxchar info` lists them)"
+            )
         try:
             restored = self.manager.restore(
                 step, args=ocp.args.Composite(params=ocp.args.StandardRestore())
@@ -357,6 +408,9 @@ class RunDir:
         passed over, with a note in `notes`), as device arrays."""
         if step is not None:
             return self.read_params(step), step
+        for other in self.steps():
+            if (why := self.misfit(other)) and not any(f" {other}:" in n for n in self.notes):
+                self.notes.append(f"skipped checkpoint {other}: {why}")
         for candidate in self.generation_order():
             try:
                 return self.read_params(candidate), candidate
@@ -368,6 +422,12 @@ class RunDir:
         if not steps:
             raise CheckpointError(f"{self.path} has no checkpoint yet: train it first")
         listed = ", ".join(map(str, steps))
+        if all(self.misfit(s) for s in steps):
+            raise CheckpointError(
+                f"no checkpoint in {self.path} fits this run's model (step {steps[0]}: "
+                f"{self.misfit(steps[0])}): copy the run's own checkpoints back, or train it "
+                "again (--overwrite)"
+            )
         raise CheckpointError(
             f"every checkpoint in {self.path} is damaged (steps {listed} cannot be read): "
             "train it again (--overwrite)"
@@ -382,6 +442,46 @@ class RunDir:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _param_shapes(params_dir: Path) -> dict[str, tuple]:
+    """{"lstm_0/cell/recurrent_kernel": (shape, dtype), ...} of a saved parameter tree,
+    from orbax's metadata (no array is read)."""
+    meta = ocp.StandardCheckpointer().metadata(params_dir)
+    tree = getattr(meta, "item_metadata", meta)
+    tree = getattr(tree, "tree", tree)
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {_name(path): (tuple(x.shape), str(x.dtype)) for path, x in leaves}
+
+
+def _model_shapes(cfg: Config) -> dict[str, tuple]:
+    """The same for the parameters `cfg`'s model has (abstract: nothing is computed)."""
+    from jaxchar.model import init_params  # the one definition of the parameter tree
+
+    tree = jax.eval_shape(lambda: init_params(cfg.model, jax.random.PRNGKey(0)))
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {_name(path): (tuple(x.shape), str(x.dtype)) for path, x in leaves}
+
+
+def _name(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def _difference(want: dict[str, tuple], got: dict[str, tuple]) -> str | None:
+    """The first way `got` differs from `want`, in a few words, or None."""
+    if missing := sorted(want.keys() - got.keys()):
+        return f"its parameters do not fit this run's model (no {missing[0]})"
+    if extra := sorted(got.keys() - want.keys()):
+        return f"its parameters do not fit this run's model ({extra[0]} is not in it)"
+    for name in sorted(want):
+        if want[name] != got[name]:
+            (ws, wd), (gs, gd) = want[name], got[name]
+            shape = lambda s: "x".join(map(str, s)) or "scalar"  # noqa: E731
+            return (
+                f"its parameters do not fit this run's model ({name} is {shape(gs)} {gd}, "
+                f"the run's config makes {shape(ws)} {wd})"
+            )
+    return None
 
 
 def load_checkpoint(run_dir: str | Path, step: int | None = None) -> tuple[dict, Config, Vocab]:

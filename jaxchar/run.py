@@ -111,11 +111,14 @@ class Run:
         return self.dir.notes
 
     def damage(self, step: int) -> str | None:
-        """What makes checkpoint `step` unusable ("its metrics", "its params"), or None."""
+        """What makes checkpoint `step` unusable ("its metrics", "its params", parameters
+        that do not fit this run's model), or None."""
         try:
             self.metrics(step)
         except Exception:
             return "its metrics cannot be read"
+        if why := self.dir.misfit(step):
+            return why
         try:
             self.dir.read_params(step)
         except CheckpointError:

@@ -381,3 +381,97 @@ def test_every_file_emptied_is_damage_not_an_empty_run(three_saves, text_file, t
     # resuming starts again (the damaged saves replaced) and ends as the first run did
     assert main(["train", str(text_file), "--run-dir", str(run), "--resume", "--quiet"]) == 0
     assert [m["val_loss"] for m in _lines(run)] == [m["val_loss"] for m in _lines(three_saves)]
+
+
+@pytest.fixture(scope="module")
+def other_shape(tmp_path_factory, text_file):
+    """A run of another model size (hidden 16, not tiny's 32), saved at step 5."""
+    run = tmp_path_factory.mktemp("other") / "run"
+    args = ["train", str(text_file), "--run-dir", str(run), *TINY[:2], "--max-steps", "5"]
+    sets = ["--set", "model.hidden=16", "--set", "train.sample_chars=0", "--quiet"]
+    assert main([*args, *sets]) == 0
+    return run
+
+
+def _plant(foreign: Path, run: Path, step: int, loss: float) -> None:
+    """Copies `foreign`'s checkpoint into `run` as if it were run's own (a copy gone wrong),
+    with a recorded loss lower than any of run's."""
+    shutil.copytree(foreign / "checkpoints" / "5", run / "checkpoints" / str(step))
+    for meta in (run / "checkpoints" / str(step) / "meta").rglob("*"):
+        try:
+            saved = json.loads(meta.read_text())
+        except (ValueError, UnicodeDecodeError, IsADirectoryError):
+            continue
+        if isinstance(saved, dict) and "metrics" in saved:
+            saved["metrics"].update(step=step, train_loss=loss, val_loss=loss)
+            meta.write_text(json.dumps(saved))
+
+
+def test_a_checkpoint_of_another_models_shape_is_passed_over_by_every_reader(
+    three_saves, other_shape, text_file, tmp_path, capsys
+):
+    run = tmp_path / "run"
+    shutil.copytree(three_saves, run)
+    _plant(other_shape, run, 25, loss=0.01)
+    capsys.readouterr()
+    assert main(["info", str(run)]) == 0
+    out = capsys.readouterr().out
+    line = [x for x in out.splitlines() if x.split()[:1] == ["25"]][0]
+    assert "(skipped: its parameters do not fit this run's model" in line and "16" in line
+    assert [x for x in out.splitlines() if "<- best" in x][0].split()[0] != "25"
+    for argv in (
+        ["generate", str(run), "--length", "10", "--prompt", "alice"],
+        ["evaluate", str(run), str(text_file)],
+        ["export", str(run), str(tmp_path / "exported")],
+    ):
+        assert main(argv) == 0, argv
+        err = capsys.readouterr().err
+        assert "note: skipped checkpoint 25: its parameters do not fit" in err, argv
+    # the bundle loads back and is the run's own best checkpoint
+    from jaxchar.checkpoint import load_export
+
+    params, cfg, _ = load_export(tmp_path / "exported")
+    with RunDir.open(run) as opened:
+        want, step = opened.load_params()
+        assert step != 25
+    for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert main(["evaluate", str(run), str(text_file), "--step", "25"]) == 2
+    assert "checkpoint 25" in capsys.readouterr().err
+    # resuming passes over it too, and never deletes it
+    again = ["train", str(text_file), "--run-dir", str(run), "--resume", "--max-steps", "40"]
+    assert main([*again, "--epochs", "2", "--quiet"]) == 0
+    assert (run / "checkpoints" / "25").is_dir()
+
+
+def test_a_run_whose_only_checkpoint_is_another_models_is_refused_in_one_line(
+    three_saves, other_shape, tmp_path, capsys
+):
+    run = tmp_path / "run"
+    shutil.copytree(three_saves, run, ignore=shutil.ignore_patterns("checkpoints"))
+    (run / "checkpoints").mkdir()
+    _plant(other_shape, run, 5, loss=0.5)
+    for argv in (
+        ["generate", str(run), "--length", "10"],
+        ["export", str(run), str(tmp_path / "exported")],
+        ["serve", str(run), "--port", "0"],  # refused before it listens
+    ):
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "fits this run's model" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "exported").exists()
+
+
+def test_a_save_whose_metrics_line_was_lost_gets_it_back_on_resume(
+    three_saves, text_file, tmp_path
+):
+    # the state a kill -9 leaves between orbax's commit of save 30 and its line in
+    # metrics.jsonl: the save is there, the line is not
+    run = tmp_path / "run"
+    shutil.copytree(three_saves, run)
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("\n".join(lines[:-1]) + "\n")
+    again = ["train", str(text_file), "--run-dir", str(run), "--resume", "--quiet"]
+    assert main([*again, "--max-steps", "30"]) == 0
+    assert _lines(run) == _lines(three_saves)

@@ -109,7 +109,9 @@ def show(args: argparse.Namespace) -> int:
             m = trained.metrics(step)
             val = f"{m['val_loss']:.4f}" if "val_loss" in m else "-"
             bpc = m.get("val_bpc", m.get("train_bpc"))
-            if damage:
+            if damage and trained.dir.misfit(step):  # another run's checkpoint
+                mark = f"  (skipped: {damage})"
+            elif damage:
                 mark = f"  (damaged: {damage})"
             elif step == best:
                 mark = "  <- best, used by generate"
