@@ -14,6 +14,7 @@ saves too. Nothing here uses pickle; loading never runs code from the files.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -458,7 +459,10 @@ def _model_shapes(cfg: Config) -> dict[str, tuple]:
     """The same for the parameters `cfg`'s model has (abstract: nothing is computed)."""
     from jaxchar.model import init_params  # the one definition of the parameter tree
 
-    tree = jax.eval_shape(lambda: init_params(cfg.model, jax.random.PRNGKey(0)))
+    # the nn.scan reference: every backend keeps the same parameters, and a run trained
+    # with a backend this machine lacks must still be checked here
+    model = dataclasses.replace(cfg.model, impl="scan")
+    tree = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0)))
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     return {_name(path): (tuple(x.shape), str(x.dtype)) for path, x in leaves}
 

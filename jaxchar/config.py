@@ -59,6 +59,16 @@ def _one_of(section: str, name: str, value: str, allowed: tuple[str, ...]) -> No
     _check(value in allowed, f"{section}.{name} = {value!r} is not one of {', '.join(allowed)}")
 
 
+SEED_LIMIT = 2**63  # seeds are integers in [0, 2**63): one rule for the CLI, the API and serve
+
+
+def check_seed(seed: object, what: str = "seed") -> int:
+    """`seed` if it is an integer in [0, 2**63), else ConfigError naming the rule."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        raise ConfigError(f"{what} must be an integer from 0 to 2**63 - 1, not {seed!r}")
+    return seed
+
+
 @dataclass(frozen=True)
 class DataConfig:
     lowercase: bool = True  # the tutorial lowercases the book
@@ -161,6 +171,7 @@ class TrainConfig:
         _check(self.steps_per_call >= 1, "train.steps_per_call must be at least 1")
         _check(self.eval_batches >= 0, "train.eval_batches must not be negative")
         _check(self.sample_chars >= 0, "train.sample_chars must not be negative")
+        check_seed(self.seed, "train.seed")
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ integer array (uint8 when the vocabulary fits) whose memory is one or two bytes 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -81,9 +82,14 @@ def resolve_corpus(
 
 
 def read_text(
-    path: str | Path, encoding: str = "utf-8", errors: str = "strict", corpus: bool = True
+    path: str | Path,
+    encoding: str = "utf-8",
+    errors: str = "strict",
+    corpus: bool = True,
+    notes: list[str] | None = None,
 ) -> str:
-    """Reads a text file; drops a leading byte-order mark and turns CRLF into LF. `corpus`:
+    """Reads a text file; drops a leading byte-order mark and turns CRLF and lone CR into LF
+    (each change it made is appended to `notes`, which the corpus summary prints). `corpus`:
     the file is a corpus (a missing one's message names the built-in corpora)."""
     path = Path(path)
     if path.is_dir():
@@ -97,8 +103,16 @@ def read_text(
         raise CorpusError(f"{path} cannot be read (permission denied)") from None
     if not raw.strip():
         raise CorpusError(f"{path} is empty: give a file with text in it")
-    if b"\x00" in raw[:65536] and not encoding.lower().startswith("utf-16"):
-        raise CorpusError(f"{path} looks binary (it holds NUL bytes): give a plain text file")
+    utf16 = encoding.lower().replace("_", "-").startswith(("utf-16", "utf16"))
+    if not utf16 and raw[:2] in (b"\xff\xfe", b"\xfe\xff"):  # UTF-16's byte-order marks
+        raise CorpusError(f"{path} is UTF-16 text: pass --encoding utf-16")
+    if not utf16 and b"\x00" in raw:  # the whole file: bytes.find is one fast scan
+        if raw[1:200:2].count(0) > 50 or raw[0:200:2].count(0) > 50:  # every other byte
+            raise CorpusError(f"{path} looks like UTF-16 text: pass --encoding utf-16")
+        where = raw.index(b"\x00")
+        raise CorpusError(
+            f"{path} looks binary (a NUL byte at offset {where:,}): give a plain text file"
+        )
     try:
         text = raw.decode(encoding, errors=errors)
     except LookupError:
@@ -108,7 +122,19 @@ def read_text(
             f"{path} is not valid {encoding} (byte {err.start}): pass --encoding "
             "(e.g. latin-1) or --errors replace"
         ) from None
-    return text.removeprefix("\ufeff").replace("\r\n", "\n")
+    said = notes if notes is not None else []
+    if text.startswith("\ufeff"):
+        said.append("a UTF-8 byte-order mark at the start was removed")
+        text = text[1:]
+    # line ends: CRLF (Windows) and lone CR (classic Mac OS) both become LF
+    if "\r" in text:
+        crlf = text.count("\r\n")
+        text = text.replace("\r\n", "\n")
+        lone = text.count("\r")
+        text = text.replace("\r", "\n")
+        kinds = [f"{n:,} {k}" for n, k in ((crlf, "CRLF"), (lone, "CR")) if n]
+        said.append(f"line endings turned into LF ({' and '.join(kinds)})")
+    return text
 
 
 @dataclass(frozen=True)
@@ -162,7 +188,12 @@ def normalize(text: str, lowercase: bool = True, remove_punctuation: bool = Fals
 
 
 class UnknownCharactersError(CorpusError):
-    """Text with characters the vocabulary does not hold."""
+    """Text with characters the vocabulary does not hold: `base` says which, `hint` what to
+    do in the command line's words (an HTTP server gives its own request field instead)."""
+
+    def __init__(self, base: str, hint: str):
+        super().__init__(f"{base} ({hint})")
+        self.base, self.hint = base, hint
 
 
 @dataclass(frozen=True)
@@ -192,8 +223,8 @@ class Vocab:
         if missing and unknown == "error":
             names = ", ".join(repr(c) for c in sorted(missing)[:10])
             raise UnknownCharactersError(
-                f"{len(missing)} character(s) not in the vocabulary: {names} "
-                "(remove them, or use --unknown skip)"
+                f"{len(missing)} character(s) not in the vocabulary: {names}",
+                "remove them, or use --unknown skip",
             )
         if missing:
             text = text.translate({ord(c): None for c in missing})
@@ -266,6 +297,7 @@ class Corpus:
     stripped: Stripped | None  # what Gutenberg stripping removed, if it ran
     train_spans: np.ndarray | None = None
     val_spans: np.ndarray | None = None
+    notes: tuple[str, ...] = ()  # what reading the file changed (read_text's notes)
 
     def summary(self, seq_length: int) -> str:
         patterns = max(len(self.train_ids) - seq_length, 0)
@@ -278,6 +310,7 @@ class Corpus:
             lines.append(f"Held out: {len(self.val_ids)} characters (from the end)")
         if self.stripped:
             lines.append(self.stripped.describe())
+        lines.extend(f"Read: {note}" for note in self.notes)
         return "\n".join(lines)
 
 
@@ -336,4 +369,6 @@ def encode_text(
 
 
 def load_corpus(path: str | Path, cfg: DataConfig) -> Corpus:
-    return prepare(read_text(path, cfg.encoding, cfg.errors), cfg)
+    notes: list[str] = []
+    corpus = prepare(read_text(path, cfg.encoding, cfg.errors, notes=notes), cfg)
+    return dataclasses.replace(corpus, notes=tuple(notes))

@@ -248,8 +248,8 @@ class Streams(Sequence):
 @dataclass(frozen=True)
 class ResetEvery(Sequence):
     """Evaluation with a bounded context: in-order chunks of seq_length characters, each
-    from a fresh state, so every character is scored with at most seq_length - 1 before it
-    (comparable with fixed-context models)."""
+    read from a fresh state, so each scored character has 1 to seq_length characters before
+    it (comparable with fixed-context models of that length)."""
 
     eval_carries_state: ClassVar[bool] = False
 

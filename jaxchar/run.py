@@ -26,7 +26,7 @@ import numpy as np
 from jaxchar import data
 from jaxchar.beam import beam_search
 from jaxchar.checkpoint import CheckpointError, RunDir, write_export
-from jaxchar.config import Config, ConfigError, SampleConfig, override
+from jaxchar.config import Config, ConfigError, SampleConfig, check_seed, override
 from jaxchar.corpus import (
     NAMED_CORPORA,
     CorpusError,
@@ -144,8 +144,10 @@ class Run:
         checked; mode "auto" resolved to what the run was trained for."""
         given = {k: v for k, v in overrides.items() if v is not None}
         opts = dataclasses.replace(self.cfg.sample, **given)
-        if (opts.top_k or "top_k" in given) and not 1 <= opts.top_k <= len(self.vocab):
-            raise ConfigError(f"top_k must be between 1 and the vocabulary size {len(self.vocab)}")
+        if opts.top_k and not 1 <= opts.top_k <= len(self.vocab):  # 0 is off, everywhere
+            raise ConfigError(
+                f"top_k must be between 1 and the vocabulary size {len(self.vocab)} (0: off)"
+            )
         if opts.mode == "auto":
             opts = dataclasses.replace(opts, mode=data.objective(self.cfg).sampling_mode)
         return opts
@@ -164,7 +166,7 @@ class Run:
     def default_prompt(self, seed: int = 0) -> str:
         """The tutorial's seed: a random seq_length window of the training text (drawn by
         `seed`), or one random character of the vocabulary when the text is not at hand."""
-        rng = np.random.default_rng(seed)
+        rng = np.random.default_rng(check_seed(seed))
         path, d = self.dir.corpus_path(), self.cfg.data
         try:
             ids = prepare(read_text(path, d.encoding, d.errors), d).train_ids if path else None
@@ -189,7 +191,7 @@ class Run:
             "seq_length": self.cfg.data.seq_length,
         }
         ids = self.encode_prompt(self.default_prompt(seed) if prompt is None else prompt, unknown)
-        return params, jax.random.PRNGKey(seed), ids, settings, opts
+        return params, jax.random.PRNGKey(check_seed(seed)), ids, settings, opts
 
     def generate(
         self,
@@ -285,7 +287,8 @@ class Run:
     ) -> Evaluation:
         """Loss of a checkpoint on a text (or a file's text), prepared as the training text:
         as training scores its held-out text (the same number for the same text), or with
-        `context`, every character with at most context - 1 characters before it."""
+        `context`, in-order chunks each read from a fresh state, so that each scored
+        character has 1 to `context` characters before it."""
         d = self.cfg.data
         if file is not None:
             text = read_text(file, encoding or d.encoding, d.errors)
@@ -390,7 +393,7 @@ def _open_for_resume(path: str | Path, corpus_path: str | Path, changes: list[st
 
         run.update_config(cfg, write=distributed.is_primary())
     d = run.cfg.data
-    corpus = prepare(read_text(corpus_path, d.encoding, d.errors), d)
+    corpus = load_corpus(corpus_path, d)
     if corpus.vocab != run.vocab:
         run.close()
         raise CorpusError(

@@ -26,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from jaxchar.config import ConfigError
+from jaxchar.config import ConfigError, check_seed
+from jaxchar.corpus import UnknownCharactersError
 from jaxchar.engine import Engine, Request
 from jaxchar.run import Run
 
@@ -42,6 +43,7 @@ FIELDS = {
     "stop": str,
     "length_penalty": float,
     "stream": bool,
+    "unknown": str,  # "error" (the default) or "skip": characters not in the vocabulary
 }
 MAX_BEAM = 64
 
@@ -114,9 +116,13 @@ class Server:
         chunk: int = 8,
         gather_ms: float = 5.0,
         max_length: int = 2000,
+        max_prompt: int = 4096,
         step: int | None = None,
     ):
         self.run = Run.open(run_dir)
+        # a prompt is read a character a step in the shared batch: its length bounds how
+        # long one request can hold the other rows back
+        self.max_prompt = max_prompt
         self.params, self.step = self.run.params(step)
         self.opts = self.run.options()
         self.engine = Engine(
@@ -153,8 +159,10 @@ class Server:
             raise BadRequest(f"top_k must be between 0 (off) and the vocabulary size {vocab}", 422)
         if not 0 < s["top_p"] <= 1:
             raise BadRequest("top_p must be in (0, 1]", 422)
-        if not 0 <= s["seed"] < 2**63:
-            raise BadRequest("seed must be a non-negative integer", 422)
+        try:
+            check_seed(s["seed"])
+        except ConfigError as err:
+            raise BadRequest(str(err), 422) from None
         if s["beam"] is not None and not 1 <= s["beam"] <= MAX_BEAM:
             raise BadRequest(f"beam must be between 1 and {MAX_BEAM}", 422)
         if s["stop"] is not None and s["beam"] is None:
@@ -162,8 +170,19 @@ class Server:
         prompt = given.get("prompt")
         if prompt is None:
             prompt = self.run.default_prompt(s["seed"])
+        if len(prompt) > self.max_prompt:
+            raise BadRequest(
+                f"the prompt has {len(prompt):,} characters, more than this server's "
+                f"{self.max_prompt:,} (its --max-prompt): send a shorter one",
+                413,
+            )
+        unknown = given.get("unknown", "error")
+        if unknown not in ("error", "skip"):
+            raise BadRequest('unknown must be "error" or "skip"', 422)
         try:
-            s["ids"] = self.run.encode_prompt(prompt)
+            s["ids"] = self.run.encode_prompt(prompt, unknown)
+        except UnknownCharactersError as err:
+            raise BadRequest(f'{err.base}: remove them, or send "unknown": "skip"', 422) from None
         except (ConfigError, ValueError) as err:
             raise BadRequest(str(err), 422) from None
         s["prompt"] = prompt
@@ -187,6 +206,7 @@ class Server:
             "config": dataclasses.asdict(self.run.cfg),
             "slots": self.engine.slots,
             "max_length": self.engine.max_length,
+            "max_prompt": self.max_prompt,
         }
 
     def metrics(self) -> dict[str, Any]:

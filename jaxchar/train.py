@@ -188,9 +188,10 @@ def score(params, cfg: Config, ids, spans=None, context: int | None = None) -> S
     """The model's mean loss (nats/char) on the ids, without dropout, and how many
     characters it scored: the whole text as training evaluates it (or the first
     train.eval_batches batches), or with `context`, in-order chunks of `context`
-    characters each from a fresh state (every character scored with at most context - 1
-    characters before it). The sentences objective scores its sentence `spans`
-    (corpus.sentence_spans of these ids), each from a fresh state."""
+    characters each read from a fresh state (a chunk's first character is only read, so
+    each scored character has 1 to `context` characters before it). The sentences
+    objective scores its sentence `spans` (corpus.sentence_spans of these ids), each from a
+    fresh state."""
     if context is not None:
         if context < 1:
             raise TrainingError(f"the context must be at least 1 character, not {context}")

@@ -6,6 +6,7 @@ import pytest
 from conftest import REPO
 
 from jaxchar.cli import build_parser, main
+from jaxchar.config import load_config, override
 
 
 @pytest.fixture
@@ -122,8 +123,14 @@ def test_info_lists_checkpoints(trained, capsys):
         (["--temperature", "inf"], "finite"),
         (["--top-p", "nan"], "top_p"),
         (["--prompt-file", "no-such-prompt.txt"], "no-such-prompt.txt does not exist"),
-        (["--top-k", "0"], "top_k"),
+        (["--top-k", "-1"], "top_k"),
         (["--top-k", "999"], "top_k"),
+        (["--seed", "-5"], "--seed must be an integer from 0 to 2**63 - 1"),
+        (["--seed", str(2**64)], "--seed must be an integer from 0 to 2**63 - 1"),
+        (["--stop", "."], "--stop ends a beam search hypothesis"),
+        (["--length-penalty", "1"], "--length-penalty ranks beam search"),
+        (["--output", "/tmp"], "is a directory"),
+        (["--output", "/no/such/folder/out.txt"], "does not exist"),
         (["--top-p", "1.5"], "top_p"),
         (["--top-p", "0"], "top_p"),
         (["--length", "0"], "length"),
@@ -361,3 +368,32 @@ def test_a_source_file_mentioning_gutenberg_markers_is_trained_on_whole(tmp_path
     assert main([*args, "--max-steps", "1", "--set", "train.sample_chars=0"]) == 0
     err = capsys.readouterr().err
     assert f"Total Characters: {len(code.lower())}" in err and "Gutenberg" not in err
+
+
+def test_one_meaning_of_top_k_0_and_of_seeds_everywhere(trained, capsys):
+    # --top-k 0 is "off", as in the config and the server: the same text as no top-k
+    base = ["generate", str(trained), "--length", "20", "--prompt", "alice", "--seed", "3"]
+    capsys.readouterr()
+    assert main([*base, "--top-k", "0", "--temperature", "1"]) == 0
+    off = capsys.readouterr().out
+    assert main([*base, "--temperature", "1"]) == 0
+    assert capsys.readouterr().out == off
+    from jaxchar.config import ConfigError
+    from jaxchar.run import Run
+
+    with Run.open(trained) as run:
+        for bad in (-1, 2**63, 1.5, True):
+            with pytest.raises(ConfigError, match="seed must be an integer from 0 to 2"):
+                run.generate("alice", seed=bad, length=3)
+        assert run.generate("alice", seed=2**63 - 1, length=3)  # the largest is accepted
+    with pytest.raises(ConfigError, match="train.seed"):
+        override(load_config("tiny"), ["train.seed=-1"])
+
+
+def test_a_prompt_with_newlines_is_echoed_on_one_line(trained, capsys):
+    capsys.readouterr()
+    args = ["generate", str(trained), "--length", "5", "--prompt", "alice\nwas\n"]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    (echo,) = [line for line in err.splitlines() if "checkpoint step" in line]
+    assert '"alice\\nwas\\n"' in echo

@@ -281,3 +281,47 @@ def test_other_named_corpora_resolve_from_the_data_folder_without_network(tmp_pa
     with pytest.raises(CorpusError, match="JAXCHAR_DATA"):
         resolve_corpus("poems", None, None, download=False)
     assert resolve_corpus("some/file.txt", str(DATA)).name == "file.txt"
+
+
+def test_line_endings_and_the_byte_order_mark_are_normalized_and_said(tmp_path):
+    body = "alice was beginning to get very tired of sitting by her sister on the bank. " * 4
+    for name, raw, said in (
+        ("cr.txt", body.replace(". ", ".\r").encode(), "CR"),
+        ("crlf.txt", body.replace(". ", ".\r\n").encode(), "CRLF"),
+        ("bom.txt", b"\xef\xbb\xbf" + body.encode(), "byte-order mark"),
+    ):
+        path = tmp_path / name
+        path.write_bytes(raw)
+        notes: list[str] = []
+        text = read_text(path, notes=notes)
+        assert "\r" not in text and "\ufeff" not in text
+        assert any(said in n for n in notes), notes
+        corpus = load_corpus(path, DataConfig(seq_length=10, val_fraction=0.0))
+        assert said in corpus.summary(10)
+    plain = tmp_path / "plain.txt"
+    plain.write_text(body)
+    assert "Read:" not in load_corpus(plain, DataConfig(seq_length=10)).summary(10)
+
+
+def test_a_lone_cr_gutenberg_file_is_stripped_like_any_other(tmp_path):
+    with_lf = (DATA / "wonderland.txt").read_text().replace("\r\n", "\n")
+    path = tmp_path / "mac.txt"
+    path.write_bytes(with_lf.replace("\n", "\r").encode())
+    stripped = load_corpus(path, DataConfig()).stripped
+    assert stripped is not None and stripped.before > 0
+
+
+def test_utf16_and_late_nul_bytes_are_told_apart_from_text(tmp_path):
+    text = "alice was beginning to get very tired\n" * 50
+    for name, raw in (
+        ("bom16.txt", text.encode("utf-16")),  # with its byte-order mark
+        ("le16.txt", text.encode("utf-16-le")),  # without one
+    ):
+        (tmp_path / name).write_bytes(raw)
+        with pytest.raises(CorpusError, match="--encoding utf-16"):
+            read_text(tmp_path / name)
+    assert read_text(tmp_path / "bom16.txt", encoding="utf-16").startswith("alice")
+    late = tmp_path / "late_nul.txt"
+    late.write_bytes(text.encode() * 40 + b"\x00" + b"more text\n")  # past the first 64 KB
+    with pytest.raises(CorpusError, match="binary.*offset 76,000"):
+        read_text(late)

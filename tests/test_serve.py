@@ -170,7 +170,10 @@ def test_model_health_metrics_and_page(client):
         (b'{"top_k": 1000}', 422, "top_k"),
         (b'{"beam": 0}', 422, "beam"),
         (b'{"stop": "."}', 422, "beam"),
-        (b'{"prompt": "\\u2603\\u2603"}', 422, "not in the vocabulary"),
+        (b'{"prompt": "\\u2603\\u2603"}', 422, 'send "unknown": "skip"'),
+        (b'{"prompt": "a", "unknown": "drop"}', 422, "unknown must be"),
+        (b'{"prompt": "' + b"a" * 5000 + b'"}', 413, "--max-prompt"),
+        (b'{"seed": -1}', 422, "seed must be an integer from 0 to 2**63 - 1"),
         (b'{"prompt": ""}', 422, "empty"),
         (b'{"prompt": "' + b"a" * (MAX_BODY + 10) + b'"}', 413, "over"),
     ],
@@ -181,6 +184,12 @@ def test_bad_requests_get_one_line_json_errors(client, body, status, words):
     error = r.json()["error"]
     assert words in error and "\n" not in error
     assert client.get("/health").json() == {"status": "ok", "busy_rows": 0}
+
+
+def test_unknown_characters_are_skipped_when_the_request_asks(client):
+    r = client.post("/v1/generate", json={"prompt": "alice \u2603", "unknown": "skip", "length": 5})
+    assert r.status_code == 200, r.text
+    assert "--unknown" not in client.post("/v1/generate", json={"prompt": "\u2603"}).text
 
 
 def test_unknown_routes_and_methods(client):

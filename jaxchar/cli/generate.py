@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 from jaxchar.cli.common import add_common, add_step, add_unknown, info, say_notes
-from jaxchar.config import ConfigError
+from jaxchar.config import ConfigError, check_seed
 
 INTERACTIVE_HELP = "type a prompt and press Enter; :temp T, :len N, :seed S, :quit"
 
@@ -16,6 +18,7 @@ def run(args: argparse.Namespace) -> int:
     from jaxchar.run import Run
 
     prompt = read_text(args.prompt_file, corpus=False) if args.prompt_file else args.prompt
+    _check_before_work(args)
     with Run.open(args.run_dir) as trained:
         if trained.note:
             info(trained.note, args.quiet)
@@ -30,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
             prompt = trained.default_prompt(args.seed)
         trained.encode_prompt(prompt, args.unknown)  # refused before anything is printed
         mode = f"beam search of width {args.beam}" if args.beam else f"{opts.mode} mode"
-        info(f'checkpoint step {step}, {mode}; seed: "{prompt}"', args.quiet)
+        info(f"checkpoint step {step}, {mode}; seed: {_one_line(prompt)}", args.quiet)
         out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout  # noqa: SIM115
         try:
             if args.beam:
@@ -41,6 +44,27 @@ def run(args: argparse.Namespace) -> int:
             if args.output:
                 out.close()
     return 0
+
+
+def _check_before_work(args: argparse.Namespace) -> None:
+    """Refusals that need no model: made before the run's checkpoint is read."""
+    check_seed(args.seed, "--seed")
+    if args.beam is None and args.stop is not None:
+        raise ConfigError("--stop ends a beam search hypothesis: give --beam N too")
+    if args.beam is None and args.length_penalty:
+        raise ConfigError("--length-penalty ranks beam search hypotheses: give --beam N too")
+    if args.output:
+        out = Path(args.output)
+        if out.is_dir():
+            raise ConfigError(f"--output {out} is a directory: name a file to write")
+        if not out.parent.is_dir():
+            raise ConfigError(f"--output {out}: the folder {out.parent} does not exist")
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    """The prompt as one quoted line (newlines escaped), cut at `limit` characters."""
+    shown = json.dumps(text[:limit], ensure_ascii=False)
+    return shown + (f" (+{len(text) - limit:,} more)" if len(text) > limit else "")
 
 
 def _options(args: argparse.Namespace) -> dict:
@@ -150,7 +174,8 @@ def add_parser(sub) -> None:
     gen.add_argument(
         "--top-k",
         type=int,
-        help="sample among the k most likely characters (default: from the run's config)",
+        help="sample among the k most likely characters; 0 turns it off (default: from the "
+        "run's config)",
     )
     gen.add_argument(
         "--top-p",

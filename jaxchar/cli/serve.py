@@ -17,7 +17,7 @@ def run(args: argparse.Namespace) -> int:
         ) from None
     from jaxchar.serve import Server, make_app
 
-    for name in ("slots", "chunk", "max_length"):
+    for name in ("slots", "chunk", "max_length", "max_prompt"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
     server = Server(
@@ -26,6 +26,7 @@ def run(args: argparse.Namespace) -> int:
         chunk=args.chunk,
         gather_ms=args.gather_ms,
         max_length=args.max_length,
+        max_prompt=args.max_prompt,
         step=args.step,
     )
     info(
@@ -74,6 +75,13 @@ def add_parser(sub) -> None:
     )
     s.add_argument(
         "--max-length", type=int, default=2000, help="longest generation a request may ask for"
+    )
+    s.add_argument(
+        "--max-prompt",
+        type=int,
+        default=4096,
+        help="longest prompt a request may send, in characters (default: 4096): a prompt is "
+        "read in the shared batch, so this bounds how long one request delays the others",
     )
     add_step(s)
     add_common(s)

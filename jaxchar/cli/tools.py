@@ -26,7 +26,7 @@ def evaluate(args: argparse.Namespace) -> int:
             context=args.context,
         )
         say_notes(trained.notes, args.quiet)
-    how = f", each with at most {args.context - 1} before it" if args.context else ""
+    how = f", each with 1 to {args.context} characters before it" if args.context else ""
     print(
         f"{args.file}: {result.loss:.4f} nats/char, {result.bpc:.4f} bits/char "
         f"({result.chars} characters scored{how}; checkpoint step {result.step})"
@@ -174,8 +174,9 @@ def add_parsers(sub) -> None:
     ev.add_argument(
         "--context",
         type=int,
-        help="score in chunks of N characters, each from a fresh state: every character "
-        "with at most N - 1 before it, to compare with fixed-context models (default: as "
+        help="score in-order chunks of N characters, each read from a fresh state: a "
+        "chunk's first character is only read, so each scored character has 1 to N "
+        "characters before it, as a fixed-context model of N sees them (default: as "
         "training scores its held-out text)",
     )
     add_unknown(ev, "text")
