@@ -386,12 +386,20 @@ def fit(
     def speed() -> float:  # chars/s since this call began
         return (step - began_step) * obj.chars_per_step / max(time.perf_counter() - began, 1e-9)
 
+    in_flight = None  # the previous call's losses
     while step < plan.total_steps:
         epoch, first = divmod(step, plan.steps_per_epoch)
         n = plan.steps_in_next_call(step, t)
         state, totals, losses = run_steps(
             state, totals, ids, epoch, first, spans, cfg=cfg, tx=tx, n=n, mesh=mesh
         )
+        # at most two calls queued on the device: JAX's asynchronous dispatch would
+        # otherwise run up to log_every steps ahead of it, and a stop (Ctrl-C) would wait
+        # for all of them before its save; the device still works on one call while the
+        # host waits for the one before
+        if in_flight is not None:
+            in_flight.block_until_ready()
+        in_flight = losses
         step += n
         epoch_end = step % plan.steps_per_epoch == 0
         save_now, stop = plan.saves_at(step, t), should_stop()

@@ -303,3 +303,24 @@ def test_bfloat16_training_through_the_fused_backward(alice_text):
     assert hist[-1]["val_loss"] < np.log(cfg.model.vocab_size) - 0.5  # it learns
     for got, ref in zip(hist, want, strict=True):
         assert abs(got["val_loss"] - ref["val_loss"]) < 0.05, (got, ref)
+
+
+def test_at_most_two_calls_are_queued_so_a_stop_saves_soon(alice_text, monkeypatch):
+    # asynchronous dispatch let the loop queue log_every steps ahead of the device, and a
+    # Ctrl-C then waited for all of them; with at most two calls queued it waits for two
+    from jaxchar import train
+
+    cfg, corpus = _setup(
+        alice_text, "train.max_steps=40", "train.steps_per_call=1", "train.log_every=1000"
+    )
+    real, issued, queued = train.run_steps, [], []
+
+    def counting(*args, **kwargs):
+        queued.append(sum(not x.is_ready() for x in issued))  # before this dispatch
+        out = real(*args, **kwargs)
+        issued.append(out[2])
+        return out
+
+    monkeypatch.setattr(train, "run_steps", counting)
+    fit(cfg, corpus.train_ids)
+    assert len(queued) == 40 and max(queued) <= 1, queued
