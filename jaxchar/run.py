@@ -273,6 +273,27 @@ class Run:
         for chunk in sample_stream(params, key, ids, **settings):
             yield self.vocab.decode(np.asarray(chunk))
 
+    def stream_rows(
+        self,
+        prompt: str | None = None,
+        *,
+        seed: int = 0,
+        step: int | None = None,
+        dtype: str | None = None,
+        unknown: str = "error",
+        **options: Any,
+    ) -> Iterator[list[str]]:
+        """num_samples texts made together, in pieces: each item is one piece per sample.
+        Joined, the pieces are `generate(...)`'s texts; memory stays that of a piece, not
+        of the whole length, and the caller may stop between pieces."""
+        params, key, ids, settings, opts = self._sampling(
+            prompt, seed, step, dtype, unknown, options
+        )
+        rows = opts.num_samples
+        for chunk in sample_stream(params, key, ids, num_samples=rows, **settings):
+            chunk = np.asarray(chunk).reshape(rows, -1)
+            yield [self.vocab.decode(row) for row in chunk]
+
     # --- evaluation ---------------------------------------------------------------------------
 
     def evaluate(

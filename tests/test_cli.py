@@ -92,6 +92,27 @@ def test_generate_default_seed_and_several_samples(trained, capsys):
     assert out.count("===== sample") == 2
 
 
+def test_several_samples_are_made_in_pieces_and_equal_one_batch(trained, capsys, monkeypatch):
+    # a long batched sample is made piece by piece (memory of a piece, Ctrl-C between
+    # pieces), never as one call for the whole length, and prints what one batch makes
+    import jaxchar.run
+    from jaxchar.run import Run
+
+    def no_whole_batch(*args, **kwargs):
+        raise AssertionError("the whole length was made in one call")
+
+    monkeypatch.setattr(jaxchar.run, "sample", no_whole_batch)
+    argv = ["generate", str(trained), "--length", "300", "--num-samples", "3", "--seed", "4"]
+    capsys.readouterr()
+    assert main([*argv, "--prompt", "alice", "--temperature", "1"]) == 0
+    out = capsys.readouterr().out
+    monkeypatch.undo()
+    with Run.open(trained) as run:
+        texts = run.generate("alice", seed=4, length=300, num_samples=3, temperature=1.0)
+    want = "".join(f"===== sample {i + 1} of 3 =====\n{t}\n" for i, t in enumerate(texts))
+    assert out == want
+
+
 def test_generate_dtype_sets_the_products_type_of_the_sampler(trained, capsys, monkeypatch):
     import jaxchar.run
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from jaxchar.cli.common import add_common, add_step, add_unknown, info, say_notes
@@ -88,9 +91,21 @@ def _write(trained, prompt: str, args, seed: int, out, options: dict) -> None:
             out.flush()
         out.write("\n")
         return
-    texts = trained.generate(prompt, **common, **options)
-    for i, text in enumerate(texts):
-        out.write(f"===== sample {i + 1} of {len(texts)} =====\n{text}\n")
+    # made together in pieces and spooled to one temporary file per sample, so that memory
+    # stays that of a piece whatever the length, and Ctrl-C stops between pieces
+    with contextlib.ExitStack() as files:
+        spools = [
+            files.enter_context(tempfile.TemporaryFile("w+", encoding="utf-8"))
+            for _ in range(opts.num_samples)
+        ]
+        for pieces in trained.stream_rows(prompt, **common, **options):
+            for spool, piece in zip(spools, pieces, strict=True):
+                spool.write(piece)
+        for i, spool in enumerate(spools):
+            out.write(f"===== sample {i + 1} of {len(spools)} =====\n")
+            spool.seek(0)
+            shutil.copyfileobj(spool, out)
+            out.write("\n")
 
 
 def _write_beams(trained, prompt: str, args, out) -> None:
