@@ -392,24 +392,46 @@ class Trained:
 RESUMABLE = ("train.epochs", "train.max_steps")  # what may change when a run resumes
 
 
-def _open_for_resume(path: str | Path, corpus_path: str | Path, changes: list[str], log: Log):
+def _open_for_resume(
+    path: str | Path,
+    corpus_path: str | Path,
+    changes: list[str],
+    log: Log,
+    given: Config | None = None,
+):
     """The run's own config (with more epochs or steps when `changes` says so), and the
     text prepared with it: it must give the run's vocabulary, or the stored model would
-    read the wrong characters."""
+    read the wrong characters. `changes` and a `given` config (the command that started the
+    run, repeated with --resume) may restate the run's values: only those that differ from
+    the run's and are not RESUMABLE are refused, naming both values."""
     run = RunDir.open(path)
-    if changes:
-        keys = [change.partition("=")[0].strip() for change in changes]
-        if any(key not in RESUMABLE for key in keys):
-            run.close()
-            allowed = ", ".join(RESUMABLE)
-            raise ConfigError(f"a resumed run keeps its config: only {allowed} may change")
-        cfg = override(run.cfg, changes)
-        for key in keys:
-            old, new = run.cfg.to_dict(), cfg.to_dict()
-            section, name = key.split(".")
-            old, new = old[section][name], new[section][name]
-            if old != new:
-                log({"event": "note", "text": f"resuming with {key} = {new} (the run had {old})"})
+    stored = run.cfg.to_dict()
+    try:
+        wanted = override(given if given is not None else run.cfg, changes).to_dict()
+    except ConfigError:
+        run.close()
+        raise
+    differ = [
+        (f"{section}.{name}", value, wanted[section][name])
+        for section, fields in stored.items()
+        for name, value in fields.items()
+        if (section, name) != ("model", "vocab_size") and wanted[section][name] != value
+    ]
+    fixed = [d for d in differ if d[0] not in RESUMABLE]
+    if fixed:
+        run.close()
+        said = "; ".join(
+            f"{key}: the run has {old!r}, this asks {new!r}" for key, old, new in fixed
+        )
+        allowed = ", ".join(RESUMABLE)
+        raise ConfigError(
+            f"a resumed run keeps its config, and this differs ({said}): only {allowed} may "
+            "change (or start a new run)"
+        )
+    if differ:
+        cfg = override(run.cfg, [f"{key}={new}" for key, _, new in differ])
+        for key, old, new in differ:
+            log({"event": "note", "text": f"resuming with {key} = {new} (the run had {old})"})
         from jaxchar import distributed
 
         run.update_config(cfg, write=distributed.is_primary())
@@ -460,7 +482,9 @@ def train_run(
 ) -> Trained:
     """Trains cfg (default: the `fast` config) on a text file (or `alice`, `shakespeare`: the
     package's own copies) into run_dir, or continues the run there (`resume`, with the run's
-    stored config; `changes` such as ["train.epochs=30"] may raise its epochs or steps).
+    stored config; `changes` such as ["train.epochs=30"] may raise its epochs or steps, and
+    `cfg` or `changes` that restate the run's own values are accepted, as when a command is
+    repeated with --resume; a value that differs from the run's is refused).
     `log` receives fit's events plus {"event": "corpus" | "backend" | "note" | "samples",
     "text": ...}; `should_stop` is polled between dispatches, and the run then saves and
     returns (interrupted)."""
@@ -473,7 +497,7 @@ def train_run(
     if tensorboard:  # refused before the run directory is touched
         TensorBoard.check()
     if resume:
-        run, cfg, corpus = _open_for_resume(run_dir, corpus_path, changes or [], log)
+        run, cfg, corpus = _open_for_resume(run_dir, corpus_path, changes or [], log, cfg)
     else:
         cfg = cfg if cfg is not None else load_config("fast")
         run, cfg, corpus = _create(run_dir, corpus_path, cfg, overwrite)

@@ -115,21 +115,32 @@ def test_train_from_python_then_resume_with_more_steps(alice_slice, tmp_path):
         train_run(alice_slice, tmp_path / "run", resume=True, changes=["train.batch_size=7"])
 
 
-def test_resume_refuses_options_it_would_ignore(tiny_run, alice_slice, tmp_path, capsys):
+def test_resume_accepts_the_runs_own_options_and_refuses_other_values(
+    tiny_run, alice_slice, tmp_path, capsys
+):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     before = sorted(p.name for p in (run / "checkpoints").iterdir())
     base = ["train", str(alice_slice), "--run-dir", str(run), "--resume"]
-    for extra, flag in (
-        (["--batch-size", "7"], "--batch-size"),
-        (["--config", "small"], "--config"),
-        (["--set", "model.hidden=8"], "--set"),
-        (["--lowercase"], "--lowercase"),
+    for extra, said in (
+        (["--batch-size", "7"], "train.batch_size: the run has 16, this asks 7"),
+        (["--config", "small"], "model.hidden: the run has 32, this asks 256"),
+        (["--set", "model.hidden=8"], "model.hidden: the run has 32, this asks 8"),
+        (["--seed", "3"], "train.seed: the run has 0, this asks 3"),
     ):
         assert main([*base, *extra]) == 2
         err = capsys.readouterr().err.strip()
-        assert err.startswith("jaxchar: error: --resume") and flag in err and "\n" not in err
+        assert err.startswith("jaxchar: error: a resumed run keeps its config"), err
+        assert said in err and "\n" not in err
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before  # nothing changed
+    # up-arrow and --resume: the command that made the run (tests/conftest.py's tiny_run)
+    again = ["--config", "tiny", "--set", "train.max_steps=20", "--set", "train.sample_chars=30"]
+    assert main([*base, *again, "--seed", "0", "--quiet"]) == 0
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before  # it was done
+    # and with more steps, the one change a resume may make
+    more = ["--config", "tiny", "--set", "train.sample_chars=30", "--max-steps", "25"]
+    assert main([*base, *more, "--quiet"]) == 0
+    assert "25" in [p.name for p in (run / "checkpoints").iterdir()]
 
 
 def test_package_names_load_on_first_use():

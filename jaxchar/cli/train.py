@@ -48,22 +48,16 @@ def build_config(args: argparse.Namespace) -> Config:
     return override(cfg, sets + list(args.set or []))
 
 
-def resume_changes(args: argparse.Namespace) -> list[str]:
-    """--resume keeps the run's stored config: the options that may change then (more
-    epochs or steps) as `section.key=value`; any other config option is refused."""
-    from jaxchar.run import RESUMABLE
-
-    given = [f for f in FLAG_FIELDS if getattr(args, f) is not None]
-    given += [f for f in SWITCH_FIELDS if getattr(args, f)]
-    given += ["config"] * bool(args.config) + ["set"] * bool(args.set)
-    fixed = [f for f in given if FLAG_FIELDS.get(f) not in RESUMABLE]
-    if fixed:
-        flags = ", ".join("--" + f.replace("_", "-") for f in fixed)
-        raise ConfigError(
-            f"--resume continues the run with its stored config, so {flags} cannot apply: "
-            "only --epochs and --max-steps may change (or start a new run)"
-        )
-    return [f"{FLAG_FIELDS[f]}={getattr(args, f)}" for f in given]
+def resume_request(args: argparse.Namespace) -> tuple[Config | None, list[str]]:
+    """What a --resume command line says of the config: the --config it names (None if
+    none) and its flags and --set as `section.key=value`. The run keeps its stored config:
+    options that restate it are accepted (the command that started the run, repeated with
+    --resume), more epochs or steps change it, and jaxchar.run refuses any other difference,
+    naming the run's value and the given one."""
+    sets = [f"{key}={getattr(args, flag)}" for flag, key in FLAG_FIELDS.items()]
+    sets = [s for s, flag in zip(sets, FLAG_FIELDS, strict=True) if getattr(args, flag) is not None]
+    sets += [value for flag, value in SWITCH_FIELDS.items() if getattr(args, flag)]
+    return (load_config(args.config) if args.config else None), sets + list(args.set or [])
 
 
 def cache_dir() -> Path:
@@ -79,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.run_dir is None:
         raise ConfigError("give --run-dir DIR: the folder where checkpoints are kept")
-    cfg, changes = (None, resume_changes(args)) if args.resume else (build_config(args), [])
+    cfg, changes = resume_request(args) if args.resume else (build_config(args), [])
 
     from jaxchar import distributed
     from jaxchar.corpus import resolve_corpus
