@@ -1,11 +1,12 @@
 """Beam search: the most likely continuations of a prompt, not a random draw.
 
 `beam_search` is pure and jitted like `jaxchar.sample`: a function of params and prompt with
-static settings. After the prompt is read (stateful, the nn.scan layers), one `lax.scan`
-over the new characters keeps `beam` hypotheses per prompt: each step scores every
-hypothesis x next character (beam x vocab), keeps the `beam` best totals (`lax.top_k`),
-and gathers each kept hypothesis's LSTM state from its parent. The characters are read back
-at the end from the parents and choices each step recorded (a reverse scan).
+static settings. It drives the same decoders (jaxchar.decoders, stateful or window): after
+the prompt is read, one `lax.scan` over the new characters keeps `beam` hypotheses per
+prompt: each step scores every hypothesis x next character (beam x vocab), keeps the `beam`
+best totals (`lax.top_k`), and gathers each kept hypothesis's decoder state from its parent.
+The characters are read back at the end from the parents and choices each step recorded (a
+reverse scan).
 
 With `stop_id` (say the id of "\n" or "."), a hypothesis that emits it is finished: it keeps
 its score and is padded with `stop_id`. Its length is then where it stopped, and
@@ -23,10 +24,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxchar.config import ModelConfig
-from jaxchar.model import step
-from jaxchar.sampling import _reference, _rows, _start
-
-_NEG = -1e30
+from jaxchar.decoders import MODES, decoder
+from jaxchar.sampling import NEG, rows_of
 
 
 class Beams(NamedTuple):
@@ -50,9 +49,17 @@ def beam_search(
     beam: int,
     stop_id: int | None = None,
     length_penalty: float = 0.0,
+    mode: str = "stateful",
+    seq_length: int = 100,
+    dec=None,
 ) -> Beams:
     """The `beam` best continuations of `length` characters of prompt [P] (or [N, P], N
-    prompts at once); see the module's docstring. Checks its options, then runs jitted."""
+    prompts at once); see the module's docstring. `mode` is the decoder's, as in
+    `jaxchar.sample` ("window" re-reads the last `seq_length` characters, for window-trained
+    runs); `dec`, any decoder (jaxchar.decoders' protocol), replaces cfg's and mode's.
+    Checks its options, then runs jitted."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
     if length < 1:
         raise ValueError(f"length must be at least 1, not {length}")
     if not 1 <= beam <= 1024:
@@ -64,36 +71,34 @@ def beam_search(
     return _beam_search(
         params,
         prompt,
-        cfg=cfg,
         length=length,
         beam=beam,
         stop_id=stop_id,
         length_penalty=float(length_penalty),
+        dec=dec if dec is not None else decoder(cfg, mode, seq_length),
     )
 
 
-@partial(jax.jit, static_argnames=("cfg", "length", "beam", "stop_id", "length_penalty"))
-def _beam_search(params, prompt, *, cfg, length, beam, stop_id, length_penalty) -> Beams:
-    prompt, single = _rows(prompt, None)
-    rows, vocab = prompt.shape[0], cfg.vocab_size
-    carry, logits = _start(params, prompt, cfg, "stateful", 0)
-    reference = _reference(cfg)
+@partial(jax.jit, static_argnames=("length", "beam", "stop_id", "length_penalty", "dec"))
+def _beam_search(params, prompt, *, length, beam, stop_id, length_penalty, dec) -> Beams:
+    prompt, single = rows_of(prompt)
+    rows, vocab = prompt.shape[0], dec.cfg.vocab_size
 
     def widen(x):  # [rows, ...] -> [rows * beam, ...], each row's state for all its beams
         return jnp.repeat(x, beam, axis=0)
 
-    carry = jax.tree.map(widen, carry)
-    logits = widen(logits).reshape(rows, beam, vocab)
+    decoded = jax.tree.map(widen, dec.start(params, prompt))
     # one live hypothesis at the start: the others at -inf, so no continuation is kept twice
-    totals = jnp.where(jnp.arange(beam) == 0, 0.0, _NEG)[None].repeat(rows, 0)
+    totals = jnp.where(jnp.arange(beam) == 0, 0.0, NEG)[None].repeat(rows, 0)
     done = jnp.zeros((rows, beam), bool)
     lengths = jnp.zeros((rows, beam), jnp.int32)
 
     def body(state, _):
-        carry, logits, totals, done, lengths = state
+        decoded, totals, done, lengths = state
+        logits = dec.logits(params, decoded).reshape(rows, beam, vocab)
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
         if stop_id is not None:  # a finished hypothesis continues only with stop_id, free
-            padded = jnp.where(jnp.arange(vocab) == stop_id, 0.0, _NEG)
+            padded = jnp.where(jnp.arange(vocab) == stop_id, 0.0, NEG)
             logp = jnp.where(done[..., None], padded, logp)
         flat = (totals[..., None] + logp).reshape(rows, beam * vocab)
         totals, choice = jax.lax.top_k(flat, beam)
@@ -103,13 +108,12 @@ def _beam_search(params, prompt, *, cfg, length, beam, stop_id, length_penalty) 
         if stop_id is not None:
             done = done | (ids == stop_id)
         gather = (parent + beam * jnp.arange(rows)[:, None]).reshape(-1)
-        carry = jax.tree.map(lambda x: x[gather], carry)
-        new_logits, carry = step(params, reference, carry, ids.reshape(-1))
-        state = carry, new_logits.reshape(rows, beam, vocab), totals, done, lengths
-        return state, (parent, ids)
+        decoded = jax.tree.map(lambda x: x[gather], decoded)  # each kept one's parent state
+        decoded = dec.advance(params, decoded, ids.reshape(-1))
+        return (decoded, totals, done, lengths), (parent, ids)
 
-    state = carry, logits, totals, done, lengths
-    (_, _, totals, _, lengths), (parents, choices) = jax.lax.scan(body, state, None, length=length)
+    state = decoded, totals, done, lengths
+    (_, totals, _, lengths), (parents, choices) = jax.lax.scan(body, state, None, length=length)
 
     def back(slot, step_out):  # from the last step to the first: which beam held what
         parent, ids = step_out

@@ -28,63 +28,36 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxchar.config import ModelConfig
-from jaxchar.model import apply, init_carry, step
-from jaxchar.sampling import _NEG, _reference, top_p_filter
+from jaxchar.decoders import Decoder, decoder
+from jaxchar.sampling import sample_logits, start
 
 
-def draw_row(key, logits, temperature, top_k, top_p):
-    """One id from one row's logits [V], as `jaxchar.sampling.sample_logits` draws for a
-    one-row batch, with the settings as values: top_k 0 and top_p 1 filter nothing,
-    temperature 0 is argmax."""
-    logits = logits.astype(jnp.float32)
-    vocab = logits.shape[-1]
-    scaled = logits / jnp.maximum(temperature, 1e-6)
-    kth = jnp.sort(scaled)[::-1][jnp.clip(top_k, 1, vocab) - 1]
-    scaled = jnp.where((top_k > 0) & (scaled < kth), _NEG, scaled)
-    scaled = jnp.where(top_p < 1, top_p_filter(scaled, top_p), scaled)
-    drawn = jax.random.categorical(key, scaled[None], axis=-1)[0].astype(jnp.int32)
-    return jnp.where(temperature > 0, drawn, jnp.argmax(logits).astype(jnp.int32))
+def _draw(keys, logits, temperature, top_k, top_p):
+    """Each row's id from its logits with its own key and settings: `sample_logits` as
+    `jaxchar.sample` calls it for one row (so a request gets Run.generate's text)."""
+
+    def one(key, logits, temperature, top_k, top_p):
+        return sample_logits(key, logits[None], temperature, top_k, top_p)[0]
+
+    return jax.vmap(one)(keys, logits, temperature, top_k, top_p)
 
 
-@partial(jax.jit, static_argnames=("cfg", "mode", "rows"), donate_argnames=("state",))
-def _advance(params, state, keys, left, temperature, top_k, top_p, *, cfg, mode, rows):
+@partial(jax.jit, static_argnames=("dec", "rows"), donate_argnames=("state",))
+def _advance(params, state, keys, left, temperature, top_k, top_p, *, dec: Decoder, rows):
     """The first `rows` rows of the state `keys.shape[1]` characters further. keys [rows,
     n, 2]: each row's keys for its next n draws; left [rows]: characters each row still
     needs (it makes none after those). Returns (state, ids [rows, n], -1 where none)."""
-    reference = _reference(cfg)
     part = jax.tree.map(lambda x: x[:rows], state)
-    settings = temperature, top_k, top_p
 
     def body(st, xs):
         t, k = xs
-        if mode == "stateful":
-            logits = st["logits"]
-        else:
-            logits, _ = apply(params, cfg, st["window"], mask=st["mask"], last_only=True)
-        ids = jax.vmap(draw_row)(k, logits, *settings)
-        if mode == "stateful":
-            logits, carry = step(params, reference, st["carry"], ids)
-            st = dict(st, logits=logits, carry=carry)
-        else:
-            window = jnp.concatenate([st["window"][:, 1:], ids[:, None]], axis=1)
-            mask = jnp.concatenate([st["mask"][:, 1:], jnp.ones((rows, 1), bool)], axis=1)
-            st = dict(st, window=window, mask=mask)
-        return st, jnp.where(t < left, ids, -1)
+        ids = _draw(k, dec.logits(params, st), temperature, top_k, top_p)
+        return dec.advance(params, st, ids), jnp.where(t < left, ids, -1)
 
     n = keys.shape[1]
     part, out = jax.lax.scan(body, part, (jnp.arange(n), keys.transpose(1, 0, 2)))
     state = jax.tree.map(lambda whole, p: whole.at[:rows].set(p), state, part)
     return state, out.T
-
-
-@partial(jax.jit, static_argnames=("cfg",))
-def _prime(params, prompts, mask, *, cfg: ModelConfig):
-    """The states after left-padded prompts [m, P] (masked positions leave a state
-    untouched): (carry, logits [m, V]), as jaxchar.sampling reads a prompt."""
-    reference = _reference(cfg)
-    rows = prompts.shape[0]
-    logits, carry = apply(params, reference, prompts, init_carry(reference, rows), mask=mask)
-    return carry, logits[:, -1]
 
 
 @partial(jax.jit, static_argnames=("length",))
@@ -157,8 +130,7 @@ class Engine:
         gather_ms: float = 5.0,
         max_length: int = 2000,
     ):
-        if mode not in ("stateful", "window"):
-            raise ValueError(f"mode must be 'stateful' or 'window', not {mode!r}")
+        self.dec = decoder(cfg, mode, seq_length)  # refuses an unknown mode
         self.params, self.cfg, self.mode = params, cfg, mode
         self.seq_length, self.slots, self.chunk = seq_length, slots, chunk
         self.gather_s, self.max_length = gather_ms / 1000, max_length
@@ -170,15 +142,8 @@ class Engine:
         self.calls = 0  # advance calls so far (for tests and the load benchmark)
         self.state = self._empty_state()
 
-    def _empty_state(self) -> dict:
-        s = self.slots
-        if self.mode == "stateful":
-            carry = init_carry(_reference(self.cfg), s)
-            return {"carry": carry, "logits": jnp.zeros((s, self.cfg.vocab_size), jnp.float32)}
-        return {
-            "window": jnp.zeros((s, self.seq_length), jnp.int32),
-            "mask": jnp.zeros((s, self.seq_length), bool),
-        }
+    def _empty_state(self) -> tuple:
+        return self.dec.empty(self.slots)
 
     # --- the public side ---------------------------------------------------------------
 
@@ -272,8 +237,7 @@ class Engine:
             temperature,
             top_k,
             top_p,
-            cfg=self.cfg,
-            mode=self.mode,
+            dec=self.dec,
             rows=k,
         )
         self.calls += 1
@@ -325,25 +289,17 @@ class Engine:
         slots[: len(taken)] = np.arange(first, first + len(taken))
         self.state = _admit(self.state, slots, self._rows_for(taken, m))
 
-    def _rows_for(self, reqs: list[Request], m: int) -> dict:
-        """The first state of each request's row, [m, ...] (rows past len(reqs) padding)."""
+    def _rows_for(self, reqs: list[Request], m: int) -> tuple:
+        """The first state of each request's row, [m, ...] (rows past len(reqs) padding):
+        the prompts left-padded to a power of two (few shapes), read by the decoder."""
         prompts = [np.asarray(r.prompt, np.int32) for r in reqs]
-        if self.mode == "stateful":
-            width = _bucket(max(len(p) for p in prompts), 16)
-            padded = np.zeros((m, width), np.int32)
-            for i, p in enumerate(prompts):
-                padded[i, width - len(p) :] = p
-            lengths = np.array([len(p) for p in prompts] + [1] * (m - len(prompts)))
-            mask = np.arange(width)[None] >= width - lengths[:, None]
-            carry, logits = _prime(self.params, padded, mask, cfg=self.cfg)
-            return {"carry": carry, "logits": logits}
-        window = np.zeros((m, self.seq_length), np.int32)
-        mask = np.zeros((m, self.seq_length), bool)
+        width = _bucket(max(len(p) for p in prompts), 16)
+        padded = np.zeros((m, width), np.int32)
         for i, p in enumerate(prompts):
-            tail = p[-self.seq_length :]
-            window[i, self.seq_length - len(tail) :] = tail
-            mask[i, self.seq_length - len(tail) :] = True
-        return {"window": window, "mask": mask}
+            padded[i, width - len(p) :] = p
+        lengths = np.array([len(p) for p in prompts] + [1] * (m - len(prompts)))
+        mask = np.arange(width)[None] >= width - lengths[:, None]
+        return start(self.params, padded, mask, dec=self.dec)
 
     def _fail_all(self) -> None:
         with self._cond:

@@ -27,7 +27,7 @@ from jaxchar.checkpoint import CheckpointError, write_export
 from jaxchar.config import Config
 from jaxchar.corpus import Vocab
 from jaxchar.data import objective
-from jaxchar.sampling import _sample
+from jaxchar.sampling import sample
 
 PLATFORMS = ("cpu", "cuda", "tpu")
 
@@ -83,7 +83,7 @@ def export_sampler(
     tree = jax.tree_util.tree_structure(params)
 
     def sampler(leaves, key, prompt, temperature, top_p):
-        return _sample(
+        return sample(
             jax.tree_util.tree_unflatten(tree, leaves),
             key,
             prompt,

@@ -229,7 +229,8 @@ class Run:
     ) -> list[tuple[str, float]]:
         """The `results` most likely continuations (of `beam` kept, `results` <= beam) of
         `length` characters (default the run's), best first, each with its total
-        log-probability (nats): `jaxchar.beam_search`, stateful. `stop`, one character of
+        log-probability (nats): `jaxchar.beam_search` with the run's decoder (window mode
+        for window-trained runs, as `generate`). `stop`, one character of
         the vocabulary, ends a hypothesis there (see jaxchar.beam)."""
         if not 1 <= results <= beam:
             raise ConfigError(f"results must be between 1 and the beam width {beam}")
@@ -250,6 +251,8 @@ class Run:
             beam=beam,
             stop_id=stop_id,
             length_penalty=length_penalty,
+            mode=opts.mode,  # the run's decoder: window for window-trained runs
+            seq_length=self.cfg.data.seq_length,
         )
         ids, totals, lengths = (np.asarray(x) for x in found[:3])
         return [

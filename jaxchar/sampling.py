@@ -1,19 +1,20 @@
-"""Sampling: logits filters, one draw, and the jitted generation loop.
+"""Sampling: logits filters, one draw, and the jitted generation loop over a decoder.
 
 `sample` is a pure function of (params, key, prompt) plus static settings, so research code
 can jit, vmap or embed it. The loop over characters is `lax.scan`; `temperature` and
 `top_p` are traced (new values do not recompile), `length`, `top_k` and the config are
 static. Temperature 0 means argmax, as in the tutorial.
 
-The stateful loop runs as the C++ generation kernel where jaxchar.lstm.backends chooses it
-(CPUs; the same ids for the same keys) and as the lax.scan below everywhere else. The model
-inside the scan loop always runs its `scan` layers: one character a step is one cell step,
-and the prompt is read once.
+The loop drives a decoder (jaxchar.decoders: `Stateful` reads the prompt once, then one
+cell step per character; `Window` re-reads the last window), as beam search and the serving
+engine do. The stateful loop runs as the C++ generation kernel where jaxchar.lstm.backends
+chooses it (CPUs; the same ids for the same keys) and as the lax.scan below everywhere else.
+`sample_logits` is the one draw: `sample`, the engine (per-row settings) and tests with a
+fake logits function all use it.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator
 from functools import partial
 
@@ -22,16 +23,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxchar.config import ModelConfig
+from jaxchar.decoders import MODES, Decoder, Stateful, decoder
 from jaxchar.lstm import native, select
-from jaxchar.model import apply, init_carry, step
 
-_NEG = -1e30  # stands for -inf without creating NaNs in softmax
+NEG = -1e30  # stands for -inf without creating NaNs in softmax
 
 
 def top_k_filter(logits: jax.Array, k: int) -> jax.Array:
     """Keeps the k largest logits of each row [..., vocab]; the rest become -inf."""
     kth = jax.lax.top_k(logits, k)[0][..., -1:]
-    return jnp.where(logits < kth, _NEG, logits)
+    return jnp.where(logits < kth, NEG, logits)
 
 
 def top_p_filter(logits: jax.Array, p) -> jax.Array:
@@ -41,52 +42,47 @@ def top_p_filter(logits: jax.Array, p) -> jax.Array:
     before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each id
     kept = before < p  # the first id is always kept
     threshold = jnp.min(jnp.where(kept, ordered, jnp.inf), axis=-1, keepdims=True)
-    return jnp.where(logits < threshold, _NEG, logits)
+    return jnp.where(logits < threshold, NEG, logits)
 
 
 def sample_logits(
-    key: jax.Array, logits: jax.Array, temperature=1.0, top_k: int | None = None, top_p=None
+    key: jax.Array, logits: jax.Array, temperature=1.0, top_k=None, top_p=None
 ) -> jax.Array:
     """One id per row of logits [..., vocab]: argmax when temperature is 0, else a draw
-    from softmax(logits / temperature) restricted by top-k, then top-p."""
+    from softmax(logits / temperature) restricted by top-k, then top-p.
+
+    Each setting is one value for every row or one per row (an array of the rows' shape,
+    as the serving engine passes them): `temperature` and `top_p` may be traced; `top_k` is
+    a static int (None: off) or an int array of the rows' shape (0: off there); top_p 1
+    keeps every id."""
     logits = logits.astype(jnp.float32)
+    t = jnp.asarray(temperature, jnp.float32)
+
+    def per_row(x):  # a setting as [..., 1], to broadcast over the vocabulary
+        return jnp.asarray(x)[..., None]
 
     def draw():
-        scaled = logits / jnp.maximum(temperature, 1e-6)
-        if top_k:
+        scaled = logits / jnp.maximum(per_row(t), 1e-6)
+        if isinstance(top_k, int):
             scaled = top_k_filter(scaled, top_k)
+        elif top_k is not None:  # per row, traced: the k-th largest by a sort
+            k = jnp.broadcast_to(per_row(top_k), (*logits.shape[:-1], 1))
+            ordered = jnp.sort(scaled, axis=-1)[..., ::-1]
+            kth = jnp.take_along_axis(ordered, jnp.clip(k, 1, logits.shape[-1]) - 1, axis=-1)
+            scaled = jnp.where((k > 0) & (scaled < kth), NEG, scaled)
         if top_p is not None:
-            scaled = top_p_filter(scaled, top_p)
+            p = per_row(top_p)
+            scaled = jnp.where(p < 1, top_p_filter(scaled, p), scaled)
         return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
 
     def greedy():
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
+    if t.ndim:  # per-row temperatures: both, then each row's
+        return jnp.where(t > 0, draw(), greedy())
     # a cond, not a where: at temperature 0 the random draw (most of a step's cost at batch
     # 64, measured in benchmarks/bench_generate.py) is skipped, while temperature stays traced
-    return jax.lax.cond(jnp.asarray(temperature) > 0, draw, greedy)
-
-
-def _reference(cfg: ModelConfig) -> ModelConfig:
-    """The model config the lax.scan sampling loop runs: the nn.scan layers, which every
-    other backend is tested against (and which vmap, grad and every platform take)."""
-    return cfg if cfg.impl == "scan" else dataclasses.replace(cfg, impl="scan")
-
-
-def _start(params, prompt, cfg: ModelConfig, mode: str, seq_length: int):
-    """The generation state after reading the prompt [rows, P]: (carry, last logits) for
-    stateful mode, (window, mask) for window mode."""
-    rows = prompt.shape[0]
-    if mode == "stateful":
-        cfg = _reference(cfg)
-        logits, carry = apply(params, cfg, prompt, init_carry(cfg, rows))
-        return carry, logits[:, -1]
-    if mode == "window":
-        tail = prompt[:, -seq_length:]
-        pad = seq_length - tail.shape[1]
-        window = jnp.pad(tail, ((0, 0), (pad, 0)))
-        return window, jnp.broadcast_to(jnp.arange(seq_length) >= pad, (rows, seq_length))
-    raise ValueError(f"mode must be 'stateful' or 'window', not {mode!r}")
+    return jax.lax.cond(t > 0, draw, greedy)
 
 
 def _kernel(cfg: ModelConfig, rows: int, top_k, top_p) -> bool:
@@ -96,14 +92,14 @@ def _kernel(cfg: ModelConfig, rows: int, top_k, top_p) -> bool:
     return choice.backend == "native"
 
 
-def _steps(
-    params, state, keys, cfg: ModelConfig, mode: str, temperature, top_k, top_p, prompt=None
-):
+def _steps(params, state, keys, dec: Decoder, temperature, top_k, top_p, prompt=None):
     """One new character per key (keys [n, 2]): returns (state, ids [rows, n]). With `prompt`
-    [rows, P] (stateful mode, `state` the initial one) the prompt is read first."""
-    rows = state[1].shape[0]
-    if mode == "stateful" and _kernel(cfg, rows, top_k, top_p):
-        scan = partial(_scan, cfg=cfg, mode=mode, top_k=top_k, top_p=top_p)
+    [rows, P] (stateful, `state` the empty one) the prompt is read first."""
+    cfg, rows = dec.cfg, state[1].shape[0]
+    if isinstance(dec, Stateful) and _kernel(cfg, rows, top_k, top_p):
+
+        def scan(params, carry, logits, keys, temperature, prompt):
+            return _scan(params, (carry, logits), keys, temperature, prompt, dec, top_k, top_p)
 
         def kernel(state):
             return native.generate(
@@ -121,40 +117,47 @@ def _steps(
             return scan(params, *state, keys, temperature, prompt)
 
         return jax.lax.platform_dependent(state, cpu=kernel, default=elsewhere)
-    return _scan(params, *state, keys, temperature, prompt, cfg, mode, top_k, top_p)
+    return _scan(params, state, keys, temperature, prompt, dec, top_k, top_p)
 
 
-def _scan(params, state0, state1, keys, temperature, prompt, cfg, mode, top_k, top_p):
-    """The lax.scan loop: `_steps` by the model's nn.scan layers, one character a step.
-    state0, state1: (carry, last logits) in stateful mode, (window, mask) in window mode."""
+def _scan(params, state, keys, temperature, prompt, dec: Decoder, top_k, top_p):
+    """The lax.scan loop over the decoder, one character a step."""
     draw = partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
-    if mode == "stateful":
-        reference = _reference(cfg)
 
-        def body(state, k):
-            carry, last = state
-            nxt = draw(k, last)
-            last, carry = step(params, reference, carry, nxt)
-            return (carry, last), nxt
+    def body(state, k):
+        nxt = draw(k, dec.logits(params, state))
+        return dec.advance(params, state, nxt), nxt
 
-    else:
-
-        def body(state, k):
-            window, mask = state
-            logits, _ = apply(params, cfg, window, mask=mask, last_only=True)
-            nxt = draw(k, logits)
-            window = jnp.concatenate([window[:, 1:], nxt[:, None]], axis=1)
-            mask = jnp.concatenate([mask[:, 1:], jnp.ones_like(mask[:, :1])], axis=1)
-            return (window, mask), nxt
-
-    state = (state0, state1)
     if prompt is not None and prompt.shape[-1] > 0:  # (the kernel's later calls pass none)
-        state = _start(params, prompt, cfg, mode, 0)
+        state = dec.start(params, prompt)
     state, out = jax.lax.scan(body, state, keys)
     return state, out.T
 
 
-def _rows(prompt, num_samples):
+@partial(jax.jit, static_argnames=("dec", "length", "top_k"))
+def decode(
+    params,
+    key: jax.Array,
+    prompt: jax.Array,
+    *,
+    dec,
+    length: int,
+    temperature=1.0,
+    top_k=None,
+    top_p=None,
+) -> jax.Array:
+    """ids [rows, length] drawn after prompt [rows, P] by any decoder `dec` (an object with
+    `start`, `logits` and `advance`, as jaxchar.decoders has): the loop `sample` runs,
+    with the same per-character keys, open to a decoder of one's own (a fake one whose
+    logits are known tests this loop apart from any model)."""
+    keys = jax.random.split(key, length)
+    state = dec.start(params, jnp.asarray(prompt, jnp.int32))
+    return _scan(params, state, keys, temperature, None, dec, top_k, top_p)[1]
+
+
+def rows_of(prompt, num_samples: int | None = None) -> tuple[jax.Array, bool]:
+    """prompt [P] or [N, P] as [rows, P] int32 (a 1-D prompt repeated num_samples times),
+    and whether the caller gave one prompt and no num_samples (then it gets [length])."""
     prompt = jnp.asarray(prompt, jnp.int32)
     single = prompt.ndim == 1 and num_samples is None
     if prompt.ndim == 1:
@@ -173,8 +176,8 @@ def check_options(cfg: ModelConfig, length: int, temperature, top_k, top_p, mode
 
     if length < 1:
         raise ValueError(f"length must be at least 1, not {length}")
-    if mode not in ("stateful", "window"):
-        raise ValueError(f"mode must be 'stateful' or 'window', not {mode!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
     if top_k is not None and not 1 <= top_k <= cfg.vocab_size:
         raise ValueError(f"top_k must be between 1 and the vocabulary size {cfg.vocab_size}")
     t, p = concrete(temperature), concrete(top_p)
@@ -244,16 +247,15 @@ def _sample(
     way, matching models trained on windows). A prompt shorter than the window is left-padded
     with masked positions that leave the LSTM state untouched.
     """
-    prompt, single = _rows(prompt, num_samples)
+    prompt, single = rows_of(prompt, num_samples)
     keys = jax.random.split(key, length)
-    rows = prompt.shape[0]
-    if mode == "stateful" and _kernel(cfg, rows, top_k, top_p):
+    rows, dec = prompt.shape[0], decoder(cfg, mode, seq_length)
+    if isinstance(dec, Stateful) and _kernel(cfg, rows, top_k, top_p):
         # the CPU kernel reads the prompt too (and the scan, off the CPU)
-        state = (init_carry(cfg, rows), jnp.zeros((rows, cfg.vocab_size), jnp.float32))
-        _, out = _steps(params, state, keys, cfg, mode, temperature, top_k, top_p, prompt)
+        _, out = _steps(params, dec.empty(rows), keys, dec, temperature, top_k, top_p, prompt)
     else:
-        state = _start(params, prompt, cfg, mode, seq_length)
-        _, out = _steps(params, state, keys, cfg, mode, temperature, top_k, top_p)
+        state = dec.start(params, prompt)
+        _, out = _steps(params, state, keys, dec, temperature, top_k, top_p)
     return out[0] if single else out
 
 
@@ -262,14 +264,15 @@ sample.lower, sample.trace, sample.eval_shape = _sample.lower, _sample.trace, _s
 sample._cache_size = _sample._cache_size  # for tests that a new value does not recompile
 
 
-@partial(jax.jit, static_argnames=("cfg", "mode", "seq_length"))
-def _start_jit(params, prompt, *, cfg, mode, seq_length):
-    return _start(params, prompt, cfg, mode, seq_length)
+@partial(jax.jit, static_argnames=("dec",))
+def start(params, prompt, mask=None, *, dec: Decoder):
+    """`dec.start`, jitted: the state after prompt [rows, P] (`mask` False on padding)."""
+    return dec.start(params, prompt, mask)
 
 
-@partial(jax.jit, static_argnames=("cfg", "mode", "top_k"))
-def _chunk_jit(params, state, keys, temperature, top_p, *, cfg, mode, top_k):
-    return _steps(params, state, keys, cfg, mode, temperature, top_k, top_p)
+@partial(jax.jit, static_argnames=("dec", "top_k"))
+def _chunk_jit(params, state, keys, temperature, top_p, *, dec, top_k):
+    return _steps(params, state, keys, dec, temperature, top_k, top_p)
 
 
 def sample_stream(
@@ -291,18 +294,12 @@ def sample_stream(
     so that text can be shown as it is made. The concatenated chunks equal `sample`'s
     output for the same arguments: the per-character keys are the same."""
     check_options(cfg, length, temperature, top_k, top_p, mode)
-    prompt, single = _rows(prompt, num_samples)
-    state = _start_jit(params, prompt, cfg=cfg, mode=mode, seq_length=seq_length)
+    prompt, single = rows_of(prompt, num_samples)
+    dec = decoder(cfg, mode, seq_length)
+    state = start(params, prompt, dec=dec)
     keys = jax.random.split(key, length)
     for begin in range(0, length, chunk):
         state, ids = _chunk_jit(
-            params,
-            state,
-            keys[begin : begin + chunk],
-            temperature,
-            top_p,
-            cfg=cfg,
-            mode=mode,
-            top_k=top_k,
+            params, state, keys[begin : begin + chunk], temperature, top_p, dec=dec, top_k=top_k
         )
         yield ids[0] if single else ids

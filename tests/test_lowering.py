@@ -12,7 +12,7 @@ from jax import export
 
 from jaxchar import data
 from jaxchar.config import load_config, override
-from jaxchar.sampling import _sample
+from jaxchar.sampling import sample
 from jaxchar.train import (
     _evaluate_jit,
     create_state,
@@ -80,7 +80,7 @@ def test_the_sampler_lowers_for_cuda_and_tpu(shipped, mode):
     cfg, _, state, _, _ = shipped
 
     def generate(params, key, prompt, temperature):
-        return _sample(
+        return sample(
             params,
             key,
             prompt,
@@ -102,7 +102,7 @@ def test_one_module_for_every_platform_chooses_per_platform():
     state = create_state(cfg, make_optimizer(cfg.train, 10), jax.random.PRNGKey(0))
 
     def generate(params, key, prompt):
-        return _sample(params, key, prompt, cfg=cfg.model, length=16, temperature=0.8)
+        return sample(params, key, prompt, cfg=cfg.model, length=16, temperature=0.8)
 
     args = state.params, jax.random.PRNGKey(0), jnp.arange(7)
     both = _module(generate, *args, platforms=ACCELERATORS)

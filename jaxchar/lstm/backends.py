@@ -64,7 +64,8 @@ def select(
     filtered: bool = False,
 ) -> Choice:
     """The backend for `purpose` ("layer": the model over sequences, training and
-    evaluation; "sample": the stateful sampling loop) of a model `cfg` on `platform`
+    evaluation; "sample": the stateful sampling loop; "step": one character at a time, the
+    decoders' step) of a model `cfg` on `platform`
     ("cpu", "gpu", "tpu"), for `rows` rows, with masked (left-padded) steps, or with a
     top-k/top-p filter."""
     impossible = _impossible(cfg, platform)
@@ -72,11 +73,13 @@ def select(
         if impossible and cfg.cell == "lstm" and not masked:
             raise BackendError(impossible)
         return _layer(cfg, platform, masked)
+    if purpose == "step":  # one character at a time (the decoders): nothing to fuse
+        return Choice("scan", "one character a step: the nn.scan cell")
     if purpose == "sample":  # a stored run generates anywhere: its forced layer backend
         if impossible:  # does not decide the sampling loop
             return Choice("scan", f"{impossible.split(';')[0]}: the lax.scan loop")
         return _sampler(cfg, platform, rows, filtered)
-    raise ValueError(f"purpose must be 'layer' or 'sample', not {purpose!r}")
+    raise ValueError(f"purpose must be 'layer', 'sample' or 'step', not {purpose!r}")
 
 
 def _impossible(cfg: ModelConfig, platform: str) -> str | None:
