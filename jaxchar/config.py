@@ -111,8 +111,17 @@ class ModelConfig:
     dtype: str = "float32"  # matrix products in this type; params and loss stay float32
     # which backend runs the LSTM layers and the sampling loop (jaxchar/lstm/backends.py):
     # auto: the fastest correct one measured for this machine; scan: the nn.scan reference;
-    # fused: hand-written backward, no C++; native: the C++ kernels (CPUs); cudnn: NVIDIA GPUs
+    # fused: hand-written backward, no C++; native: the C++ kernels (CPUs); pallas: Pallas
+    # kernels (NVIDIA GPUs; interpreted on CPUs); cudnn: NVIDIA GPUs
     impl: str = "auto"
+
+    @property
+    def product_dtype(self):
+        """`dtype` as the JAX dtype the matrix products take (the one place that maps it).
+        JAX is imported here, when a model runs, not when a config is read."""
+        import jax.numpy as jnp
+
+        return jnp.bfloat16 if self.dtype == "bfloat16" else jnp.float32
 
     def __post_init__(self) -> None:
         _check(self.vocab_size >= 0, "model.vocab_size must not be negative")

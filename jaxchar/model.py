@@ -20,7 +20,6 @@ import jax.numpy as jnp
 
 from jaxchar.config import ModelConfig
 from jaxchar.lstm import LSTMLayer, select
-from jaxchar.lstm.layer import TIME_MAJOR
 
 Carry = tuple[tuple[jax.Array, jax.Array], ...]
 
@@ -141,13 +140,13 @@ class CharLSTM(nn.Module):
         cfg = self.cfg
         if cfg.vocab_size < 1:
             raise ValueError("ModelConfig.vocab_size is not set: build it from the corpus' Vocab")
-        dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
+        dtype = cfg.product_dtype
         if carry is None:
             carry = init_carry(cfg, ids.shape[0])
         # the fused layers work time-major end to end: no [batch, time, hidden] transposes
         # between layers; the scan reference (and masked sampling) stays batch-major
         backend = select(cfg, "layer", platform=jax.default_backend(), masked=mask is not None)
-        time_major = backend.backend in TIME_MAJOR
+        time_major = backend.time_major
         if time_major:
             ids = ids.T  # [time, batch]
         scalar = cfg.encoding == "scaled"
@@ -170,7 +169,7 @@ class CharLSTM(nn.Module):
                 scalar and layer == 0,
                 cfg.unroll,
                 dtype,
-                backend.backend,
+                backend,
                 cfg.cell,
                 cfg.gate_activation,
                 with_fm,

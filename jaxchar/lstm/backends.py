@@ -35,8 +35,6 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-import jax.numpy as jnp
-
 from jaxchar.config import ModelConfig
 from jaxchar.lstm import cudnn, native, pallas
 
@@ -50,8 +48,21 @@ class BackendError(ValueError):
 
 @dataclass(frozen=True)
 class Choice:
+    """A backend and why; and what the layer needs of it, decided here once."""
+
     backend: str  # scan | fused | native | pallas | cudnn
     reason: str
+
+    @property
+    def time_major(self) -> bool:
+        """Whether the layer takes and gives [time, batch, ...] (the fused layer's loops and
+        the kernels inside them), else [batch, time, ...]."""
+        return self.backend in ("fused", "native", "pallas")
+
+    @property
+    def kernel(self) -> str | None:
+        """The kernel that runs the fused layer's recurrences ("native", "pallas"), if any."""
+        return self.backend if self.backend in ("native", "pallas") else None
 
 
 def select(
@@ -102,7 +113,7 @@ def _layer(cfg: ModelConfig, platform: str, masked: bool) -> Choice:
     if cfg.impl in ("scan", "fused"):
         return Choice(cfg.impl, f"model.impl = '{cfg.impl}'")
     if cfg.impl == "pallas":
-        fits, why = pallas.supports(cfg.hidden, _dtype(cfg))
+        fits, why = pallas.supports(cfg.hidden, cfg.product_dtype)
         if not fits:
             return Choice("fused", f"model.impl = 'pallas', but {why}: the fused layer")
         if platform == "cpu":
@@ -112,7 +123,7 @@ def _layer(cfg: ModelConfig, platform: str, masked: bool) -> Choice:
         if cfg.gate_activation != "sigmoid":
             return Choice("fused", "cuDNN has only the sigmoid gate: the fused layer")
         return Choice("cudnn", "model.impl = 'cudnn'")
-    fits, why = native.layer_supports(cfg.hidden, _dtype(cfg))
+    fits, why = native.layer_supports(cfg.hidden, cfg.product_dtype)
     if cfg.impl == "native":
         if fits:
             return Choice("native", f"model.impl = 'native' ({native.variant()[0]})")
@@ -143,10 +154,6 @@ def _sampler(cfg: ModelConfig, platform: str, rows: int, filtered: bool) -> Choi
     if cfg.impl == "auto" and name not in MEASURED_FASTER:
         return Choice("scan", f"auto: the {name} kernel measured slower than the scan")
     return Choice("native", f"{cfg.impl}: C++ generation loop ({name})")
-
-
-def _dtype(cfg: ModelConfig):
-    return jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
 
 
 def choices(cfg: ModelConfig, platform: str) -> dict[str, Choice]:

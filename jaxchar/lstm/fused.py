@@ -243,7 +243,7 @@ def _bwd(dtype, gate_activation, with_hs_fm, kernel, unroll, res, grads):
             cpu=pallas_kernel(True),
             default=other,
         )
-    elif h_prev_fm is not None:  # the forward pass ran the C++ kernel
+    elif kernel == "native" and acts.shape[0]:  # the forward pass ran the C++ kernel
 
         def xla(w_h, acts, cs, c0, *args):
             return _scan_backward(w_h, acts, cs, c0, *args, jnp.float32, gate_activation)
@@ -270,7 +270,7 @@ def _bwd(dtype, gate_activation, with_hs_fm, kernel, unroll, res, grads):
         return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
     hidden = w_h.shape[0]
-    if h_prev_fm is None:
+    if h_prev_fm is None:  # (only the C++ forward writes h_{t-1} transposed)
         d_w_h = weight_grad(jnp.concatenate([h0[None], hs[:-1]], axis=0))
         d_bias = dz.sum(axis=(0, 1))
         d_w_in = weight_grad(xs[..., None])[0] if _scalar(xs) else None

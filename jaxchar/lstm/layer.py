@@ -16,11 +16,9 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxchar.lstm import cudnn
+from jaxchar.lstm.backends import Choice
 from jaxchar.lstm.cells import GRUCell, LSTMCell, forget_bias_init, matmul
 from jaxchar.lstm.fused import lstm_layer
-
-TIME_MAJOR = ("fused", "native", "pallas")
-KERNELS = ("native", "pallas")  # backends whose recurrences are kernels inside fused.lstm_layer
 
 
 class _RecurrentKernel(nn.Module):
@@ -40,7 +38,7 @@ class LSTMLayer(nn.Module):
     scalar_input: bool  # inputs are scalars per (batch, time), else feature vectors
     unroll: int = 1
     dtype: Any = jnp.float32
-    backend: str = "scan"  # scan | fused | native | pallas | cudnn (backends.select's choice)
+    choice: Choice = Choice("scan", "the reference")  # backends.select's, passed down
     cell_type: str = "lstm"  # or "gru" (always the scan backend)
     gate_activation: str = "sigmoid"  # or "hard_sigmoid" (Keras 1)
     # time-major backends: also return hs transposed, [H, time, batch], for the next layer
@@ -56,9 +54,9 @@ class LSTMLayer(nn.Module):
         in_dim = 1 if self.scalar_input else inputs.shape[-1]
         w_in = self.param("input_kernel", nn.initializers.glorot_uniform(), (in_dim, width))
         bias = self.param("bias", forget_bias_init if lstm else nn.initializers.zeros, (width,))
-        if self.backend in TIME_MAJOR:
+        if self.choice.time_major:
             return self._fused(carry, inputs, inputs_fm, w_in, bias)
-        if self.backend == "cudnn":
+        if self.choice.backend == "cudnn":
             return self._cudnn(carry, inputs, w_in, bias)
         scan = nn.scan(
             LSTMCell if lstm else GRUCell,
@@ -93,7 +91,7 @@ class LSTMLayer(nn.Module):
             self.dtype,
             self.gate_activation,
             self.with_hs_fm,
-            self.backend if self.backend in KERNELS else None,
+            self.choice.kernel,
             self.unroll,
         )
         return ((c, h), hs, *hs_fm)

@@ -193,7 +193,7 @@ def threads_for(hidden: int) -> int:
 
 def _input_table(params: dict, cfg: ModelConfig) -> jax.Array:
     """Layer 0's input contribution for each character, bias included: [vocab, 4*hidden]."""
-    dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
+    dtype = cfg.product_dtype
     layer = params["lstm_0"]
     w_in, bias = layer["input_kernel"], layer["bias"]
     if cfg.encoding == "scaled":  # the model's id / vocab feature times the 1-row kernel
