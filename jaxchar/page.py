@@ -23,7 +23,9 @@ PAGE = """<!doctype html>
   #error { color: #b3261e; }
   svg { background: #f4f6f8; border-radius: 4px; }
   .train { stroke: #2f6fb2; } .val { stroke: #c0562a; }
-  .legend span { margin-right: 1rem; }
+  .legend span { margin-right: 1rem; font-weight: 600; }
+  .legend .train { color: #2f6fb2; } .legend .val { color: #c0562a; }
+  .tick { stroke: #ccc; } .axis { font-size: 11px; fill: #5a6470; }
 </style>
 </head>
 <body>
@@ -43,7 +45,7 @@ PAGE = """<!doctype html>
 <pre id="output"></pre>
 <h2>Loss</h2>
 <div class="legend"><span class="train">&#9473; train</span><span class="val">&#9473; held-out
-</span> nats/char by step</div>
+</span> loss (nats/char) against training step</div>
 <svg id="curve" width="720" height="220" viewBox="0 0 720 220"></svg>
 <h2>Latest training samples</h2>
 <pre id="samples"></pre>
@@ -61,7 +63,7 @@ async function loadModel() {
 }
 
 function drawCurve(records) {
-  const svg = $("curve"), W = 720, H = 220, pad = 36;
+  const svg = $("curve"), W = 720, H = 220, pad = 44;
   const pts = (key) => records.filter((r) => r[key] !== undefined).map((r) => [r.step, r[key]]);
   const series = [["train", pts("train_loss")], ["val", pts("val_loss")]];
   const all = series.flatMap(([, p]) => p);
@@ -71,12 +73,20 @@ function drawCurve(records) {
   const y0 = Math.min(...ys), y1 = Math.max(...ys, y0 + 1e-3);
   const sx = (x) => pad + (x - x0) / (x1 - x0) * (W - 2 * pad);
   const sy = (y) => H - pad - (y - y0) / (y1 - y0) * (H - 2 * pad);
+  // axes with five ticks each: steps along x, nats/char up y
   let out = `<line x1="${pad}" y1="${H - pad}" x2="${W - pad}" y2="${H - pad}" stroke="#999"/>` +
-    `<line x1="${pad}" y1="${pad}" x2="${pad}" y2="${H - pad}" stroke="#999"/>` +
-    `<text x="${pad}" y="${H - 10}" font-size="11">${x0}</text>` +
-    `<text x="${W - pad - 30}" y="${H - 10}" font-size="11">${x1}</text>` +
-    `<text x="2" y="${pad}" font-size="11">${y1.toFixed(2)}</text>` +
-    `<text x="2" y="${H - pad}" font-size="11">${y0.toFixed(2)}</text>`;
+    `<line x1="${pad}" y1="${pad}" x2="${pad}" y2="${H - pad}" stroke="#999"/>`;
+  for (let i = 0; i <= 4; i++) {
+    const x = x0 + (x1 - x0) * i / 4, y = y0 + (y1 - y0) * i / 4;
+    out += `<line class="tick" x1="${sx(x)}" y1="${pad}" x2="${sx(x)}" y2="${H - pad}"/>` +
+      `<text class="axis x-tick" x="${sx(x)}" y="${H - pad + 14}" text-anchor="middle">` +
+      `${Math.round(x)}</text>` +
+      `<line class="tick" x1="${pad}" y1="${sy(y)}" x2="${W - pad}" y2="${sy(y)}"/>` +
+      `<text class="axis y-tick" x="${pad - 4}" y="${sy(y) + 4}" text-anchor="end">` +
+      `${y.toFixed(2)}</text>`;
+  }
+  out += `<text class="axis" x="${W / 2}" y="${H - 4}" text-anchor="middle">step</text>` +
+    `<text class="axis" x="4" y="${pad - 12}">nats/char</text>`;
   for (const [cls, p] of series) {
     if (!p.length) continue;
     const d = p.map(([x, y]) => `${sx(x).toFixed(1)},${sy(y).toFixed(1)}`).join(" ");

@@ -17,9 +17,11 @@ stop the server. Needs `pip install "jaxchar[serve]"` (Starlette and uvicorn).
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import json
 import random
+import re
 import threading
 from pathlib import Path
 from typing import Any
@@ -80,6 +82,28 @@ def _parse(body: bytes) -> dict[str, Any]:
             raise BadRequest(f"{name} must be {kind.__name__}, not {json.dumps(value)[:40]}")
         out[name] = value
     return out
+
+
+_SAMPLE_LINE = re.compile(r"^(\[temperature [^\]]+\]) (['\"].*['\"])$")
+
+
+def readable_samples(text: str) -> str:
+    """samples.txt as text to read: each `[temperature T] '...'` line (a quoted string, so
+    that the log keeps one line per sample) becomes its header and the sample itself, with
+    its line breaks; other lines are kept as they are."""
+    out = []
+    for line in text.splitlines():
+        found = _SAMPLE_LINE.match(line)
+        if found:
+            try:
+                sample = ast.literal_eval(found.group(2))
+            except (ValueError, SyntaxError):  # a line being written
+                sample = None
+            if isinstance(sample, str):
+                out.extend([found.group(1), sample, ""])
+                continue
+        out.append(line)
+    return "\n".join(out) + ("\n" if out else "")
 
 
 class _Mailbox:
@@ -226,7 +250,7 @@ class Server:
             records.append({k: m[k] for k in keep if k in m})
         samples = self.run.path / "samples.txt"
         text = samples.read_text(encoding="utf-8", errors="replace") if samples.exists() else ""
-        return {"metrics": records, "samples": text[-4000:]}
+        return {"metrics": records, "samples": readable_samples(text)[-4000:]}
 
     async def beam(self, s: dict[str, Any]) -> dict[str, Any]:
         found = await asyncio.to_thread(

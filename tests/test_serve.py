@@ -186,6 +186,20 @@ def test_bad_requests_get_one_line_json_errors(client, body, status, words):
     assert client.get("/health").json() == {"status": "ok", "busy_rows": 0}
 
 
+def test_the_training_samples_are_served_as_text_to_read():
+    from jaxchar.serve import readable_samples
+
+    log = (
+        "--- step 5 (epoch 1) ---\n"
+        "[temperature 0.2] 'alice\\nwas \"here\"'\n"
+        "[temperature 1.0] 'x'\n"
+    )
+    assert readable_samples(log) == (
+        '--- step 5 (epoch 1) ---\n[temperature 0.2]\nalice\nwas "here"\n\n[temperature 1.0]\nx\n\n'
+    )
+    assert readable_samples("[temperature 0.5] 'cut off") == "[temperature 0.5] 'cut off\n"
+
+
 def test_unknown_characters_are_skipped_when_the_request_asks(client):
     r = client.post("/v1/generate", json={"prompt": "alice \u2603", "unknown": "skip", "length": 5})
     assert r.status_code == 200, r.text
@@ -288,9 +302,21 @@ def test_the_page_in_a_real_browser(live):
         # a training run that writes a new sample: the page shows it on its next refresh
         with open(run / "samples.txt", "a", encoding="utf-8") as f:
             f.write("--- step 999 ---\na sample written while the page is open\n")
+            f.write("[temperature 0.5] 'two lines:\\nthe second'\n")
         WebDriverWait(browser, 20).until(
             lambda b: "written while the page" in b.find_element(By.ID, "samples").text
         )
+        # the samples read as text: line breaks, not quoted strings with a literal \n
+        shown = browser.find_element(By.ID, "samples").text
+        assert "two lines:\nthe second" in shown and "\\n" not in shown
+        # the chart: the legend's marks have the lines' colours, and the axes have ticks
+        style = "return getComputedStyle(document.querySelector(arguments[0]))[arguments[1]]"
+        marks = [browser.execute_script(style, f".legend .{c}", "color") for c in ("train", "val")]
+        lines = [browser.execute_script(style, f"polyline.{c}", "stroke") for c in ("train", "val")]
+        assert marks == lines and marks[0] != marks[1], (marks, lines)
+        assert len(browser.find_elements(By.CSS_SELECTOR, "#curve .x-tick")) >= 3
+        assert len(browser.find_elements(By.CSS_SELECTOR, "#curve .y-tick")) >= 3
+        assert "step" in browser.find_element(By.ID, "curve").text
         assert not browser.find_element(By.ID, "error").text
     finally:
         browser.quit()
