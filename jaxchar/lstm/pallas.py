@@ -234,43 +234,55 @@ def _params(interpret: bool, groups: int):
     return {"compiler_params": plgpu.CompilerParams(num_warps=4, num_stages=1)}
 
 
+def _launch(body, name: str, outs: list, args: list, *, steps, batch, hidden, **static):
+    """One pallas_call of `body` over the (unit group, row block) grid, with the barrier's
+    counters (one per row block, zeroed) as its last input and output."""
+    units, groups, blocks = _plan(hidden, batch, static["interpret"])
+    f32 = jnp.float32
+    kernel = functools.partial(
+        body,
+        hidden=hidden,
+        units=units,
+        steps=steps,
+        groups=groups,
+        gate_activation=static["gate_activation"],
+        dtype=static["dtype"],
+    )
+    shapes = [jax.ShapeDtypeStruct(s, f32) for s in outs]
+    *results, _ = pl.pallas_call(
+        kernel,
+        grid=(groups, blocks),
+        out_shape=(*shapes, jax.ShapeDtypeStruct((blocks,), jnp.int32)),
+        input_output_aliases={len(args): len(outs)},  # the barrier counters start at zero
+        interpret=static["interpret"],
+        name=name,
+        **_params(static["interpret"], groups),
+    )(*args, jnp.zeros((blocks,), jnp.int32))
+    return results
+
+
 def forward(gx, w_h, c0, h0, *, gate_activation: str, dtype, interpret: bool):
     """gx [T, B, 4H] (inputs projected, bias added), w_h [H, 4H], c0 and h0 [B, H] ->
     ((hs [T, B, H], c_T, h_T), (acts [T, B, 4H], cs [T, B, H])), what fused._scan_forward
     returns."""
     steps, batch, width = gx.shape
-    hidden = width // 4
-    units, groups, blocks = _plan(hidden, batch, interpret)
-    padded = blocks * ROWS
-    f32 = jnp.float32
-    kernel = functools.partial(
+    hidden, rows, f32 = width // 4, _plan(width // 4, batch, interpret)[2] * ROWS, jnp.float32
+    hbuf, acts, cbuf = _launch(
         _forward_kernel,
-        hidden=hidden,
-        units=units,
+        "jaxchar_lstm_forward_pallas",
+        [(steps + 1, rows, hidden), (steps, rows, width), (steps + 1, rows, hidden)],
+        [
+            _pad_rows(gx.astype(f32), 1),
+            w_h.astype(dtype),
+            _pad_rows(c0.astype(f32), 0),
+            _pad_rows(h0.astype(f32), 0),
+        ],
         steps=steps,
-        groups=groups,
+        batch=batch,
+        hidden=hidden,
         gate_activation=gate_activation,
         dtype=dtype,
-    )
-    hbuf, acts, cbuf, _ = pl.pallas_call(
-        kernel,
-        grid=(groups, blocks),
-        out_shape=(
-            jax.ShapeDtypeStruct((steps + 1, padded, hidden), f32),
-            jax.ShapeDtypeStruct((steps, padded, width), f32),
-            jax.ShapeDtypeStruct((steps + 1, padded, hidden), f32),
-            jax.ShapeDtypeStruct((blocks,), jnp.int32),
-        ),
-        input_output_aliases={4: 3},  # the barrier counters start at zero
         interpret=interpret,
-        name="jaxchar_lstm_forward_pallas",
-        **_params(interpret, groups),
-    )(
-        _pad_rows(gx.astype(f32), 1),
-        w_h.astype(dtype),
-        _pad_rows(c0.astype(f32), 0),
-        _pad_rows(h0.astype(f32), 0),
-        jnp.zeros((blocks,), jnp.int32),
     )
     hs, cs = hbuf[1:, :batch], cbuf[1:, :batch]
     return (hs, cs[-1], hs[-1]), (acts[:, :batch], cs)
@@ -279,41 +291,26 @@ def forward(gx, w_h, c0, h0, *, gate_activation: str, dtype, interpret: bool):
 def backward(w_h, acts, cs, c0, d_hs, d_c, d_h, *, gate_activation: str, dtype, interpret: bool):
     """The reverse recurrence: (dz [T, B, 4H], dc0, dh0), what fused._scan_backward returns."""
     steps, batch, width = acts.shape
-    hidden = width // 4
-    units, groups, blocks = _plan(hidden, batch, interpret)
-    padded = blocks * ROWS
-    f32 = jnp.float32
+    hidden, rows, f32 = width // 4, _plan(width // 4, batch, interpret)[2] * ROWS, jnp.float32
     cbuf = jnp.concatenate([c0[None].astype(f32), cs], axis=0)  # [T + 1, B, H]
-    kernel = functools.partial(
+    dz, dc0, dh0 = _launch(
         _backward_kernel,
-        hidden=hidden,
-        units=units,
+        "jaxchar_lstm_backward_pallas",
+        [(steps, rows, width), (rows, hidden), (rows, hidden)],
+        [
+            _pad_rows(acts, 1),
+            _pad_rows(cbuf, 1),
+            _pad_rows(d_hs.astype(f32), 1),
+            _pad_rows(d_c.astype(f32), 0),
+            _pad_rows(d_h.astype(f32), 0),
+            w_h.T.astype(dtype),  # [4H, H]: the rows of W_h^T that each step's product needs
+        ],
         steps=steps,
-        groups=groups,
+        batch=batch,
+        hidden=hidden,
         gate_activation=gate_activation,
         dtype=dtype,
-    )
-    dz, dc0, dh0, _ = pl.pallas_call(
-        kernel,
-        grid=(groups, blocks),
-        out_shape=(
-            jax.ShapeDtypeStruct((steps, padded, width), f32),
-            jax.ShapeDtypeStruct((padded, hidden), f32),
-            jax.ShapeDtypeStruct((padded, hidden), f32),
-            jax.ShapeDtypeStruct((blocks,), jnp.int32),
-        ),
-        input_output_aliases={6: 3},
         interpret=interpret,
-        name="jaxchar_lstm_backward_pallas",
-        **_params(interpret, groups),
-    )(
-        _pad_rows(acts, 1),
-        _pad_rows(cbuf, 1),
-        _pad_rows(d_hs.astype(f32), 1),
-        _pad_rows(d_c.astype(f32), 0),
-        _pad_rows(d_h.astype(f32), 0),
-        w_h.T.astype(dtype),  # [4H, H]: the rows of W_h^T that each step's product needs
-        jnp.zeros((blocks,), jnp.int32),
     )
     return dz[:, :batch], dc0[:batch], dh0[:batch]
 
