@@ -250,8 +250,19 @@ class RunDir:
                 got = None
             want = self._want or _model_shapes(self.cfg)
             self._want = want
-            self._misfits[step] = None if got is None else _difference(want, got)
+            why = None if got is None else _difference(want, got)
+            if why and not self._readable(step):  # damaged metadata can look like another
+                why = None  # model's: an unreadable save is the damaged one's case instead
+            self._misfits[step] = why
         return self._misfits[step]
+
+    def _readable(self, step: int) -> bool:
+        """Whether the saved params of `step` can be read at all, whatever their shapes."""
+        try:
+            self.manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore()))
+        except Exception:
+            return False
+        return True
 
     def _score(self, step: int) -> float | None:
         """The step's monitored loss from its `meta` (+inf if not finite); None when the

@@ -67,7 +67,8 @@ def test_options_come_from_the_config_and_are_checked(tiny_run):
             **{**run.cfg.sample.__dict__, "mode": "stateful"}
         )
         assert run.options(temperature=0.5, length=7).temperature == 0.5
-        for bad in ({"top_k": 0}, {"top_k": len(run.vocab) + 1}, {"temperature": float("nan")}):
+        assert run.options(top_k=0).top_k == 0  # off, as in the config and the server
+        for bad in ({"top_k": -1}, {"top_k": len(run.vocab) + 1}, {"temperature": float("nan")}):
             with pytest.raises(ConfigError):
                 run.options(**bad)
         with pytest.raises(ConfigError, match="empty"):
