@@ -12,9 +12,10 @@ deterministic for a seed, and measured faster on that kind of machine (docs/benc
 
 - layer (training, evaluation), CPU with an AVX-512 kernel variant loaded: `native` (float32,
   hidden % 64 == 0), else `fused`: the kernels measured faster than the fused layer.
-- layer, CPU with only the AVX2 variant: `fused`: the AVX2 kernels measured ~10x slower.
-- layer, GPU or TPU: `fused`: on an H200 cuDNN measured 1.7-1.9x slower than the fused
-  layer (the shipped configs' shapes); TPUs have not been measured.
+- layer, CPU without AVX-512: `fused`: no kernel variant is built for it (an AVX2 build
+  measured slower than the JAX paths, docs/benchmarks.md "Backends").
+- layer, GPU or TPU: `fused`: cuDNN measured slower than the fused layer at the shipped
+  configs' shapes (docs/benchmarks.md "On an NVIDIA H200 GPU"); TPUs have not been measured.
 - layer, GRU cells or masked (left-padded) steps: `scan`, whatever the impl.
 - `pallas` is never picked by auto: no GPU run has measured it yet (docs/benchmarks.md, "The
   Pallas training kernels"); forced, it runs on NVIDIA GPUs and, interpreted, on CPUs.
@@ -130,7 +131,7 @@ def _layer(cfg: ModelConfig, platform: str, masked: bool) -> Choice:
         return Choice("fused", f"model.impl = 'native', but {why}: the fused layer")
     if platform != "cpu":
         if platform == "gpu":
-            return Choice("fused", "auto on gpu: cuDNN measured 1.7-1.9x slower on an H200")
+            return Choice("fused", "auto on gpu: the fused layer (docs/benchmarks.md, GPU)")
         return Choice("fused", f"auto on {platform}: the fused layer")
     if not fits:
         return Choice("fused", f"auto: {why}")
