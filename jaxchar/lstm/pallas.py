@@ -96,23 +96,26 @@ def _barrier(sync_ref, block, generation: jax.Array, groups: int) -> None:
     plgpu.debug_barrier()  # no thread reads other programs' values before the wait ended
 
 
-def _forward_kernel(
-    gx_ref, w_ref, c0_ref, h0_ref, _sync_in, hbuf_ref, acts_ref, cbuf_ref, sync_ref, **static
-):
-    hidden, units, steps, groups = (
-        static["hidden"],
-        static["units"],
-        static["steps"],
-        static["groups"],
-    )
-    kind, dtype = static["gate_activation"], static["dtype"]
-    chunk = _chunk(hidden)
+def _tiles(static: dict):
+    """This program's row block b and its slices: its rows, its units, and gate g's
+    columns of its units (`cols(g)`)."""
+    hidden, units = static["hidden"], static["units"]
     u, b = pl.program_id(0), pl.program_id(1)
     rows = pl.ds(pl.multiple_of(b * ROWS, ROWS), ROWS)
     mine = pl.ds(pl.multiple_of(u * units, units), units)
 
-    def cols(g):  # gate g's columns of this program's units
+    def cols(g):
         return pl.ds(pl.multiple_of(g * hidden + u * units, units), units)
+
+    return b, rows, mine, cols
+
+
+def _forward_kernel(
+    gx_ref, w_ref, c0_ref, h0_ref, _sync_in, hbuf_ref, acts_ref, cbuf_ref, sync_ref, **static
+):
+    hidden, steps, groups = static["hidden"], static["steps"], static["groups"]
+    kind, dtype, chunk = static["gate_activation"], static["dtype"], _chunk(hidden)
+    b, rows, mine, cols = _tiles(static)
 
     c = c0_ref[rows, mine]
     hbuf_ref[0, rows, mine] = h0_ref[rows, mine]
@@ -164,20 +167,9 @@ def _backward_kernel(
     sync_ref,
     **static,
 ):
-    hidden, units, steps, groups = (
-        static["hidden"],
-        static["units"],
-        static["steps"],
-        static["groups"],
-    )
-    kind, dtype = static["gate_activation"], static["dtype"]
-    chunk = _chunk(hidden)
-    u, b = pl.program_id(0), pl.program_id(1)
-    rows = pl.ds(pl.multiple_of(b * ROWS, ROWS), ROWS)
-    mine = pl.ds(pl.multiple_of(u * units, units), units)
-
-    def cols(g):
-        return pl.ds(pl.multiple_of(g * hidden + u * units, units), units)
+    hidden, steps, groups = static["hidden"], static["steps"], static["groups"]
+    kind, dtype, chunk = static["gate_activation"], static["dtype"], _chunk(hidden)
+    b, rows, mine, cols = _tiles(static)
 
     def step(s, carry):
         t = steps - 1 - s
@@ -197,7 +189,7 @@ def _backward_kernel(
             dz_ref[t, rows, cols(k)] = dz[k]
         _barrier(sync_ref, b, s + 1, groups)
         # dh_{t-1} of this program's units: dz[t] of the whole row block times W_h^T
-        acc = jnp.zeros((ROWS, units), jnp.float32)
+        acc = jnp.zeros((ROWS, static["units"]), jnp.float32)
         for k in range(4 * hidden // chunk):
             d = dz_ref[t, rows, pl.ds(k * chunk, chunk)].astype(dtype)  # [ROWS, chunk]
             w = wt_ref[pl.ds(k * chunk, chunk), mine]  # [chunk, units]
