@@ -1,7 +1,8 @@
 """Decoders: the one way every generation path drives the model.
 
-A decoder knows how to read a prompt into a state, give the next logits from a state, and
-advance a state by the ids chosen for it; the loops around it (`jaxchar.sample` and
+A decoder knows how to read a prompt into a state (at once, or piece by piece: `read`
+continues from a state), give the next logits from a state, and advance a state by the ids
+chosen for it; the loops around it (`jaxchar.sample` and
 `sample_stream`, `beam_search`, the serving `Engine`, the exported sampler) choose the ids.
 States are tuples of arrays with the rows first, so a loop may gather, write or move rows
 with `jax.tree.map` (beam search gathers hypotheses by parent; the engine writes a new
@@ -49,12 +50,21 @@ class Stateful:
         cfg = step_model(self.cfg)
         return init_carry(cfg, rows), jnp.zeros((rows, cfg.vocab_size), jnp.float32)
 
+    #: how many of a prompt's last characters can change the state (None: all of them)
+    context = None
+
     def start(self, params, prompt: jax.Array, mask: jax.Array | None = None) -> tuple:
         """The state after prompt [rows, P]; `mask` [rows, P] False on left padding."""
-        cfg = step_model(self.cfg)
-        rows = prompt.shape[0]
-        logits, carry = apply(params, cfg, prompt, init_carry(cfg, rows), mask=mask)
-        return carry, logits[:, -1]
+        return self.read(params, self.empty(prompt.shape[0]), prompt, mask)
+
+    def read(self, params, state: tuple, piece: jax.Array, mask: jax.Array | None = None):
+        """The state after reading piece [rows, P] from `state`: reading a prompt in pieces
+        gives the state of reading it at once. A row whose piece is all masked keeps its
+        state."""
+        logits, carry = apply(params, step_model(self.cfg), piece, state[0], mask=mask)
+        if mask is None:
+            return carry, logits[:, -1]
+        return carry, jnp.where(mask.any(axis=1)[:, None], logits[:, -1], state[1])
 
     def logits(self, params, state: tuple) -> jax.Array:
         """The next character's logits [rows, vocab]."""
@@ -77,16 +87,28 @@ class Window:
         shape = (rows, self.seq_length)
         return jnp.zeros(shape, jnp.int32), jnp.zeros(shape, bool)
 
+    @property
+    def context(self) -> int:
+        """How many of a prompt's last characters can change the state."""
+        return self.seq_length
+
     def start(self, params, prompt: jax.Array, mask: jax.Array | None = None) -> tuple:
         """The window after prompt [rows, P]: its last seq_length characters, left-padded
-        (the padding, and any `mask`ed position, masked)."""
-        rows, length = prompt.shape[0], self.seq_length
-        valid = jnp.ones(prompt.shape, bool) if mask is None else mask
-        tail, valid = prompt[:, -length:], valid[:, -length:]
-        pad = length - tail.shape[1]
-        window = jnp.pad(tail, ((0, 0), (pad, 0)))
-        valid = jnp.pad(valid, ((0, 0), (pad, 0)))
-        return window.astype(jnp.int32), jnp.broadcast_to(valid, (rows, length))
+        (the padding masked)."""
+        return self.read(params, self.empty(prompt.shape[0]), prompt, mask)
+
+    def read(self, params, state: tuple, piece: jax.Array, mask: jax.Array | None = None):
+        """The window after reading piece [rows, P] (`mask` False where a position is not
+        a character): the last seq_length characters of window and piece together, with
+        masked positions dropped rather than kept in the window."""
+        window, valid = state
+        given = jnp.ones(piece.shape, bool) if mask is None else mask
+        ids = jnp.concatenate([window, piece.astype(window.dtype)], axis=1)
+        ok = jnp.concatenate([valid, given], axis=1)
+        order = jnp.argsort(ok.astype(jnp.int8), axis=1, stable=True)  # masked ones first
+        ids = jnp.take_along_axis(ids, order, axis=1)[:, -self.seq_length :]
+        ok = jnp.take_along_axis(ok, order, axis=1)[:, -self.seq_length :]
+        return jnp.where(ok, ids, 0), ok
 
     def logits(self, params, state: tuple) -> jax.Array:
         window, mask = state

@@ -186,3 +186,39 @@ def test_a_short_window_forgets_what_the_stateful_decoder_remembers():
     # a window as long as everything read is the stateful decoder again
     wide = beam_search(params, prompts, cfg=cfg, length=12, beam=2, mode="window", seq_length=20)
     np.testing.assert_array_equal(wide.ids, stateful.ids)
+
+
+@pytest.mark.parametrize("mode", ["stateful", "window"])
+def test_a_prompt_read_in_pieces_gives_the_state_of_reading_it_at_once(mode):
+    # pieces of different lengths, left-padded and masked as the engine pads them, and a
+    # row with nothing to read in one piece (it keeps its state)
+    from jaxchar.model import init_params
+
+    cfg = ModelConfig(vocab_size=6, layers=2, hidden=16, encoding="embed", embed_dim=4)
+    params = jax.tree.map(lambda w: 3.0 * w, init_params(cfg, jax.random.PRNGKey(1)))
+    dec = decoder(cfg, mode, 7)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, 6, n) for n in (19, 5)]
+    whole = jax.tree.map(
+        lambda *rows: jnp.concatenate(rows),
+        *(dec.start(params, jnp.asarray(p)[None]) for p in prompts),
+    )
+    state, read = dec.empty(2), [0, 0]
+    for sizes in [(4, 5), (8, 0), (7, 0)]:
+        width = 8
+        piece, mask = np.zeros((2, width), np.int32), np.zeros((2, width), bool)
+        for r, n in enumerate(sizes):
+            piece[r, width - n :] = prompts[r][read[r] : read[r] + n]
+            mask[r, width - n :] = True
+            read[r] += n
+        state = dec.read(params, state, jnp.asarray(piece), jnp.asarray(mask))
+    assert read == [19, 5]
+    for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(whole), strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+    ids = jnp.array([1, 2])
+    np.testing.assert_allclose(
+        dec.logits(params, dec.advance(params, state, ids)),
+        dec.logits(params, dec.advance(params, whole, ids)),
+        rtol=1e-5,
+        atol=1e-6,
+    )
