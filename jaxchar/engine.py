@@ -2,7 +2,8 @@
 
 The engine keeps `slots` rows of generation state on the device. Each request takes a free
 row: its prompt is read into that row's LSTM state (stateful runs) or window (window-trained
-runs), and its own per-character keys, temperature, top-k and top-p are written beside it.
+runs), a piece a step, and its own per-character keys, temperature, top-k and top-p are
+written beside it.
 One jitted call then advances every row by `chunk` characters (a `lax.scan`), so requests
 that arrive together share each step's matrix products; a request that arrives while
 others run joins at the next call (continuous batching), and a finished or abandoned
@@ -29,7 +30,9 @@ import numpy as np
 
 from jaxchar.config import ModelConfig
 from jaxchar.decoders import Decoder, decoder
-from jaxchar.sampling import sample_logits, start
+from jaxchar.sampling import sample_logits
+
+PROMPT_CHUNK = 64  # prompt characters read per step: see Engine
 
 
 def _draw(keys, logits, temperature, top_k, top_p):
@@ -67,11 +70,26 @@ def _keys(seeds, *, length):
     return jax.vmap(lambda s: jax.random.split(jax.random.PRNGKey(s), length))(seeds)
 
 
+@partial(jax.jit, static_argnames=("dec",), donate_argnames=("state",))
+def _read(params, state, rows, fresh, piece, mask, *, dec: Decoder):
+    """Reads piece [m, w] (`mask` False on its left padding) into rows `rows` [m] of the
+    state; a `fresh` row starts from an empty state, and rows past the state's end (padding)
+    are dropped."""
+    last = jax.tree.leaves(state)[0].shape[0] - 1
+    part = jax.tree.map(lambda s: s[jnp.minimum(rows, last)], state)
+    empty = dec.empty(rows.shape[0])
+    part = jax.tree.map(
+        lambda p, e: jnp.where(fresh.reshape((-1,) + (1,) * (p.ndim - 1)), e, p), part, empty
+    )
+    part = dec.read(params, part, piece, mask)
+    return jax.tree.map(lambda s, p: s.at[rows].set(p, mode="drop"), state, part)
+
+
 @partial(jax.jit, donate_argnames=("state",))
-def _admit(state, slots, rows):
-    """Writes new requests' rows (the state's structure, [m, ...] each) into rows `slots`
-    [m] of the state; slots past the state's end (padding) are dropped."""
-    return jax.tree.map(lambda s, v: s.at[slots].set(v, mode="drop"), state, rows)
+def _admit(state, source, src, dst):
+    """Copies rows `src` [m] of `source` (the prompts' state) into rows `dst` [m] of the
+    state; rows past the state's end (padding) are dropped."""
+    return jax.tree.map(lambda s, v: s.at[dst].set(v[src], mode="drop"), state, source)
 
 
 @partial(jax.jit, donate_argnames=("state",))
@@ -93,6 +111,8 @@ class Request:
     emit: Callable[[list[int] | None], None]  # new ids; None when finished
     made: int = 0
     cancelled: bool = False
+    read: int = 0  # prompt characters read so far
+    place: int = -1  # its row in the engine's prompt state while its prompt is read
     keys: np.ndarray | None = None  # [length, 2]: split(PRNGKey(seed), length), on admission
 
     def cancel(self) -> None:
@@ -116,7 +136,13 @@ class Engine:
 
     The busy rows are kept at the front of the state (a finished row's place is taken by
     the last busy row), and each call advances only the smallest power of two of rows that
-    holds them: one request alone costs a one-row step, 64 together one 64-row step."""
+    holds them: one request alone costs a one-row step, 64 together one 64-row step.
+
+    Prompts are read `prompt_chunk` characters a step, into a second state of `slots` rows
+    (one row per request still reading), between the steps that advance the busy rows: a
+    long prompt holds the others back by one piece a step, not by its whole length, and a
+    request whose client leaves while its prompt is read is dropped at the next step. A
+    request joins the busy rows when its prompt is read."""
 
     def __init__(
         self,
@@ -129,18 +155,27 @@ class Engine:
         chunk: int = 8,
         gather_ms: float = 5.0,
         max_length: int = 2000,
+        prompt_chunk: int = PROMPT_CHUNK,
     ):
         self.dec = decoder(cfg, mode, seq_length)  # refuses an unknown mode
+        if prompt_chunk < 16 or prompt_chunk & (prompt_chunk - 1):
+            raise ValueError(
+                f"prompt_chunk must be a power of two of at least 16, not {prompt_chunk}"
+            )
         self.params, self.cfg, self.mode = params, cfg, mode
         self.seq_length, self.slots, self.chunk = seq_length, slots, chunk
         self.gather_s, self.max_length = gather_ms / 1000, max_length
+        self.prompt_chunk = prompt_chunk
         self._pending: list[Request] = []
+        self._reading: list[Request] = []  # requests whose prompts are being read
         self._rows: list[Request] = []  # the busy rows, in state order
         self._cond = threading.Condition()
         self._stopped = False
         self._thread: threading.Thread | None = None
         self.calls = 0  # advance calls so far (for tests and the load benchmark)
+        self.widest = 0  # the most prompt characters read for one row in one call
         self.state = self._empty_state()
+        self.prompts = self._empty_state()  # the reading requests' rows, by Request.place
 
     def _empty_state(self) -> tuple:
         return self.dec.empty(self.slots)
@@ -152,14 +187,17 @@ class Engine:
             raise ValueError(f"length must be between 1 and {self.max_length}")
         if len(request.prompt) < 1:
             raise ValueError("the prompt must have at least one character")
+        if self.dec.context is not None:  # the rest cannot change what it generates
+            request.prompt = request.prompt[-self.dec.context :]
         with self._cond:
             self._pending.append(request)
             self._cond.notify()
         return request
 
     def busy_rows(self) -> int:
+        """Rows held by requests: generating, or reading their prompts."""
         with self._cond:
-            return len(self._rows)
+            return len(self._rows) + len(self._reading)
 
     def start(self) -> Engine:
         self._thread = threading.Thread(target=self._loop, name="jaxchar-engine", daemon=True)
@@ -199,11 +237,11 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._stopped and not self._pending and not self._rows:
+                while not self._stopped and not self._pending and not self._busy():
                     self._cond.wait()
                 if self._stopped:
                     return
-                idle = not self._rows
+                idle = not self._busy()
             if idle and self.gather_s > 0:  # let the requests that arrive together gather
                 time.sleep(self.gather_s)
             try:
@@ -212,8 +250,12 @@ class Engine:
                 logging.getLogger("jaxchar.engine").exception("generation failed")
                 self._fail_all()
 
+    def _busy(self) -> bool:
+        return bool(self._rows or self._reading)
+
     def _step(self) -> None:
-        self._admit_pending()
+        self._take_pending()
+        self._read_prompts()
         with self._cond:
             rows = list(self._rows)
         if not rows:
@@ -267,17 +309,55 @@ class Engine:
                     self._rows[slot] = self._rows[last]
                 self._rows.pop()
 
-    def _admit_pending(self) -> None:
-        """Moves pending requests into free rows: their prompts read in one call, their
-        keys made in one call, their rows written in one call."""
+    def _take_pending(self) -> None:
+        """Moves pending requests into free rows of the prompt state (a request holds a row
+        from here until it finishes) and drops the ones whose clients left."""
         with self._cond:
             self._pending = [r for r in self._pending if not r.cancelled]
-            first, taken = len(self._rows), []
-            while self._pending and len(self._rows) < self.slots:
-                taken.append(self._pending.pop(0))
-                self._rows.append(taken[-1])
-        if not taken:
+            self._reading = [r for r in self._reading if not r.cancelled]
+            used = {r.place for r in self._reading}
+            free = (p for p in range(self.slots) if p not in used)
+            while self._pending and len(self._rows) + len(self._reading) < self.slots:
+                req = self._pending.pop(0)
+                req.place, req.read = next(free), 0
+                self._reading.append(req)
+
+    def _read_prompts(self) -> None:
+        """Reads the next piece of every reading request's prompt in one call (the pieces
+        left-padded to a power of two, few shapes); the requests whose prompts are then
+        read get their keys in one call and join the busy rows in one call. A prompt's
+        first piece is what is left over its whole pieces, so the rest are all whole."""
+        with self._cond:
+            reading = list(self._reading)
+        if not reading:
             return
+        pieces = []
+        for req in reading:
+            left = len(req.prompt) - req.read
+            size = (left - 1) % self.prompt_chunk + 1 if req.read == 0 else self.prompt_chunk
+            pieces.append(np.asarray(req.prompt[req.read : req.read + size], np.int32))
+        m = _bucket(len(reading))
+        width = _bucket(max(len(p) for p in pieces), 16)
+        padded = np.zeros((m, width), np.int32)
+        places = np.full((m,), self.slots, np.int32)  # past the end: dropped
+        fresh = np.zeros((m,), bool)
+        for i, (req, piece) in enumerate(zip(reading, pieces, strict=True)):
+            padded[i, width - len(piece) :] = piece
+            places[i], fresh[i] = req.place, req.read == 0
+            req.read += len(piece)
+        mask = (
+            np.arange(width)[None]
+            >= width - np.array([len(p) for p in pieces] + [0] * (m - len(pieces)))[:, None]
+        )
+        self.widest = max(self.widest, max(len(p) for p in pieces))
+        self.prompts = _read(self.params, self.prompts, places, fresh, padded, mask, dec=self.dec)
+        done = [r for r in reading if r.read >= len(r.prompt)]
+        if done:
+            self._join(done)
+
+    def _join(self, taken: list[Request]) -> None:
+        """Requests whose prompts are read take the next busy rows: their keys made in one
+        call, their rows copied from the prompt state in one call."""
         m = _bucket(len(taken))
         seeds = np.zeros((self.slots,), np.uint32)  # one shape: one compilation per length
         seeds[: len(taken)] = [r.seed % 2**32 for r in taken]
@@ -285,26 +365,21 @@ class Engine:
         keys = np.asarray(_keys(seeds, length=longest))
         for i, req in enumerate(taken):
             req.keys = keys[i, : req.length]
-        slots = np.full((m,), self.slots, np.int32)  # past the end: dropped
-        slots[: len(taken)] = np.arange(first, first + len(taken))
-        self.state = _admit(self.state, slots, self._rows_for(taken, m))
-
-    def _rows_for(self, reqs: list[Request], m: int) -> tuple:
-        """The first state of each request's row, [m, ...] (rows past len(reqs) padding):
-        the prompts left-padded to a power of two (few shapes), read by the decoder."""
-        prompts = [np.asarray(r.prompt, np.int32) for r in reqs]
-        width = _bucket(max(len(p) for p in prompts), 16)
-        padded = np.zeros((m, width), np.int32)
-        for i, p in enumerate(prompts):
-            padded[i, width - len(p) :] = p
-        lengths = np.array([len(p) for p in prompts] + [1] * (m - len(prompts)))
-        mask = np.arange(width)[None] >= width - lengths[:, None]
-        return start(self.params, padded, mask, dec=self.dec)
+        src = np.zeros((m,), np.int32)
+        dst = np.full((m,), self.slots, np.int32)  # past the end: dropped
+        with self._cond:
+            first = len(self._rows)
+            for i, req in enumerate(taken):
+                self._reading.remove(req)
+                self._rows.append(req)
+                src[i], dst[i] = req.place, first + i
+        self.state = _admit(self.state, self.prompts, src, dst)
 
     def _fail_all(self) -> None:
         with self._cond:
-            waiting = self._rows + self._pending
-            self._rows, self._pending = [], []
+            waiting = self._rows + self._reading + self._pending
+            self._rows, self._reading, self._pending = [], [], []
         self.state = self._empty_state()
+        self.prompts = self._empty_state()
         for req in waiting:
             req.emit(None)

@@ -30,7 +30,7 @@ import numpy as np
 
 from jaxchar.config import ConfigError, check_seed
 from jaxchar.corpus import UnknownCharactersError
-from jaxchar.engine import Engine, Request
+from jaxchar.engine import PROMPT_CHUNK, Engine, Request
 from jaxchar.run import Run
 
 MAX_BODY = 64 * 1024  # bytes of a request body
@@ -141,11 +141,12 @@ class Server:
         gather_ms: float = 5.0,
         max_length: int = 2000,
         max_prompt: int = 4096,
+        prompt_chunk: int = PROMPT_CHUNK,
         step: int | None = None,
     ):
         self.run = Run.open(run_dir)
-        # a prompt is read a character a step in the shared batch: its length bounds how
-        # long one request can hold the other rows back
+        # the engine reads prompts a piece a step between the other rows' steps; the bound
+        # keeps one request's reading (and its memory) short
         self.max_prompt = max_prompt
         self.params, self.step = self.run.params(step)
         self.opts = self.run.options()
@@ -158,6 +159,7 @@ class Server:
             chunk=chunk,
             gather_ms=gather_ms,
             max_length=max_length,
+            prompt_chunk=prompt_chunk,
         )
         self._mailbox: _Mailbox | None = None
 

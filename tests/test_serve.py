@@ -7,6 +7,7 @@ import socket
 import threading
 import time
 import urllib.request
+from functools import partial
 
 import pytest
 
@@ -345,6 +346,7 @@ def test_serve_without_the_extra_says_what_to_install(monkeypatch, tiny_run, cap
     [
         (["--slots", "0"], "--slots"),
         (["--chunk", "0"], "--chunk"),
+        (["--prompt-chunk", "48"], "--prompt-chunk"),
         (["--step", "123456"], "123456"),
     ],
 )
@@ -362,3 +364,61 @@ def test_serve_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert main(["serve", str(tmp_path / "nothing")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("which", ["tiny_run", "window_run"])
+def test_a_long_prompt_is_read_a_piece_a_step_between_the_other_rows_steps(which, request):
+    """A 1,000-character prompt is read 64 characters a call while a short request runs
+    beside it and finishes first; the long request still gets Run.generate's text, and a
+    client that leaves while its prompt is read frees its row at the next step."""
+    run = Run.open(request.getfixturevalue(which))
+    params, _ = run.params()
+    engine = Engine(
+        params,
+        run.cfg.model,
+        mode=run.options().mode,
+        seq_length=run.cfg.data.seq_length,
+        slots=4,
+        chunk=8,
+        gather_ms=0,
+        prompt_chunk=64,
+    )
+    text = (run.vocab.decode(list(range(run.cfg.model.vocab_size))) * 40)[:1000]
+    got: dict[str, list] = {"long": [], "short": []}
+    finished: list[str] = []
+
+    def emit(name, ids):
+        if ids is None:
+            finished.append(name)
+        else:
+            got[name].extend(ids)
+
+    long = Request(run.encode_prompt(text), 16, 5, 0.8, 0, 1.0, partial(emit, "long"))
+    leaver = Request(run.encode_prompt(text), 16, 6, 0.8, 0, 1.0, lambda ids: None)
+    engine.submit(long)
+    engine.submit(leaver)
+    engine.submit(Request(run.encode_prompt("alice"), 40, 7, 0.8, 0, 1.0, partial(emit, "short")))
+    engine._step()
+    assert engine.busy_rows() == 3
+    leaver.cancel()
+    engine._step()
+    assert engine.busy_rows() == 2  # the leaver's row is free while its prompt was read
+    steps = 2
+    while len(finished) < 2:
+        engine._step()
+        steps += 1
+    assert engine.widest == 64  # no call read more of a prompt than its prompt_chunk
+    if run.options().mode == "stateful":  # a piece a step: it reads all 1,000 characters
+        assert finished[0] == "short" and steps >= 1000 // 64
+    else:  # a window reads only the prompt's last seq_length characters
+        assert len(long.prompt) == run.cfg.data.seq_length
+    want = run.generate(text, seed=5, length=16, temperature=0.8)[0]
+    assert run.vocab.decode(got["long"]) == want
+    assert engine.busy_rows() == 0
+
+
+def test_the_cli_default_prompt_chunk_is_the_engines():
+    from jaxchar.cli.serve import PROMPT_CHUNK
+    from jaxchar.engine import PROMPT_CHUNK as ENGINE_DEFAULT
+
+    assert PROMPT_CHUNK == ENGINE_DEFAULT

@@ -7,6 +7,8 @@ import argparse
 from jaxchar.cli.common import add_common, add_step, info
 from jaxchar.config import ConfigError
 
+PROMPT_CHUNK = 64  # jaxchar.engine.PROMPT_CHUNK (not imported: --help stays fast)
+
 
 def run(args: argparse.Namespace) -> int:
     try:
@@ -20,6 +22,9 @@ def run(args: argparse.Namespace) -> int:
     for name in ("slots", "chunk", "max_length", "max_prompt"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+    pc = args.prompt_chunk
+    if pc < 16 or pc & (pc - 1):
+        raise ConfigError(f"--prompt-chunk must be a power of two of at least 16, not {pc}")
     server = Server(
         args.run_dir,
         slots=1 if args.no_batching else args.slots,
@@ -27,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
         gather_ms=args.gather_ms,
         max_length=args.max_length,
         max_prompt=args.max_prompt,
+        prompt_chunk=args.prompt_chunk,
         step=args.step,
     )
     info(
@@ -80,8 +86,15 @@ def add_parser(sub) -> None:
         "--max-prompt",
         type=int,
         default=4096,
-        help="longest prompt a request may send, in characters (default: 4096): a prompt is "
-        "read in the shared batch, so this bounds how long one request delays the others",
+        help="longest prompt a request may send, in characters (default: 4096)",
+    )
+    s.add_argument(
+        "--prompt-chunk",
+        type=int,
+        default=PROMPT_CHUNK,
+        help="characters of each waiting prompt read between two batched calls: smaller "
+        "holds the other requests back less, larger reads long prompts sooner (a power of "
+        f"two, default: {PROMPT_CHUNK})",
     )
     add_step(s)
     add_common(s)
