@@ -247,11 +247,28 @@ class Streams(Sequence):
 
 @dataclass(frozen=True)
 class ResetEvery(Sequence):
-    """Evaluation with a bounded context: in-order chunks of seq_length characters, each
-    read from a fresh state, so each scored character has 1 to seq_length characters before
-    it (comparable with fixed-context models of that length)."""
+    """Evaluation with a bounded context: the text cut in order into chunks of seq_length
+    characters, each read from a fresh state and predicting the characters that follow
+    its own (the next chunk's first one included), so every character but the text's first
+    is scored once, with 1 to seq_length characters before it (comparable with
+    fixed-context models of that length). The last chunk is partial and masked."""
 
     eval_carries_state: ClassVar[bool] = False
+
+    def for_evaluation(self, n_chars: int) -> ResetEvery:
+        return self
+
+    def eval_steps(self, n_chars: int, n_spans: int = 0) -> int:
+        return batch_count(batch_count(n_chars - 1, self.seq_length), self.batch)
+
+    def eval_batch(self, ids, spans, i) -> dict[str, jax.Array]:
+        """Chunks i*batch .. i*batch + batch - 1 of the text; positions past its end weigh 0."""
+        n, width = ids.shape[0], self.seq_length
+        starts = (i * self.batch + jnp.arange(self.batch)) * width
+        positions = starts[:, None] + jnp.arange(width + 1)
+        chunk = ids[jnp.minimum(positions, n - 1)].astype(jnp.int32)
+        weights = (positions[:, 1:] < n).astype(jnp.float32)
+        return {"inputs": chunk[:, :-1], "targets": chunk[:, 1:], "weights": weights}
 
 
 @dataclass(frozen=True)

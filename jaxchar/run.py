@@ -311,8 +311,8 @@ class Run:
     ) -> Evaluation:
         """Loss of a checkpoint on a text (or a file's text), prepared as the training text:
         as training scores its held-out text (the same number for the same text), or with
-        `context`, in-order chunks each read from a fresh state, so that each scored
-        character has 1 to `context` characters before it."""
+        `context`, in-order chunks each read from a fresh state, so that every character
+        but the first is scored once, with 1 to `context` characters before it."""
         d = self.cfg.data
         if file is not None:
             text = read_text(file, encoding or d.encoding, d.errors)

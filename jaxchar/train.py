@@ -188,8 +188,8 @@ def score(params, cfg: Config, ids, spans=None, context: int | None = None) -> S
     """The model's mean loss (nats/char) on the ids, without dropout, and how many
     characters it scored: the whole text as training evaluates it (or the first
     train.eval_batches batches), or with `context`, in-order chunks of `context`
-    characters each read from a fresh state (a chunk's first character is only read, so
-    each scored character has 1 to `context` characters before it). The sentences
+    characters each read from a fresh state (data.ResetEvery: every character but the
+    first scored once, with 1 to `context` characters before it). The sentences
     objective scores its sentence `spans` (corpus.sentence_spans of these ids), each from a
     fresh state."""
     if context is not None:

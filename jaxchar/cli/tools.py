@@ -174,10 +174,10 @@ def add_parsers(sub) -> None:
     ev.add_argument(
         "--context",
         type=int,
-        help="score in-order chunks of N characters, each read from a fresh state: a "
-        "chunk's first character is only read, so each scored character has 1 to N "
-        "characters before it, as a fixed-context model of N sees them (default: as "
-        "training scores its held-out text)",
+        help="score the text in in-order chunks of N characters, each read from a fresh "
+        "state: every character but the first is scored once, with 1 to N characters "
+        "before it, as a fixed-context model of N sees them (default: as training scores "
+        "its held-out text)",
     )
     add_unknown(ev, "text")
     add_common(ev)
