@@ -11,7 +11,13 @@ them, results in serve_stream.json) until the round's requests are done:
 every client makes `--requests` requests (default: enough for at least 64 in a round). A
 round's figures: aggregate generated characters per second (all characters / the round's
 wall time) and the latency of each request (sent to last character), p50 and p99. Rounds are
-repeated `--reps` times after a warm-up round; medians are reported. Writes
+repeated `--reps` times after a warm-up round; medians are reported.
+
+Long prompts beside short requests (batching on): `--long-clients` clients (default 4) each
+send back-to-back requests whose prompts are `--long-prompt` characters (default 4,000, just
+under the server's --max-prompt) while 8 short clients run their round; the short requests'
+p50 and p99 are reported against the same round with no long prompts, so one sees how much a
+long prompt holds the others back (the engine reads prompts a piece a step). Writes
 benchmarks/results/serve.json (serve_gpu.json on a GPU).
 """
 
@@ -71,9 +77,14 @@ def start_server(run: Path, batching: bool, chunk: int) -> tuple[subprocess.Pope
     raise SystemExit("the server did not start in 300 s")
 
 
-def one_request(url: str, length: int, seed: int, stream: bool) -> tuple[float, int]:
+PROMPT = "alice was beginning"
+
+
+def one_request(
+    url: str, length: int, seed: int, stream: bool, prompt: str = PROMPT
+) -> tuple[float, int]:
     """Seconds from sending to the last character, and the characters received."""
-    body = {"prompt": "alice was beginning", "length": length, "seed": seed, "stream": stream}
+    body = {"prompt": prompt, "length": length, "seed": seed, "stream": stream}
     req = urllib.request.Request(
         f"{url}/v1/generate", data=json.dumps(body).encode(), method="POST"
     )
@@ -117,6 +128,34 @@ def round_of(url: str, clients: int, requests: int, length: int, seed0: int, str
         "chars": chars[0],
         "wall_s": wall,
     }
+
+
+def mixed_round(url: str, long_clients: int, long_prompt: int, length: int, seed0: int) -> dict:
+    """A round of 8 short clients (8 requests each) while `long_clients` clients send
+    requests with `long_prompt`-character prompts until the short ones are done: the short
+    requests' figures, and the long requests completed meanwhile."""
+    text = (common.DATA / "wonderland.txt").read_text(encoding="utf-8").lower()
+    prompt = text[5000 : 5000 + long_prompt]
+    done, longs = threading.Event(), [0]
+
+    def long_client(i: int) -> None:
+        j = 0
+        while not done.is_set():
+            one_request(url, 20, seed0 + 50_000 + i * 1000 + j, False, prompt)
+            longs[0] += 1
+            j += 1
+
+    threads = [threading.Thread(target=long_client, args=(i,)) for i in range(long_clients)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)  # the long prompts are being read when the short clients begin
+    try:
+        short = round_of(url, 8, 8, length, seed0, False)
+    finally:
+        done.set()
+        for t in threads:
+            t.join()
+    return {**short, "long_requests": longs[0]}
 
 
 def engine_alone(run: Path, clients: list[int], length: int, reps: int) -> dict:
@@ -163,6 +202,8 @@ def main() -> None:
     parser.add_argument(
         "--stream", action="store_true", help="streamed requests (server-sent events)"
     )
+    parser.add_argument("--long-clients", type=int, default=4)
+    parser.add_argument("--long-prompt", type=int, default=4000, help="characters")
     args = parser.parse_args()
 
     results: dict = {}
@@ -173,6 +214,38 @@ def main() -> None:
             name = "batching on (64 rows)" if batching else "batching off"
             proc, url = start_server(run, batching, args.chunk)
             try:
+                if batching and args.long_clients:
+                    mixed_round(url, args.long_clients, args.long_prompt, args.length, 0)
+                    plain = [
+                        round_of(url, 8, 8, args.length, 77_000 + r, False)
+                        for r in range(args.reps)
+                    ]
+                    mixed = [
+                        mixed_round(
+                            url, args.long_clients, args.long_prompt, args.length, 88_000 + r
+                        )
+                        for r in range(args.reps)
+                    ]
+                    results["long prompts"] = {
+                        "long_clients": args.long_clients,
+                        "long_prompt": args.long_prompt,
+                        **{
+                            f"{name}_{k}": statistics.median(r[k] for r in rounds)
+                            for name, rounds in (("alone", plain), ("beside_long", mixed))
+                            for k in ("p50_s", "p99_s", "chars_per_s")
+                        },
+                        "long_requests": [r["long_requests"] for r in mixed],
+                    }
+                    lp = results["long prompts"]
+                    print(
+                        f"8 short clients alone: p50 {lp['alone_p50_s'] * 1e3:.0f} ms, "
+                        f"p99 {lp['alone_p99_s'] * 1e3:.0f} ms; beside {args.long_clients} "
+                        f"clients sending {args.long_prompt:,}-character prompts: p50 "
+                        f"{lp['beside_long_p50_s'] * 1e3:.0f} ms, p99 "
+                        f"{lp['beside_long_p99_s'] * 1e3:.0f} ms "
+                        f"({lp['beside_long_p99_s'] / lp['alone_p99_s']:.1f}x the p99)",
+                        flush=True,
+                    )
                 for clients in args.clients:
                     per_client = args.requests or max(1, 64 // clients)
                     round_of(url, clients, per_client, args.length, 0, args.stream)  # warm-up

@@ -14,7 +14,10 @@ from pathlib import Path
 RESULTS = Path(
     os.environ.get("JAXCHAR_BENCH_RESULTS") or Path(__file__).resolve().parent / "results"
 )
-DATA = Path(os.environ.get("JAXCHAR_DATA") or Path(__file__).resolve().parents[2] / "shared/data")
+_SHARED = Path(__file__).resolve().parents[2] / "shared/data"
+_EMBEDDED = Path(__file__).resolve().parents[1] / "jaxchar/corpora"  # Alice, tiny Shakespeare
+# the corpora: $JAXCHAR_DATA, else the project's shared folder, else the copies the package ships
+DATA = Path(os.environ.get("JAXCHAR_DATA") or (_SHARED if _SHARED.is_dir() else _EMBEDDED))
 
 
 def cpu_model() -> str:
