@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxchar.config import ModelConfig
-from jaxchar.lstm import LSTMLayer, select
+from jaxchar.lstm import LayerSpec, LSTMLayer, select
 
 Carry = tuple[tuple[jax.Array, jax.Array], ...]
 
@@ -164,17 +164,19 @@ class CharLSTM(nn.Module):
             # training, a fused layer below another hands it its outputs as [H, time,
             # batch] too: the layout of the upper layer's input-kernel gradient
             with_fm = time_major and train and layer < cfg.layers - 1
-            layer_carry, x, *h_fm = LSTMLayer(
-                cfg.hidden,
-                scalar and layer == 0,
-                cfg.unroll,
-                dtype,
-                backend,
-                cfg.cell,
-                cfg.gate_activation,
-                with_fm,
-                name=f"lstm_{layer}",
-            )(carry[layer], x, mask, x_fm)
+            spec = LayerSpec(
+                hidden=cfg.hidden,
+                scalar_input=scalar and layer == 0,
+                cell_type=cfg.cell,
+                gate_activation=cfg.gate_activation,
+                dtype=dtype,
+                unroll=cfg.unroll,
+                choice=backend,
+                with_hs_fm=with_fm,
+            )
+            layer_carry, x, *h_fm = LSTMLayer(spec, name=f"lstm_{layer}")(
+                carry[layer], x, mask, x_fm
+            )
             new_carry.append(layer_carry)
             drop = self._dropper(cfg.dropout, train)
             if last_only and layer == cfg.layers - 1:

@@ -284,7 +284,7 @@ def test_cudnn_weight_packing_matches_jax_reference_lstm(in_dim):
     # jax.experimental.rnn's own unpacking and reference LSTM, which run anywhere
     from jax.experimental import rnn
 
-    from jaxchar.lstm import LSTMLayer
+    from jaxchar.lstm import LayerSpec, LSTMLayer
     from jaxchar.lstm.cudnn import pack_weights
 
     hidden, batch, steps = 5, 3, 4
@@ -294,7 +294,7 @@ def test_cudnn_weight_packing_matches_jax_reference_lstm(in_dim):
         jax.random.normal(keys[1], (batch, hidden)),
         jax.random.normal(keys[2], (batch, hidden)),
     )
-    layer = LSTMLayer(hidden, scalar_input=False)  # the default choice: the scan reference
+    layer = LSTMLayer(LayerSpec(hidden))  # the default choice: the scan reference
     variables = layer.init(keys[3], carry, x)
     p = variables["params"]
     p = {**p, "bias": jax.random.normal(keys[3], p["bias"].shape)}  # not just 0s and 1s

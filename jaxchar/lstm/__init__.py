@@ -12,6 +12,16 @@ array in feature-major layout, [features, time, batch].
 
 from jaxchar.lstm.backends import BackendError, Choice, select
 from jaxchar.lstm.cells import GRUCell, LSTMCell, gate, matmul
-from jaxchar.lstm.layer import LSTMLayer
+from jaxchar.lstm.layer import LayerSpec, LSTMLayer
 
-__all__ = ["BackendError", "Choice", "GRUCell", "LSTMCell", "LSTMLayer", "gate", "matmul", "select"]
+__all__ = [
+    "BackendError",
+    "Choice",
+    "GRUCell",
+    "LSTMCell",
+    "LSTMLayer",
+    "LayerSpec",
+    "gate",
+    "matmul",
+    "select",
+]

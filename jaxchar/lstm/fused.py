@@ -26,7 +26,9 @@ Everything is time-major here: xs [time, batch, ...], hs [time, batch, hidden].
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -57,11 +59,27 @@ def _input(x_t, w_in, bias):
     return x_t if w_in is None else x_t[:, None] * w_in + bias
 
 
+@dataclass(frozen=True)
+class Loop:
+    """How the layer's two recurrences run, passed down as one static value: the products'
+    dtype, the gates' function (see `cells.gate`), whether to append hs as [H, T, B] for the
+    layer above (see `lstm_layer`), the kernel that runs them ("native", "pallas" or None:
+    the lax.scan loops; jaxchar.lstm.backends's Choice.kernel) and the scans' unroll."""
+
+    dtype: Any = jnp.float32
+    gate_activation: str = "sigmoid"
+    with_hs_fm: bool = False
+    kernel: str | None = None
+    unroll: int = 1
+
+
 def _scalar(xs) -> bool:
     return xs.ndim == 2  # [T, B] scalar features, else [T, B, F] vectors
 
 
-def _forward(w_h, xs, c0, h0, w_in, bias, dtype, gate_activation, with_hs_fm, kernel, unroll):
+def _forward(w_h, xs, c0, h0, w_in, bias, loop: Loop):
+    dtype, gate_activation, with_hs_fm = loop.dtype, loop.gate_activation, loop.with_hs_fm
+    kernel, unroll = loop.kernel, loop.unroll
     # vector inputs: one [T*B, F] x [F, 4H] product for all timesteps, outside the loop
     gx = xs if _scalar(xs) else matmul(xs, w_in, dtype)
 
@@ -176,48 +194,35 @@ def _scan_forward(w_h, xs, c0, h0, w_in, bias, dtype, gate_activation, unroll=1)
     return (hs, c, h), (acts, cs)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11))
-def lstm_layer(
-    w_h,
-    xs,
-    c0,
-    h0,
-    w_in,
-    bias,
-    xs_fm=None,
-    dtype=jnp.float32,
-    gate_activation="sigmoid",
-    with_hs_fm=False,
-    kernel=None,
-    unroll=1,
-):
+@partial(jax.custom_vjp, nondiff_argnums=(7,))
+def lstm_layer(w_h, xs, c0, h0, w_in, bias, xs_fm=None, loop: Loop = Loop()):
     """Runs the layer over xs; returns (hs [T, B, H], final c, final h).
 
     xs is [T, B] scalars (then w_in is [4H], applied inside the loop) or [T, B, F] vectors
     (then w_in is [F, 4H], applied to all timesteps before it); bias is [4H].
-    `gate_activation` is the gates' function (see `cells.gate`).
+    `loop` says how the recurrences run (see `Loop`).
 
-    Between stacked layers: `with_hs_fm` appends hs transposed, [H, T, B], to the outputs, and
-    a layer given `xs_fm` (its vector input transposed, [F, T, B]: the same values as xs) takes
-    its input-kernel gradient from it, the layout that product wants. On a CPU the kernel
-    writes hs_fm as it goes, where XLA would transpose hs in memory (4-10 ms of a stacked step).
+    Between stacked layers: `loop.with_hs_fm` appends hs transposed, [H, T, B], to the
+    outputs, and a layer given `xs_fm` (its vector input transposed, [F, T, B]: the same
+    values as xs) takes its input-kernel gradient from it, the layout that product wants. On
+    a CPU the kernel writes hs_fm as it goes, where XLA would transpose hs in memory (4-10 ms
+    of a stacked step).
     hs_fm carries no gradient: it stands for hs, whose gradient flows through xs.
 
-    `kernel` names the backend that runs both recurrences: "native" (C++ on CPUs: float32,
-    hidden % 64 == 0), "pallas" (one Pallas kernel each on NVIDIA GPUs, see pallas.py) or
+    `loop.kernel` names the backend that runs both recurrences: "native" (C++ on CPUs:
+    float32, hidden % 64 == 0), "pallas" (one Pallas kernel each on NVIDIA GPUs, see pallas.py) or
     None (the lax.scan loops); the caller, jaxchar.lstm.backends, has checked that it applies."""
-    args = w_h, xs, c0, h0, w_in, bias, dtype, gate_activation, with_hs_fm, kernel, unroll
-    return _forward(*args)[0]
+    return _forward(w_h, xs, c0, h0, w_in, bias, loop)[0]
 
 
-def _fwd(w_h, xs, c0, h0, w_in, bias, xs_fm, dtype, gate_activation, with_hs_fm, kernel, unroll):
-    out, (acts, cs, h_prev_fm) = _forward(
-        w_h, xs, c0, h0, w_in, bias, dtype, gate_activation, with_hs_fm, kernel, unroll
-    )
+def _fwd(w_h, xs, c0, h0, w_in, bias, xs_fm, loop: Loop):
+    out, (acts, cs, h_prev_fm) = _forward(w_h, xs, c0, h0, w_in, bias, loop)
     return out, (w_h, xs, c0, h0, w_in, out[0], acts, cs, h_prev_fm, xs_fm)
 
 
-def _bwd(dtype, gate_activation, with_hs_fm, kernel, unroll, res, grads):
+def _bwd(loop: Loop, res, grads):
+    dtype, gate_activation = loop.dtype, loop.gate_activation
+    kernel, unroll = loop.kernel, loop.unroll
     w_h, xs, c0, h0, w_in, hs, acts, cs, h_prev_fm, xs_fm = res
     d_hs, d_c_last, d_h_last = grads[:3]  # (hs_fm's, if any, is dropped: see lstm_layer)
     if kernel == "pallas" and acts.shape[0]:
