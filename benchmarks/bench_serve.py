@@ -168,15 +168,14 @@ def engine_alone(run: Path, clients: list[int], length: int, reps: int) -> dict:
     params, _ = trained.params()
     engine = Engine(params, trained.cfg.model, mode=trained.options().mode, slots=64).start()
     prompt = trained.encode_prompt("alice was beginning")
+    opts = trained.options(length=length, temperature=0.8, top_k=0, top_p=1.0)
 
     def burst(n: int, seed0: int) -> float:
         done = [threading.Event() for _ in range(n)]
         began = time.perf_counter()
         for i in range(n):
             ev = done[i]
-            engine.submit(
-                Request(prompt, length, seed0 + i, 0.8, 0, 1.0, lambda ids, ev=ev: ids or ev.set())
-            )
+            engine.submit(Request(prompt, opts, seed0 + i, lambda ids, ev=ev: ids or ev.set()))
         for ev in done:
             ev.wait()
         return n * length / (time.perf_counter() - began)

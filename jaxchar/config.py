@@ -185,6 +185,12 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class SampleConfig:
+    """The sampling options: the [sample] section of a config, and the one checked, frozen
+    object that `jaxchar generate`, `Run`, `jaxchar serve` and its engine pass down
+    (`Run.options` makes it from a run's settings and the given ones, checked once). Off is
+    one value everywhere: top_k 0, top_p 1. The messages name the option alone, so that they
+    read the same in a config file, on the command line and in a request."""
+
     length: int = 1000
     temperature: float = 0.0  # 0 = argmax, as the tutorial
     top_k: int = 0  # 0 = off
@@ -193,15 +199,18 @@ class SampleConfig:
     num_samples: int = 1
 
     def __post_init__(self) -> None:
-        _check(self.length >= 1, "sample.length must be at least 1")
+        _check(self.length >= 1, f"length must be at least 1, not {self.length}")
         _check(
             math.isfinite(self.temperature) and self.temperature >= 0,
-            f"sample.temperature = {self.temperature} must be a finite number >= 0 (0 = argmax)",
+            f"temperature must be a finite number >= 0 (0: argmax), not {self.temperature}",
         )
-        _check(self.top_k >= 0, "sample.top_k must not be negative (0 turns it off)")
-        _check(0 < self.top_p <= 1, "sample.top_p must be in (0, 1]")
-        _one_of("sample", "mode", self.mode, ("auto", "stateful", "window"))
-        _check(self.num_samples >= 1, "sample.num_samples must be at least 1")
+        _check(self.top_k >= 0, f"top_k must not be negative (0: off), not {self.top_k}")
+        _check(0 < self.top_p <= 1, f"top_p must be in (0, 1] (1: off), not {self.top_p}")
+        _check(
+            self.mode in ("auto", "stateful", "window"),
+            f"mode must be one of auto, stateful, window, not {self.mode!r}",
+        )
+        _check(self.num_samples >= 1, f"num_samples must be at least 1, not {self.num_samples}")
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxchar.config import ModelConfig
+from jaxchar.config import ModelConfig, SampleConfig
 from jaxchar.decoders import Decoder, decoder
 from jaxchar.sampling import sample_logits
 
@@ -103,17 +103,18 @@ class Request:
     """One generation: ids of the prompt, settings, and where its text goes."""
 
     prompt: np.ndarray
-    length: int
+    opts: SampleConfig  # its length, temperature, top_k and top_p (checked: Run.options)
     seed: int
-    temperature: float
-    top_k: int
-    top_p: float
     emit: Callable[[list[int] | None], None]  # new ids; None when finished
     made: int = 0
     cancelled: bool = False
     read: int = 0  # prompt characters read so far
     place: int = -1  # its row in the engine's prompt state while its prompt is read
     keys: np.ndarray | None = None  # [length, 2]: split(PRNGKey(seed), length), on admission
+
+    @property
+    def length(self) -> int:
+        return self.opts.length
 
     def cancel(self) -> None:
         """The client went away: its row is freed at the next step."""
@@ -222,9 +223,8 @@ class Engine:
         while m <= self.slots:
             done = [threading.Event() for _ in range(m)]
             for ev in done:
-                self.submit(
-                    Request(np.array([0]), 2 * self.chunk, 0, 0.5, 0, 1.0, partial(_ended, ev))
-                )
+                opts = SampleConfig(length=2 * self.chunk, temperature=0.5)
+                self.submit(Request(np.array([0]), opts, 0, partial(_ended, ev)))
             if self._thread is None:
                 while not all(ev.is_set() for ev in done):
                     self._step()
@@ -270,7 +270,8 @@ class Engine:
             part = req.keys[req.made : req.made + n]
             keys[i, : len(part)] = part
             left[i] = req.length - req.made
-            temperature[i], top_k[i], top_p[i] = req.temperature, req.top_k, req.top_p
+            o = req.opts
+            temperature[i], top_k[i], top_p[i] = o.temperature, o.top_k, o.top_p
         self.state, out = _advance(
             self.params,
             self.state,

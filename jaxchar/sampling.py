@@ -3,7 +3,8 @@
 `sample` is a pure function of (params, key, prompt) plus static settings, so research code
 can jit, vmap or embed it. The loop over characters is `lax.scan`; `temperature` and
 `top_p` are traced (new values do not recompile), `length`, `top_k` and the config are
-static. Temperature 0 means argmax, as in the tutorial.
+static. Temperature 0 means argmax, as in the tutorial; `top_k` 0 and `top_p` 1 mean off,
+as in the config, the CLI and the server (None is taken to mean the same).
 
 The loop drives a decoder (jaxchar.decoders: `Stateful` reads the prompt once, then one
 cell step per character; `Window` re-reads the last window), as beam search and the serving
@@ -45,6 +46,16 @@ def top_p_filter(logits: jax.Array, p) -> jax.Array:
     return jnp.where(logits < threshold, NEG, logits)
 
 
+def static_off(top_k, top_p):
+    """(top_k, top_p) with a filter that is off where it is known before tracing (top_k 0,
+    a Python top_p of 1, or None) as None: no filter is traced for it."""
+    if top_k is None or (isinstance(top_k, int) and top_k == 0):
+        top_k = None
+    if top_p is None or (isinstance(top_p, int | float) and top_p == 1):
+        top_p = None
+    return top_k, top_p
+
+
 def sample_logits(
     key: jax.Array, logits: jax.Array, temperature=1.0, top_k=None, top_p=None
 ) -> jax.Array:
@@ -53,8 +64,9 @@ def sample_logits(
 
     Each setting is one value for every row or one per row (an array of the rows' shape,
     as the serving engine passes them): `temperature` and `top_p` may be traced; `top_k` is
-    a static int (None: off) or an int array of the rows' shape (0: off there); top_p 1
-    keeps every id."""
+    a static int (0: off) or an int array of the rows' shape (0: off there); top_p 1 keeps
+    every id."""
+    top_k, top_p = static_off(top_k, top_p)
     logits = logits.astype(jnp.float32)
     t = jnp.asarray(temperature, jnp.float32)
 
@@ -178,8 +190,8 @@ def check_options(cfg: ModelConfig, length: int, temperature, top_k, top_p, mode
         raise ValueError(f"length must be at least 1, not {length}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
-    if top_k is not None and not 1 <= top_k <= cfg.vocab_size:
-        raise ValueError(f"top_k must be between 1 and the vocabulary size {cfg.vocab_size}")
+    if top_k is not None and not 0 <= top_k <= cfg.vocab_size:
+        raise ValueError(f"top_k must be between 0 (off) and the vocabulary size {cfg.vocab_size}")
     t, p = concrete(temperature), concrete(top_p)
     if t is not None and not (np.isfinite(t) & (t >= 0)).all():
         raise ValueError(f"temperature must be finite and at least 0, not {temperature}")
@@ -195,15 +207,16 @@ def sample(
     cfg: ModelConfig,
     length: int,
     temperature=1.0,
-    top_k: int | None = None,
-    top_p=None,
+    top_k: int = 0,
+    top_p=1.0,
     num_samples: int | None = None,
     mode: str = "stateful",
     seq_length: int = 100,
 ) -> jax.Array:
     """Checks the options (see `check_options`), then runs the jitted sampler, `_sample`
-    (`sample.lower` and `sample.trace` are its own)."""
+    (`sample.lower` and `sample.trace` are its own: they take None for an unused filter)."""
     check_options(cfg, length, temperature, top_k, top_p, mode)
+    top_k, top_p = static_off(top_k, top_p)
     return _sample(
         params,
         key,
@@ -283,8 +296,8 @@ def sample_stream(
     cfg: ModelConfig,
     length: int,
     temperature=1.0,
-    top_k: int | None = None,
-    top_p=None,
+    top_k: int = 0,
+    top_p=1.0,
     num_samples: int | None = None,
     mode: str = "stateful",
     seq_length: int = 100,
@@ -294,6 +307,7 @@ def sample_stream(
     so that text can be shown as it is made. The concatenated chunks equal `sample`'s
     output for the same arguments: the per-character keys are the same."""
     check_options(cfg, length, temperature, top_k, top_p, mode)
+    top_k, top_p = static_off(top_k, top_p)
     prompt, single = rows_of(prompt, num_samples)
     dec = decoder(cfg, mode, seq_length)
     state = start(params, prompt, dec=dec)

@@ -26,8 +26,6 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from jaxchar.config import ConfigError, check_seed
 from jaxchar.corpus import UnknownCharactersError
 from jaxchar.engine import PROMPT_CHUNK, Engine, Request
@@ -165,27 +163,23 @@ class Server:
 
     def settings(self, given: dict[str, Any]) -> dict[str, Any]:
         """The request's settings, checked, with the run's defaults filled in."""
-        o, vocab = self.opts, len(self.run.vocab)
         s = {
-            "length": given.get("length", min(o.length, self.engine.max_length)),
-            "temperature": given.get("temperature", o.temperature),
-            "top_k": given.get("top_k", o.top_k or 0),
-            "top_p": given.get("top_p", o.top_p),
             "seed": given.get("seed", random.randrange(2**31)),
             "beam": given.get("beam"),
             "stop": given.get("stop"),
             "length_penalty": given.get("length_penalty", 0.0),
             "stream": given.get("stream", False),
         }
-        if not 1 <= s["length"] <= self.engine.max_length:
+        length = given.get("length", min(self.opts.length, self.engine.max_length))
+        if not 1 <= length <= self.engine.max_length:
             raise BadRequest(f"length must be between 1 and {self.engine.max_length}", 422)
-        if not (np.isfinite(s["temperature"]) and 0 <= s["temperature"] <= 100):
-            raise BadRequest("temperature must be between 0 and 100", 422)
-        if not 0 <= s["top_k"] <= vocab:
-            raise BadRequest(f"top_k must be between 0 (off) and the vocabulary size {vocab}", 422)
-        if not 0 < s["top_p"] <= 1:
-            raise BadRequest("top_p must be in (0, 1]", 422)
-        try:
+        try:  # the options checked once, as the CLI checks them (Run.options)
+            s["opts"] = self.run.options(
+                length=length,
+                temperature=given.get("temperature"),
+                top_k=given.get("top_k"),
+                top_p=given.get("top_p"),
+            )
             check_seed(s["seed"])
         except ConfigError as err:
             raise BadRequest(str(err), 422) from None
@@ -259,7 +253,7 @@ class Server:
             self.run.beam,
             s["prompt"],
             beam=s["beam"],
-            length=s["length"],
+            length=s["opts"].length,
             results=s["beam"],
             stop=s["stop"],
             length_penalty=s["length_penalty"],
@@ -278,9 +272,7 @@ class Server:
         def emit(ids):
             mailbox.put(queue, ids)
 
-        req = Request(
-            s["ids"], s["length"], s["seed"], s["temperature"], s["top_k"], s["top_p"], emit
-        )
+        req = Request(s["ids"], s["opts"], s["seed"], emit)
         return self.engine.submit(req), queue
 
     def answer(self, s: dict[str, Any], text: str, **extra: Any) -> dict[str, Any]:
@@ -288,10 +280,10 @@ class Server:
             "text": text,
             "prompt": s["prompt"],
             "seed": s["seed"],
-            "length": s["length"],
-            "temperature": s["temperature"],
-            "top_k": s["top_k"],
-            "top_p": s["top_p"],
+            "length": s["opts"].length,
+            "temperature": s["opts"].temperature,
+            "top_k": s["opts"].top_k,
+            "top_p": s["opts"].top_p,
             "step": self.step,
             **extra,
         }

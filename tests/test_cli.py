@@ -95,13 +95,13 @@ def test_generate_default_seed_and_several_samples(trained, capsys):
 def test_several_samples_are_made_in_pieces_and_equal_one_batch(trained, capsys, monkeypatch):
     # a long batched sample is made piece by piece (memory of a piece, Ctrl-C between
     # pieces), never as one call for the whole length, and prints what one batch makes
-    import jaxchar.run
+    import jaxchar.run.reading
     from jaxchar.run import Run
 
     def no_whole_batch(*args, **kwargs):
         raise AssertionError("the whole length was made in one call")
 
-    monkeypatch.setattr(jaxchar.run, "sample", no_whole_batch)
+    monkeypatch.setattr(jaxchar.run.reading, "sample", no_whole_batch)
     argv = ["generate", str(trained), "--length", "300", "--num-samples", "3", "--seed", "4"]
     capsys.readouterr()
     assert main([*argv, "--prompt", "alice", "--temperature", "1"]) == 0
@@ -114,15 +114,15 @@ def test_several_samples_are_made_in_pieces_and_equal_one_batch(trained, capsys,
 
 
 def test_generate_dtype_sets_the_products_type_of_the_sampler(trained, capsys, monkeypatch):
-    import jaxchar.run
+    import jaxchar.run.reading
 
-    seen, stream = [], jaxchar.run.sample_stream
+    seen, stream = [], jaxchar.run.reading.sample_stream
 
     def recording(*args, cfg, **kwargs):
         seen.append(cfg.dtype)
         return stream(*args, cfg=cfg, **kwargs)
 
-    monkeypatch.setattr(jaxchar.run, "sample_stream", recording)
+    monkeypatch.setattr(jaxchar.run.reading, "sample_stream", recording)
     for extra in ([], ["--dtype", "bfloat16"]):
         assert main(["generate", str(trained), "--length", "30", "--prompt", "alice", *extra]) == 0
         assert len(capsys.readouterr().out) == 31

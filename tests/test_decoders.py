@@ -138,7 +138,7 @@ def test_the_mode_names_a_decoder_in_one_place():
 def test_beam_search_on_a_window_trained_run_uses_its_window_decoder(window_run, monkeypatch):
     # the tutorial's small model's shapes and a prompt longer than its window: beam 1 is
     # greedy window sampling, and Run.beam asks for the run's window decoder
-    import jaxchar.run
+    import jaxchar.run.reading
     from jaxchar.model import init_params
     from jaxchar.sampling import sample
 
@@ -169,7 +169,7 @@ def test_beam_search_on_a_window_trained_run_uses_its_window_decoder(window_run,
             seen.update(kwargs)
             return beam_search(*args, **kwargs)
 
-        monkeypatch.setattr(jaxchar.run, "beam_search", spy)
+        monkeypatch.setattr(jaxchar.run.reading, "beam_search", spy)
         run.beam("alice", beam=2, length=5)
     assert seen["mode"] == "window" and seen["seq_length"] == seq
 

@@ -187,8 +187,8 @@ def test_evaluate_on_the_held_out_text_gives_trainings_validation_loss(tiny_run,
 
 def test_evaluate_with_a_bounded_context_against_a_loop_of_fresh_chunks(tiny_run, alice_text):
     """--context N: every character but the first scored once (the text's tail too), from
-    a fresh state at most N characters back; the reference reads each chunk on its own,
-    one at a time, and scores it with a numpy log-softmax."""
+    a fresh state at most N characters back; the reference reads each chunk as a row of its
+    own and scores it with a numpy log-softmax."""
     from jaxchar.model import apply
 
     text, context = alice_text[40000:43013].lower(), 25  # 3,012 targets: a partial last chunk
@@ -198,14 +198,19 @@ def test_evaluate_with_a_bounded_context_against_a_loop_of_fresh_chunks(tiny_run
         ids, _ = encode_text(text, run.cfg.data, run.vocab)
         cfg = run.cfg
     assert (len(ids) - 1) % context and (len(ids) - 1) // context > cfg.train.batch_size
+    # the whole chunks as rows of one call (rows do not interact), the partial last one alone
+    whole = (len(ids) - 1) // context
+    chunks = [
+        np.asarray(ids[a : a + context + 1], np.int32) for a in range(0, whole * context, context)
+    ]
+    last = np.asarray(ids[whole * context :], np.int32)
     total = 0.0
-    for a in range(0, len(ids) - 1, context):
-        chunk = np.asarray(ids[a : a + context + 1], np.int32)
-        logits, _ = apply(params, cfg.model, chunk[None, :-1])  # from a fresh (zero) state
-        z = np.asarray(logits[0], np.float64)
+    for rows in (np.stack(chunks), last[None]):
+        logits, _ = apply(params, cfg.model, rows[:, :-1])  # each row from a fresh (zero) state
+        z = np.asarray(logits, np.float64)
         logp = z - z.max(-1, keepdims=True)
-        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
-        total -= float(logp[np.arange(len(chunk) - 1), chunk[1:]].sum())
+        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))  # a numpy log-softmax
+        total -= float(np.take_along_axis(logp, rows[:, 1:, None], axis=2).sum())
     assert got.chars == len(ids) - 1  # every character but the first
     assert got.loss == pytest.approx(total / (len(ids) - 1), rel=1e-4)
     assert got.loss > run.evaluate(text).loss  # less context, a higher loss

@@ -8,7 +8,14 @@ from reference import softmax
 
 from jaxchar.config import ModelConfig
 from jaxchar.model import apply, init_carry, init_params, step
-from jaxchar.sampling import sample, sample_logits, sample_stream, top_k_filter, top_p_filter
+from jaxchar.sampling import (
+    sample,
+    sample_logits,
+    sample_stream,
+    static_off,
+    top_k_filter,
+    top_p_filter,
+)
 
 CFG = ModelConfig(vocab_size=13, layers=2, hidden=12, encoding="embed", embed_dim=6)
 
@@ -159,6 +166,24 @@ def test_sample_inside_user_jit_and_vmap(params):
     assert len({tuple(row) for row in out.tolist()}) == 3
 
 
+def test_off_is_top_k_0_and_top_p_1_as_in_the_config_the_cli_and_the_server(params):
+    # one meaning of off everywhere: 0 and 1.0 draw what None draws, and trace no filter
+    key, prompt = jax.random.PRNGKey(3), jnp.array([1, 2, 3])
+    kw = {"cfg": CFG, "length": 12, "temperature": 0.9}
+    want = sample(params, key, prompt, top_k=None, top_p=None, **kw)
+    np.testing.assert_array_equal(sample(params, key, prompt, top_k=0, top_p=1.0, **kw), want)
+    np.testing.assert_array_equal(sample(params, key, prompt, **kw), want)  # the defaults
+    stream = sample_stream(params, key, prompt, top_k=0, top_p=1.0, chunk=5, **kw)
+    np.testing.assert_array_equal(np.concatenate([np.asarray(c) for c in stream]), want)
+    assert static_off(0, 1.0) == (None, None) and static_off(5, 0.9) == (5, 0.9)
+
+    def program(**filters):
+        return jax.jit(lambda p: sample(p, key, prompt, **filters, **kw)).lower(params).as_text()
+
+    assert "stablehlo.sort" in program(top_p=0.9)  # a top-p filter sorts
+    assert "stablehlo.sort" not in program(top_k=0, top_p=1.0)  # no filter in the program
+
+
 @pytest.mark.parametrize(
     "option, words",
     [
@@ -169,7 +194,7 @@ def test_sample_inside_user_jit_and_vmap(params):
         ({"temperature": float("nan")}, "temperature"),
         ({"temperature": float("inf")}, "temperature"),
         ({"temperature": -1.0}, "temperature"),
-        ({"top_k": 0}, "top_k"),
+        ({"top_k": -1}, "top_k"),
         ({"top_k": 14}, "top_k"),
         ({"length": 0}, "length"),
         ({"mode": "sideways"}, "mode"),

@@ -16,6 +16,7 @@ pytest.importorskip("httpx")
 
 from starlette.testclient import TestClient  # noqa: E402
 
+from jaxchar.config import SampleConfig  # noqa: E402
 from jaxchar.engine import Engine, Request  # noqa: E402
 from jaxchar.run import Run  # noqa: E402
 from jaxchar.serve import MAX_BODY, Server, make_app  # noqa: E402
@@ -36,7 +37,8 @@ def _collect(engine, run, jobs, length=40):
             else:
                 got.extend(ids)
 
-        engine.submit(Request(run.encode_prompt(prompt), length, seed, t, k, p, emit))
+        opts = SampleConfig(length=length, temperature=t, top_k=k, top_p=p)
+        engine.submit(Request(run.encode_prompt(prompt), opts, seed, emit))
         done.append(ev)
         texts.append(got)
     for ev in done:
@@ -87,7 +89,8 @@ def test_a_cancelled_request_frees_its_row_and_the_others_go_on(tiny_run):
     engine = Engine(params, run.cfg.model, slots=2, chunk=4, gather_ms=0).start()
     try:
         first = threading.Event()
-        leaver = Request(run.encode_prompt("alice"), 2000, 1, 0.8, 0, 1.0, lambda ids: first.set())
+        opts = SampleConfig(length=2000, temperature=0.8)
+        leaver = Request(run.encode_prompt("alice"), opts, 1, lambda ids: first.set())
         engine.submit(leaver)
         assert first.wait(60)
         leaver.cancel()
@@ -393,11 +396,13 @@ def test_a_long_prompt_is_read_a_piece_a_step_between_the_other_rows_steps(which
         else:
             got[name].extend(ids)
 
-    long = Request(run.encode_prompt(text), 16, 5, 0.8, 0, 1.0, partial(emit, "long"))
-    leaver = Request(run.encode_prompt(text), 16, 6, 0.8, 0, 1.0, lambda ids: None)
+    opts = SampleConfig(length=16, temperature=0.8)
+    long = Request(run.encode_prompt(text), opts, 5, partial(emit, "long"))
+    leaver = Request(run.encode_prompt(text), opts, 6, lambda ids: None)
     engine.submit(long)
     engine.submit(leaver)
-    engine.submit(Request(run.encode_prompt("alice"), 40, 7, 0.8, 0, 1.0, partial(emit, "short")))
+    short = SampleConfig(length=40, temperature=0.8)
+    engine.submit(Request(run.encode_prompt("alice"), short, 7, partial(emit, "short")))
     engine._step()
     assert engine.busy_rows() == 3
     leaver.cancel()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import shutil
 import sys
@@ -29,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
         _, step = trained.params(args.step)
         say_notes(trained.notes, args.quiet)
         if args.interactive:
-            return _interactive(trained, args)
+            return _interactive(trained, args, opts)
         if args.beam is not None and args.beam < 1:
             raise ConfigError(f"--beam must be at least 1, not {args.beam}")
         if prompt is None:
@@ -42,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
             if args.beam:
                 _write_beams(trained, prompt, args, out)
             else:
-                _write(trained, prompt, args, args.seed, out, _options(args))
+                _write(trained, prompt, args, args.seed, out, opts)
         finally:
             if args.output:
                 out.close()
@@ -81,12 +82,12 @@ def _options(args: argparse.Namespace) -> dict:
     }
 
 
-def _write(trained, prompt: str, args, seed: int, out, options: dict) -> None:
-    """One sample streams as it is made; several are made as one batch."""
+def _write(trained, prompt: str, args, seed: int, out, opts) -> None:
+    """One sample streams as it is made; several are made as one batch. `opts`: the
+    checked options (Run.options)."""
     common = {"seed": seed, "step": args.step, "dtype": args.dtype, "unknown": args.unknown}
-    opts = trained.options(**options)
     if opts.num_samples == 1:
-        for piece in trained.stream(prompt, **common, **options):
+        for piece in trained.stream(prompt, **common, opts=opts):
             out.write(piece)
             out.flush()
         out.write("\n")
@@ -98,7 +99,7 @@ def _write(trained, prompt: str, args, seed: int, out, options: dict) -> None:
             files.enter_context(tempfile.TemporaryFile("w+", encoding="utf-8"))
             for _ in range(opts.num_samples)
         ]
-        for pieces in trained.stream_rows(prompt, **common, **options):
+        for pieces in trained.stream_rows(prompt, **common, opts=opts):
             for spool, piece in zip(spools, pieces, strict=True):
                 spool.write(piece)
         for i, spool in enumerate(spools):
@@ -129,9 +130,9 @@ def _write_beams(trained, prompt: str, args, out) -> None:
         out.write(text + "\n")
 
 
-def _interactive(trained, args: argparse.Namespace) -> int:
+def _interactive(trained, args: argparse.Namespace, opts) -> int:
     """Read a prompt per line; `:temp T`, `:len N`, `:seed S` change settings; `:quit`."""
-    options, seed = _options(args), args.seed
+    seed = args.seed
     interactive = sys.stdin.isatty()
     if interactive:
         info(INTERACTIVE_HELP)
@@ -149,15 +150,12 @@ def _interactive(trained, args: argparse.Namespace) -> int:
                     seed = int(value)
                 elif name in ("temp", "len"):
                     field, kind = ("temperature", float) if name == "temp" else ("length", int)
-                    trial = {**options, field: kind(value)}
-                    trained.options(**trial)  # checked before it is kept
-                    options = trial
+                    opts = trained.options(**{**dataclasses.asdict(opts), field: kind(value)})
                 else:
                     raise ConfigError(f"unknown command :{name} (:temp, :len, :seed, :quit)")
-                opts = trained.options(**options)
                 info(f"temperature {opts.temperature}, length {opts.length}, seed {seed}")
                 continue
-            _write(trained, text, args, seed, sys.stdout, options)
+            _write(trained, text, args, seed, sys.stdout, opts)
             sys.stdout.flush()
             seed += 1
         except (ConfigError, ValueError) as err:  # one bad line does not end the session

@@ -1,4 +1,4 @@
-"""`jaxchar train CORPUS --run-dir DIR`: options to a config, then `jaxchar.run.train`."""
+"""`jaxchar train CORPUS --run-dir DIR`: options to a config, then `jaxchar.run.train_run`."""
 
 from __future__ import annotations
 
