@@ -39,7 +39,7 @@ LSTM = ModelConfig(vocab_size=VOCAB, hidden=256)
 
 
 def _loaded(monkeypatch, name):
-    monkeypatch.setattr(native, "variant", lambda: (name, "test"))
+    monkeypatch.setattr(native.loader, "variant", lambda: (name, "test"))
 
 
 @pytest.mark.parametrize(
@@ -195,7 +195,7 @@ def test_vmap_over_params_runs_the_reference_loop(name):
 def test_long_generation_in_several_kernel_calls_equals_one_scan(monkeypatch):
     # the kernel makes at most NOISE_BYTES of noise a call: a long sample runs as several
     # calls in a lax.scan, and must draw exactly what one scan draws
-    monkeypatch.setattr(native, "NOISE_BYTES", 3 * 4 * 2 * VOCAB * 16)  # 48 chars a call
+    monkeypatch.setattr(native.generation, "NOISE_BYTES", 3 * 4 * 2 * VOCAB * 16)  # 48 chars a call
     cfg = _model("fast")
     params = init_params(cfg, jax.random.PRNGKey(5))
     key, prompt = jax.random.PRNGKey(6), jnp.arange(9)

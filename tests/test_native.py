@@ -261,7 +261,7 @@ def test_bfloat16_generation_needs_hidden_a_multiple_of_32():
 
 def test_a_build_this_cpu_cannot_run_leaves_sampling_to_the_scan(monkeypatch):
     # no variant loads where the CPU lacks every built variant's instructions
-    monkeypatch.setattr(native, "variant", lambda: (None, "this CPU lacks them"))
+    monkeypatch.setattr(native.loader, "variant", lambda: (None, "this CPU lacks them"))
     cfg = CONFIGS[0]
     assert _sampler(cfg) == "scan"
     lowered = sample.lower(_params(cfg), jax.random.PRNGKey(0), jnp.arange(3), cfg=cfg, length=4)

@@ -10,7 +10,7 @@
 // itself is in lstm_loop.h (benchmarks/native_loop.cc runs it without XLA). The maths
 // is the model's (jaxchar/lstm/cells.py, jaxchar/lstm/fused.py) and the draw is sample_logits':
 // argmax at temperature 0, else argmax(logits / temperature + Gumbel noise), the noise
-// drawn by JAX from the same keys (jax.random.categorical's method). jaxchar/lstm/native.py
+// drawn by JAX from the same keys (jax.random.categorical's method). jaxchar/lstm/native/generation.py
 // prepares the inputs; tests/test_native.py compares the ids, state and logits with the
 // lax.scan path.
 //
@@ -348,7 +348,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxcharLayerBackward, LayerBackward,
 
 // setup.py builds this file once per instruction-set variant (-march=x86-64-v3 for AVX2,
 // x86-64-v4 for AVX-512, and x86-64-v4 plus AVX512-BF16), each as a module of its own
-// (JAXCHAR_VARIANT names it). jaxchar/lstm/native.py imports only a variant that this CPU's
+// (JAXCHAR_VARIANT names it). jaxchar/lstm/native/loader.py imports only a variant that this CPU's
 // flags allow; this check repeats that here, from the compiler's own view of what it used,
 // so that a variant loaded on a CPU without its instructions offers no targets rather than
 // dying of an illegal instruction.

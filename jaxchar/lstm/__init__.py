@@ -1,7 +1,7 @@
 """The LSTM layer as one concept with several backends (see jaxchar/lstm/backends.py).
 
 cells.py holds the definition (nn.scan cells, the reference); fused.py the layer with a
-hand-written backward pass; native.py the C++ kernels' wrappers (sources in jaxchar/csrc/);
+hand-written backward pass; native/ the C++ kernels' wrappers (sources in jaxchar/csrc/);
 cudnn.py the layer through cuDNN; layer.py the flax module that runs whichever `select`
 picks.
 

@@ -3,7 +3,7 @@
 Backends: `scan` (the nn.scan cells, jaxchar/lstm/cells.py: the definition and reference),
 `fused` (jaxchar/lstm/fused.py: the layer with a hand-written backward pass, lax.scan loops),
 `native` (the fused layer's loops, or the whole stateful sampling loop, in C++ on CPUs:
-jaxchar/lstm/native.py), `pallas` (the fused layer's loops as one Pallas kernel each on
+jaxchar/lstm/native/), `pallas` (the fused layer's loops as one Pallas kernel each on
 NVIDIA GPUs, jaxchar/lstm/pallas.py; interpreted on CPUs, for tests) and `cudnn`
 (jaxchar/lstm/cudnn.py, NVIDIA GPUs).
 
@@ -28,7 +28,7 @@ machine cannot run it at all (no GPU for cuDNN, no kernels for native) `select` 
 a stored run generates anywhere). Where a forced backend does not apply to a call (a GRU, a masked
 window, top-k sampling with native) that call takes the reference, and the reason says so.
 Under `jax.vmap` the kernels fold the mapped axis into their rows (one call); mapped weights
-run the lax.scan loops instead (see native.py), and sampling folds only while the rows fit.
+run the lax.scan loops instead (see native/layer.py), and sampling folds only while the rows fit.
 """
 
 from __future__ import annotations
@@ -96,8 +96,8 @@ def select(
 
 def _impossible(cfg: ModelConfig, platform: str) -> str | None:
     """Why this machine cannot run the forced `cfg.impl` at all, or None."""
-    if cfg.impl == "native" and (platform != "cpu" or not native.available()):
-        where = f"this is a {platform}" if platform != "cpu" else native.variant()[1]
+    if cfg.impl == "native" and (platform != "cpu" or not native.loader.available()):
+        where = f"this is a {platform}" if platform != "cpu" else native.loader.variant()[1]
         return f"model.impl = 'native' cannot run here: {where}; use auto"
     if cfg.impl == "pallas" and platform not in ("gpu", "cpu"):
         return f"model.impl = 'pallas' has no {platform} variant yet (NVIDIA GPUs); use auto"
@@ -127,7 +127,7 @@ def _layer(cfg: ModelConfig, platform: str, masked: bool) -> Choice:
     fits, why = native.layer_supports(cfg.hidden, cfg.product_dtype)
     if cfg.impl == "native":
         if fits:
-            return Choice("native", f"model.impl = 'native' ({native.variant()[0]})")
+            return Choice("native", f"model.impl = 'native' ({native.loader.variant()[0]})")
         return Choice("fused", f"model.impl = 'native', but {why}: the fused layer")
     if platform != "cpu":
         if platform == "gpu":
@@ -135,7 +135,7 @@ def _layer(cfg: ModelConfig, platform: str, masked: bool) -> Choice:
         return Choice("fused", f"auto on {platform}: the fused layer")
     if not fits:
         return Choice("fused", f"auto: {why}")
-    name = native.variant()[0]
+    name = native.loader.variant()[0]
     if name not in MEASURED_FASTER:
         return Choice("fused", f"auto: the {name} kernels measured slower than the fused layer")
     return Choice("native", f"auto: C++ recurrences ({name}), measured faster on this CPU kind")
@@ -151,7 +151,7 @@ def _sampler(cfg: ModelConfig, platform: str, rows: int, filtered: bool) -> Choi
     fits, why = native.generate_supports(cfg, rows)
     if not fits:
         return Choice("scan", f"{why}: the lax.scan loop")
-    name = native.variant()[0]
+    name = native.loader.variant()[0]
     if cfg.impl == "auto" and name not in MEASURED_FASTER:
         return Choice("scan", f"auto: the {name} kernel measured slower than the scan")
     return Choice("native", f"{cfg.impl}: C++ generation loop ({name})")
@@ -180,7 +180,7 @@ def machine() -> dict[str, str]:
     instruction sets, the C++ kernels' state, cuDNN."""
     import jax
 
-    flags = native.cpu_flags()
+    flags, (name, why) = native.cpu_flags(), native.loader.variant()
     wanted = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "amx_bf16")
     devices = jax.devices()
     from jaxchar.version import __version__
@@ -192,7 +192,7 @@ def machine() -> dict[str, str]:
         "jax": jax.__version__,
         "cpu": platform_name(),
         "cpu instruction sets": " ".join(f for f in wanted if f in flags) or "unknown",
-        "C++ kernels": (native.variant()[0] or "not used") + f" ({native.variant()[1]})",
+        "C++ kernels": f"{name or 'not used'} ({why})",
         "cuDNN": "available" if cudnn.available() else "no (not an NVIDIA GPU)",
     }
 

@@ -1,5 +1,5 @@
 """Running a kernel once for all rows under `jax.vmap`: the mapped axis folded into the rows
-axis of every argument, shared by the C++ kernels (native.py) and the Pallas kernels
+axis of every argument, shared by the C++ kernels (native/) and the Pallas kernels
 (pallas.py), whose calls take a batch of rows but know nothing of `vmap`."""
 
 from __future__ import annotations
@@ -48,3 +48,8 @@ def foldable(call, fallback, in_axes: tuple, out_axes: tuple):
         return out, tuple(True for _ in out)
 
     return f
+
+
+def no_fallback(*args):
+    """The fallback of a kernel whose callers never map it over its weights."""
+    raise NotImplementedError("a kernel call mapped over its weights needs a fallback")

@@ -14,7 +14,7 @@ so that its weight gradient is also one product over [batch*time] written by han
 autodiff, XLA transposed the whole [time, batch, 4*hidden] gradient in memory first.
 
 With `kernel="native"` (chosen by jaxchar.lstm.backends), both loops run in C++ on CPUs
-(jaxchar/lstm/native.py) and as the lax.scan loops below on any other platform of the same
+(jaxchar/lstm/native/layer.py) and as the lax.scan loops below on any other platform of the same
 program; with `kernel="pallas"`, each loop is one Pallas kernel on NVIDIA GPUs
 (jaxchar/lstm/pallas.py), interpreted on CPUs, and the lax.scan loops elsewhere.
 Under `jax.vmap` the kernels' batching rule folds the mapped axis into the
