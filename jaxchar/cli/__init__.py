@@ -1,11 +1,11 @@
 """`jaxchar COMMAND`: parse arguments, call the library, print.
 
-One module per command or group (train, generate, tools); each adds its parser and runs
-through `jaxchar.run` and the other library modules. Generated text alone goes to stdout;
-the summary, progress and logs go to stderr. Every refusal is one line on stderr and exit 2
-(a traceback only with --debug). The CLI is the only place that reads environment variables
-(JAXCHAR_DATA, JAXCHAR_CACHE). JAX and orbax are imported only when a command runs, so that
-`--help` answers at once.
+One module per command (train, generate, serve, evaluate, export, plot, info, env, bench);
+each adds its parser and runs through `jaxchar.run` and the other library modules.
+Generated text alone goes to stdout; the summary, progress and logs go to stderr. Every
+refusal is one line on stderr and exit 2 (a traceback only with --debug). The CLI is the
+only place that reads environment variables (JAXCHAR_DATA, JAXCHAR_CACHE). JAX and orbax are
+imported only when a command runs, so that `--help` answers at once.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import argparse
 import os
 import sys
 
-from jaxchar.cli import generate, serve, tools, train
+from jaxchar.cli import bench, env, evaluate, export, generate, info, plot, serve, train
 from jaxchar.cli.common import EXIT_INTERRUPTED, EXIT_USAGE, err, quiet_library_noise
 from jaxchar.version import __version__
 
@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_parser(sub)
     generate.add_parser(sub)
     serve.add_parser(sub)
-    tools.add_parsers(sub)
+    for command in (evaluate, export, plot, info, env, bench):
+        command.add_parser(sub)
     return parser
 
 
