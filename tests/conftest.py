@@ -1,9 +1,35 @@
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def _share_compilations() -> Path | None:
+    """XLA's persistent compilation cache in one folder per test session, shared by the
+    xdist workers and by every process the tests start (they inherit the environment; the
+    workers inherit it from the controlling process, which imports this file first): a
+    program that one process compiled is loaded by the others instead of compiled again.
+    Returns the folder when this session made it (and so removes it at the end)."""
+    if "JAX_COMPILATION_CACHE_DIR" in os.environ:  # the caller's own cache: left alone
+        return None
+    folder = Path(tempfile.mkdtemp(prefix="jaxchar-tests-xla-"))
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = str(folder)
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+    return folder
+
+
+_CACHE = _share_compilations()
+
+
+def pytest_sessionfinish(session):
+    if _CACHE is not None and not hasattr(session.config, "workerinput"):  # the controller
+        shutil.rmtree(_CACHE, ignore_errors=True)
+
 
 REPO = Path(__file__).resolve().parents[1]
 # the package's own copies of alice and shakespeare (test_corpus checks them against the
@@ -27,7 +53,7 @@ def alice_slice(tmp_path_factory, alice_text) -> Path:
 
 
 def train_run(root: Path, corpus: Path, config: str, *sets: str) -> Path:
-    """A run of a shipped config trained in-process through jaxchar.run.train."""
+    """A run of a shipped config trained in-process through jaxchar.run.train_run."""
     from jaxchar.config import load_config, override
     from jaxchar.run import train_run
 
