@@ -215,8 +215,10 @@ class Engine:
     def warm_up(self, lengths: tuple[int, ...] = ()) -> None:
         """Compiles before serving what requests would otherwise compile on the way: for
         every power of two of rows up to `slots`, that many requests admitted at once (a
-        one-character prompt, two chunks each), so every row count's advance, prompt and
-        admission call is ready; and the keys of requests of each of `lengths`."""
+        prompt of prompt_chunk + 1 characters, read in a 1-character piece and a whole one,
+        and two chunks of text each), so every row count's advance, prompt-reading (the
+        narrowest and the widest piece) and admission call is ready; and the keys of
+        requests of each of `lengths`."""
         for length in lengths:
             _keys(np.zeros((self.slots,), np.uint32), length=_bucket(length, self.chunk))
         m = 1
@@ -224,7 +226,8 @@ class Engine:
             done = [threading.Event() for _ in range(m)]
             for ev in done:
                 opts = SampleConfig(length=2 * self.chunk, temperature=0.5)
-                self.submit(Request(np.array([0]), opts, 0, partial(_ended, ev)))
+                prompt = np.zeros((self.prompt_chunk + 1,), np.int32)
+                self.submit(Request(prompt, opts, 0, partial(_ended, ev)))
             if self._thread is None:
                 while not all(ev.is_set() for ev in done):
                     self._step()

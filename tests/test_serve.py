@@ -427,3 +427,22 @@ def test_the_cli_default_prompt_chunk_is_the_engines():
     from jaxchar.engine import PROMPT_CHUNK as ENGINE_DEFAULT
 
     assert PROMPT_CHUNK == ENGINE_DEFAULT
+
+
+def test_after_warm_up_long_and_short_prompts_compile_nothing_new(tiny_run):
+    from jaxchar import engine as engine_module
+
+    run = Run.open(tiny_run)
+    params, _ = run.params()
+    engine = Engine(params, run.cfg.model, slots=2, chunk=4, gather_ms=0, prompt_chunk=32)
+    engine.warm_up(lengths=(12,))
+    jitted = (engine_module._read, engine_module._advance, engine_module._admit)
+    sizes = [f._cache_size() for f in jitted]
+    finished = []
+    opts = SampleConfig(length=12, temperature=0.8)
+    for prompt in ("alice " * 20, "the"):  # 120 characters: pieces of 24 and 32; then 3
+        req = Request(run.encode_prompt(prompt), opts, 1, lambda ids: ids or finished.append(1))
+        engine.submit(req)
+    while len(finished) < 2:
+        engine._step()
+    assert [f._cache_size() for f in jitted] == sizes
