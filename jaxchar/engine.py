@@ -179,7 +179,9 @@ class Engine:
         self.prompts = self._empty_state()  # the reading requests' rows, by Request.place
 
     def _empty_state(self) -> tuple:
-        return self.dec.empty(self.slots)
+        # placed on the device as the jitted calls' results are (committed), so that the
+        # first call on a fresh state and every later one share one compiled program
+        return jax.device_put(self.dec.empty(self.slots), jax.devices()[0])
 
     # --- the public side ---------------------------------------------------------------
 
