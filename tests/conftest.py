@@ -32,6 +32,19 @@ def pytest_sessionfinish(session):
 
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def shipped_configs() -> list:
+    """Every shipped config's name, as pytest parameters: the default config's runs in the
+    quick loop (`-m "not slow"`), the others' are marked slow and run in the whole suite."""
+    from jaxchar.config import DEFAULT_CONFIG
+
+    names = sorted(p.stem for p in (REPO / "configs").glob("*.toml"))
+    return [
+        n if n == DEFAULT_CONFIG else pytest.param(n, marks=pytest.mark.slow, id=n) for n in names
+    ]
+
+
 # the package's own copies of alice and shakespeare (test_corpus checks them against the
 # sha256 that ../shared/data/README.md records); SHARED holds the other test corpora
 DATA = REPO / "jaxchar" / "corpora"

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, shipped_configs
 
 from jaxchar.config import ModelConfig, load_config
 from jaxchar.corpus import prepare
@@ -18,7 +18,7 @@ from jaxchar.model import apply, init_params
 from jaxchar.sampling import sample
 from jaxchar.train import fit, with_vocab
 
-SHIPPED = sorted(p.stem for p in (REPO / "configs").glob("*.toml"))
+SHIPPED = shipped_configs()  # the default in the quick loop; all in the whole suite
 VOCAB = 45  # Alice's lowercased vocabulary is about this size
 KERNELS = native.available()
 

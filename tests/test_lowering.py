@@ -7,7 +7,7 @@ import re
 import jax
 import jax.numpy as jnp
 import pytest
-from conftest import REPO
+from conftest import shipped_configs
 from jax import export
 
 from jaxchar import data
@@ -22,7 +22,7 @@ from jaxchar.train import (
     zero_totals,
 )
 
-SHIPPED = sorted(p.stem for p in (REPO / "configs").glob("*.toml"))
+SHIPPED = shipped_configs()  # the default in the quick loop; all in the whole suite
 ACCELERATORS = ["cuda", "tpu"]
 CPU_ONLY = re.compile(r"custom_call @(jaxchar_\w+)")  # the C++ kernels' FFI targets
 

@@ -12,13 +12,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, shipped_configs
 
 from jaxchar.config import ModelConfig, load_config
 from jaxchar.lstm import BackendError, fused, pallas, select
 from jaxchar.model import apply, init_carry, init_params
 
-SHIPPED = sorted(p.stem for p in (REPO / "configs").glob("*.toml"))
+SHIPPED = shipped_configs()  # the default in the quick loop; all in the whole suite
 VOCAB = 45
 GPU = jax.default_backend() == "gpu"
 INTERPRET = not GPU

@@ -11,14 +11,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import DATA, REPO
+from conftest import DATA, shipped_configs
 
 from jaxchar.checkpoint import load_checkpoint, load_export
 from jaxchar.cli import main
 from jaxchar.model import apply
 from jaxchar.sampling import sample, sample_stream
 
-SHIPPED = sorted(p.stem for p in (REPO / "configs").glob("*.toml"))
+SHIPPED = shipped_configs()  # the default in the quick loop; all in the whole suite
 
 
 @pytest.fixture(scope="module")
