@@ -303,3 +303,17 @@ def test_stand_alone_loop_computes_what_jaxchar_computes(tmp_path, threads, rows
     logits, _ = apply(params, cfg, jnp.asarray([[0, *ids]]))  # [1, length + 1, vocab]
     got = np.array([float(v) for v in tokens[at + 1 :]])
     np.testing.assert_allclose(got, np.asarray(logits[0, -1]), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow  # starts a server twice
+def test_serve_benchmark_measures_short_requests_beside_long_prompts(tmp_path):
+    args = "--clients 1 --reps 1 --requests 1 --long-clients 1 --long-prompt 300 --length 16"
+    done = _bench("bench_serve", tmp_path, *args.split())
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((tmp_path / "serve.json").read_text())
+    long = result["results"]["long prompts"]
+    assert long["long_clients"] == 1 and long["long_prompt"] == 300
+    assert long["long_requests"][0] >= 1  # a long prompt was answered meanwhile
+    for k in ("alone_p99_s", "beside_long_p99_s"):
+        assert 0 < long[k] < 60
+    assert set(result["results"]) == {"long prompts", "batching on (64 rows)", "batching off"}
