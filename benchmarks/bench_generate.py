@@ -3,6 +3,7 @@
     python benchmarks/bench_generate.py [--length 1000] [--reps 3] [--batches 1 64]
                                         [--dtype float32|bfloat16]
                                         [--peers tutorial torch native] [--load]
+                                        [--pallas]
 
 (a) the tutorial's method: Keras `predict` on the whole 100-character window for each new
     character; (b) jaxchar window mode (the same computation, jitted as one lax.scan);
@@ -14,7 +15,8 @@ stateful loop (nn.LSTM with its hidden state, one step per character, no_grad); 
 where there is one), with no JAX or XLA around it: what the JAX call adds to (c). All run
 the tutorial's small model (LSTM-256, scaled input, 45 characters) with random weights:
 speed does not depend on the weights. Batch 1 and batch 64 independent samples; compile
-time reported apart. On a GPU the PyTorch loop runs on CUDA. Writes
+time reported apart. On a GPU the PyTorch loop runs on CUDA, and `--pallas` adds jaxchar's
+Pallas sampling kernel (model.impl = "pallas", jaxchar/lstm/pallas/sampling.py). Writes
 benchmarks/results/generate.json (generate_gpu.json on a GPU).
 
 `--load` runs a competing CPU-bound process on every core throughout (results in
@@ -186,6 +188,11 @@ def main() -> None:
     parser.add_argument(
         "--no-window", action="store_true", help="leave out jaxchar's (slow) window mode"
     )
+    parser.add_argument(
+        "--pallas",
+        action="store_true",
+        help="also time the Pallas sampling kernel (for GPUs; interpreted and slow on a CPU)",
+    )
     args = parser.parse_args()
 
     load = common.Load(os.cpu_count() or 1) if args.load else contextlib.nullcontext()
@@ -213,6 +220,9 @@ def run_all(args) -> tuple[dict, list]:
         if dt == "float32":  # the kernel's own baseline: the same, by lax.scan
             scan = ("stateful", batch, args.length, dt, "scan")
             makers.append(("jaxchar stateful, lax.scan", jaxchar_runner, scan, args.length))
+        if args.pallas:  # the Pallas sampling loop, forced (auto picks it nowhere yet)
+            kernel = ("stateful", batch, args.length, dt, "pallas")
+            makers.append(("jaxchar stateful, Pallas kernel", jaxchar_runner, kernel, args.length))
         if "tutorial" in args.peers:
             n = args.tutorial_length
             makers.insert(0, ("tutorial (keras predict)", keras_runner, (batch, n, dt), n))

@@ -6,16 +6,19 @@
 # (a step cut short is reported and the run goes on), so that one short lease records
 # whatever fits:
 #  1. facts: GPU, driver, JAX version and devices, the backends each config runs here;
-#  2. the Pallas kernels' tests on the GPU (tests/test_pallas.py: the split over unit groups
-#     and the grid barrier run only here), against the scan loops and the nn.scan reference;
+#  2. the Pallas kernels' tests on the GPU (tests/test_pallas.py and
+#     tests/test_pallas_sampling.py: the split over unit groups and the grid barrier run only
+#     here), against the scan loops and the nn.scan reference;
 #  3. bench_kernels: the train step with the fused layer as shipped, unrolled 2/4/8, in
 #     bfloat16, and with the Pallas kernels in float32 and bfloat16, interleaved in one run;
-#     then again with XLA's command buffers for loops (the cheap levers before the kernel);
-#  4. bench_train on small, stacked and fast: jaxchar (auto, cudnn, pallas) against PyTorch's
+#  4. bench_generate at 1, 8 and 64 rows: the Pallas sampling kernel against the lax.scan
+#     loop and PyTorch's CUDA loop, interleaved;
+#  5. bench_train on small, stacked and fast: jaxchar (auto, cudnn, pallas) against PyTorch's
 #     cuDNN nn.LSTM in float32 and under float16 autocast (its persistent algorithm),
-#     interleaved; bench_generate at batch 1 and 64 (the sampling kernel's baseline);
-#  5. `jaxchar bench` on every shipped config (auto), then with model.impl = "pallas";
-#  6. the model, backend and lowering tests on the GPU; the main job; a profile of a step.
+#     interleaved; bench_kernels again with XLA's command buffers for loops (the cheap
+#     levers before the kernel); bench_serve with 1, 8 and 64 clients;
+#  6. `jaxchar bench` on every shipped config (auto), then with model.impl = "pallas";
+#  7. the model, backend and lowering tests on the GPU; the main job; a profile of a step.
 # Results land in benchmarks/results/*_gpu.json and, where $OUT is set, are copied there
 # with the whole log. Where ../shared/data does not travel with the checkout, copy the
 # corpora into an ignored folder first (mkdir -p .gpudata && cp ../shared/data/*.txt
@@ -56,13 +59,19 @@ step facts 40 bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total -
 # the kernels' own tolerances hold TF32 products (XLA's default on Hopper, and Triton's)
 step pallas-tests 150 env JAX_PLATFORMS=cuda python3 -m pytest -q -o addopts="" \
     -p no:cacheprovider -p no:benchmark -n 4 tests/test_pallas.py -x -rs
+# the sampling kernel draws in IEEE float32; the scan it must match, too (no TF32)
+step pallas-sampling-tests 120 env JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=highest \
+    python3 -m pytest -q -o addopts="" -p no:cacheprovider -p no:benchmark -n 4 \
+    tests/test_pallas_sampling.py -x -rs
 step kernels 100 python3 benchmarks/bench_kernels.py --configs small stacked fast --reps 10
+step bench-generate 60 python3 benchmarks/bench_generate.py --batches 1 8 64 --reps 3 \
+    --peers torch --pallas --no-window
+step bench-train 100 python3 benchmarks/bench_train.py --configs small stacked fast --reps 10 \
+    --peers torch torch-half
 # while loops and conditionals captured into CUDA graphs, where this XLA offers it
 step kernels-cmdbuf 60 env XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL" \
     python3 benchmarks/bench_kernels.py --configs small fast --reps 5 --tag cmdbuf
-step bench-train 100 python3 benchmarks/bench_train.py --configs small stacked fast --reps 10 \
-    --peers torch torch-half
-step bench-generate 40 python3 benchmarks/bench_generate.py --batches 1 8 64 --reps 3 --peers torch
+step bench-serve 60 python3 benchmarks/bench_serve.py --clients 1 8 64 --reps 2
 step bench 90 python3 -m jaxchar bench --config small --config stacked --config fast \
     --config shakespeare --config code --json "$RESULTS/bench_gpu.json"
 step bench-pallas 70 python3 -m jaxchar bench --config small --config stacked --config fast \

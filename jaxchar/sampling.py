@@ -8,8 +8,9 @@ as in the config, the CLI and the server (None is taken to mean the same).
 
 The loop drives a decoder (jaxchar.decoders: `Stateful` reads the prompt once, then one
 cell step per character; `Window` re-reads the last window), as beam search and the serving
-engine do. The stateful loop runs as the C++ generation kernel where jaxchar.lstm.backends
-chooses it (CPUs; the same ids for the same keys) and as the lax.scan below everywhere else.
+engine do. The stateful loop runs as a generation kernel where jaxchar.lstm.backends
+chooses one (the C++ loop on CPUs, the Pallas loop on NVIDIA GPUs; the same ids for the
+same keys) and as the lax.scan below everywhere else.
 `sample_logits` is the one draw: `sample`, the engine (per-row settings) and tests with a
 fake logits function all use it.
 """
@@ -25,7 +26,7 @@ import numpy as np
 
 from jaxchar.config import ModelConfig
 from jaxchar.decoders import MODES, Decoder, Stateful, decoder
-from jaxchar.lstm import native, select
+from jaxchar.lstm import native, pallas, select
 
 NEG = -1e30  # stands for -inf without creating NaNs in softmax
 
@@ -97,24 +98,28 @@ def sample_logits(
     return jax.lax.cond(t > 0, draw, greedy)
 
 
-def _kernel(cfg: ModelConfig, rows: int, top_k, top_p) -> bool:
-    """Whether the C++ generation loop runs `rows` rows (jaxchar.lstm.backends's choice)."""
+def _kernel(cfg: ModelConfig, rows: int, top_k, top_p) -> str | None:
+    """The kernel that runs the stateful loop of `rows` rows ("native": C++ on CPUs;
+    "pallas": NVIDIA GPUs, interpreted on CPUs), or None (jaxchar.lstm.backends's choice)."""
     filtered = top_k is not None or top_p is not None
     choice = select(cfg, "sample", platform=jax.default_backend(), rows=rows, filtered=filtered)
-    return choice.backend == "native"
+    return choice.kernel
 
 
 def _steps(params, state, keys, dec: Decoder, temperature, top_k, top_p, prompt=None):
     """One new character per key (keys [n, 2]): returns (state, ids [rows, n]). With `prompt`
     [rows, P] (stateful, `state` the empty one) the prompt is read first."""
     cfg, rows = dec.cfg, state[1].shape[0]
-    if isinstance(dec, Stateful) and _kernel(cfg, rows, top_k, top_p):
+    kernel = _kernel(cfg, rows, top_k, top_p) if isinstance(dec, Stateful) else None
+    if kernel is None:
+        return _scan(params, state, keys, temperature, prompt, dec, top_k, top_p)
 
-        def scan(params, carry, logits, keys, temperature, prompt):
-            return _scan(params, (carry, logits), keys, temperature, prompt, dec, top_k, top_p)
+    def scan(params, carry, logits, keys, temperature, prompt):
+        return _scan(params, (carry, logits), keys, temperature, prompt, dec, top_k, top_p)
 
-        def kernel(state):
-            return native.generate(
+    def run(generate):
+        def call(state):
+            return generate(
                 params,
                 cfg,
                 *state,
@@ -122,14 +127,23 @@ def _steps(params, state, keys, dec: Decoder, temperature, top_k, top_p, prompt=
                 temperature,
                 prompt,
                 fallback=scan,  # under vmap, where the kernel cannot take the rows
-                fits=lambda rows: _kernel(cfg, rows, top_k, top_p),
+                fits=lambda rows: _kernel(cfg, rows, top_k, top_p) == kernel,
             )
 
-        def elsewhere(state):
-            return scan(params, *state, keys, temperature, prompt)
+        return call
 
-        return jax.lax.platform_dependent(state, cpu=kernel, default=elsewhere)
-    return _scan(params, state, keys, temperature, prompt, dec, top_k, top_p)
+    if kernel == "native":
+        branches = {"cpu": run(native.generate)}
+    else:  # compiled for NVIDIA GPUs, interpreted on CPUs (forced there, for tests)
+        branches = {
+            "cuda": run(partial(pallas.sampling.generate, interpret=False)),
+            "cpu": run(partial(pallas.sampling.generate, interpret=True)),
+        }
+
+    def elsewhere(state):
+        return scan(params, *state, keys, temperature, prompt)
+
+    return jax.lax.platform_dependent(state, **branches, default=elsewhere)
 
 
 def _scan(params, state, keys, temperature, prompt, dec: Decoder, top_k, top_p):
@@ -264,7 +278,7 @@ def _sample(
     keys = jax.random.split(key, length)
     rows, dec = prompt.shape[0], decoder(cfg, mode, seq_length)
     if isinstance(dec, Stateful) and _kernel(cfg, rows, top_k, top_p):
-        # the CPU kernel reads the prompt too (and the scan, off the CPU)
+        # the kernel reads the prompt too (and the scan, where the kernel does not run)
         _, out = _steps(params, dec.empty(rows), keys, dec, temperature, top_k, top_p, prompt)
     else:
         state = dec.start(params, prompt)

@@ -12,7 +12,7 @@ from conftest import REPO, shipped_configs
 
 from jaxchar.config import ModelConfig, load_config
 from jaxchar.corpus import prepare
-from jaxchar.lstm import BackendError, native, select
+from jaxchar.lstm import BackendError, generation, native, select
 from jaxchar.lstm.backends import MEASURED_FASTER, runnable
 from jaxchar.model import apply, init_params
 from jaxchar.sampling import sample
@@ -195,14 +195,14 @@ def test_vmap_over_params_runs_the_reference_loop(name):
 def test_long_generation_in_several_kernel_calls_equals_one_scan(monkeypatch):
     # the kernel makes at most NOISE_BYTES of noise a call: a long sample runs as several
     # calls in a lax.scan, and must draw exactly what one scan draws
-    monkeypatch.setattr(native.generation, "NOISE_BYTES", 3 * 4 * 2 * VOCAB * 16)  # 48 chars a call
+    monkeypatch.setattr(generation, "NOISE_BYTES", 3 * 4 * 2 * VOCAB * 16)  # 48 chars a call
     cfg = _model("fast")
     params = init_params(cfg, jax.random.PRNGKey(5))
     key, prompt = jax.random.PRNGKey(6), jnp.arange(9)
     got = sample(params, key, prompt, cfg=cfg, length=130, temperature=0.9, num_samples=2)
     want = sample(params, key, prompt, cfg=_scan(cfg), length=130, temperature=0.9, num_samples=2)
     np.testing.assert_array_equal(got, want)
-    assert native.chunk_length(2, VOCAB) == 48
+    assert generation.chunk_length(2, VOCAB) == 48
 
 
 # ---- training on every backend the selector may choose here ---------------------------

@@ -20,7 +20,9 @@ deterministic for a seed, and measured faster on that kind of machine (docs/benc
 - `pallas` is never picked by auto: no GPU run has measured it yet (docs/benchmarks.md, "The
   Pallas training kernels"); forced, it runs on NVIDIA GPUs and, interpreted, on CPUs.
 - sample (stateful loop), CPU with an AVX-512 variant: `native` up to 64 rows without
-  top-k/top-p (measured faster than the scan); everywhere else `scan`.
+  top-k/top-p (measured faster than the scan); everywhere else `scan`. Forced, `pallas` runs
+  the whole loop as one Pallas kernel (jaxchar/lstm/pallas/sampling.py) up to 128 rows
+  without top-k/top-p; auto does not pick it until a GPU run has measured it.
 
 A forced backend (`scan`, `fused`, `native`, `pallas`, `cudnn`) runs wherever it applies; where this
 machine cannot run it at all (no GPU for cuDNN, no kernels for native) `select` raises
@@ -142,6 +144,8 @@ def _layer(cfg: ModelConfig, platform: str, masked: bool) -> Choice:
 
 
 def _sampler(cfg: ModelConfig, platform: str, rows: int, filtered: bool) -> Choice:
+    if cfg.impl == "pallas":
+        return _pallas_sampler(cfg, platform, rows, filtered)
     if cfg.impl not in ("auto", "native"):
         return Choice("scan", f"model.impl = '{cfg.impl}': the lax.scan loop")
     if platform != "cpu":
@@ -155,6 +159,17 @@ def _sampler(cfg: ModelConfig, platform: str, rows: int, filtered: bool) -> Choi
     if cfg.impl == "auto" and name not in MEASURED_FASTER:
         return Choice("scan", f"auto: the {name} kernel measured slower than the scan")
     return Choice("native", f"{cfg.impl}: C++ generation loop ({name})")
+
+
+def _pallas_sampler(cfg: ModelConfig, platform: str, rows: int, filtered: bool) -> Choice:
+    if filtered:
+        return Choice("scan", "top-k/top-p: the lax.scan loop (the kernel draws from all ids)")
+    fits, why = pallas.sampling.supports(cfg, rows)
+    if not fits:
+        return Choice("scan", f"model.impl = 'pallas', but {why}: the lax.scan loop")
+    if platform == "cpu":
+        return Choice("pallas", "model.impl = 'pallas': the Pallas loop, interpreted (slow)")
+    return Choice("pallas", "model.impl = 'pallas': the Pallas sampling loop")
 
 
 def choices(cfg: ModelConfig, platform: str) -> dict[str, Choice]:

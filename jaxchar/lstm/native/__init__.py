@@ -7,13 +7,7 @@ which variant loads), `generation` (the sampling loop) and `layer` (the training
 recurrences), each with its `vmap` and sharding rules.
 """
 
-from jaxchar.lstm.native.generation import (
-    MAX_ROWS,
-    NOISE_BYTES,
-    chunk_length,
-    generate,
-    generate_supports,
-)
+from jaxchar.lstm.native.generation import MAX_ROWS, generate, generate_supports
 from jaxchar.lstm.native.layer import layer_backward, layer_forward, layer_supports
 from jaxchar.lstm.native.loader import (
     CPU_KINDS,
@@ -29,11 +23,9 @@ from jaxchar.lstm.native.loader import (
 __all__ = [
     "CPU_KINDS",
     "MAX_ROWS",
-    "NOISE_BYTES",
     "VARIANTS",
     "available",
     "bf16",
-    "chunk_length",
     "cpu_flags",
     "cpu_model",
     "generate",

@@ -10,22 +10,14 @@ meet at a grid barrier once per step. What stays outside, as large XLA products,
 needs no recurrence: the input projection before the forward loop and the weight gradients
 after the backward loop (jaxchar/lstm/fused.py).
 
-Work split (both kernels), for hidden H, batch B (padded to a multiple of ROWS):
-- program (u, b) owns hidden units [u*UNITS, (u+1)*UNITS) of rows [b*ROWS, (b+1)*ROWS): the
-  four gates' columns of those units, so that the cell update is local to the program;
+Work split (both kernels; jaxchar/lstm/pallas/grid.py has the grid and the barrier), for
+hidden H, batch B (padded to a multiple of ROWS):
 - forward step t: z = gx[t] + h_{t-1} W_h[:, own columns] ([ROWS, H] x [H, 4*UNITS]); gates,
   c and h of its units; h is written to hbuf[t+1], which every program of the row block
   reads after the barrier as the next step's h_{t-1};
 - backward step t (reverse): dz of its units from dh, dc and the saved activations, written
   to dz[t]; after the barrier, dh_{t-1} of its units = dz[t] W_h^T[:, own units] ([ROWS, 4H]
   x [4H, UNITS]), which needs every program's dz[t] of the row block.
-- The barrier is a counter per row block in global memory: a CTA barrier (every thread's
-  stores issued), one acquire-release atomic add, then atomic reads until all UNITS-groups of
-  the block have arrived. It needs the programs of a row block resident at once: H/UNITS
-  programs (16 at hidden 256, 24 at 384), far below a Hopper GPU's 132 SMs, and the row
-  block is the fast grid axis so that its programs are launched together. A bounded spin
-  turns a scheduling failure into wrong numbers (which the device script's comparison with
-  the reference catches) rather than a hang.
 
 On a CPU the same kernels run in Pallas's interpreter (`interpret=True`), one program per
 row block owning all units (programs run one after another there, so a barrier could never
@@ -49,11 +41,16 @@ from jax.experimental import pallas as pl
 
 from jaxchar.lstm.cells import gate
 from jaxchar.lstm.folding import foldable
-
-ROWS = 16  # rows per program: Triton's smallest dot tile
-UNITS = 16  # hidden units per program on a GPU (4*UNITS columns of W_h, 64 KB in float32
-# at hidden 256): small enough to stay resident, and H/UNITS programs per row block
-SPIN_LIMIT = 1 << 24  # barrier polls before a program gives up waiting (see above)
+from jaxchar.lstm.pallas.grid import (
+    ROWS,
+    UNITS,
+    barrier,
+    launch,
+    pad_rows,
+    piece_width,
+    plan,
+    tiles,
+)
 
 
 def supports(hidden: int, dtype) -> tuple[bool, str]:
@@ -65,62 +62,17 @@ def supports(hidden: int, dtype) -> tuple[bool, str]:
     return True, ""
 
 
-def _chunk(n: int) -> int:
-    """The widest power of two up to 128 dividing n: Triton's tensors have power-of-two
-    shapes, so a contraction over n (hidden 384, say) runs as n / chunk products."""
-    c = 1
-    while c < 128 and n % (2 * c) == 0:
-        c *= 2
-    return c
-
-
-def _barrier(sync_ref, block, generation: jax.Array, groups: int) -> None:
-    """Waits until all `groups` programs of row block `block` have arrived `generation`
-    times. A no-op with one group (the interpreter's case: no other program to wait for)."""
-    if groups == 1:
-        return
-    from jax.experimental.pallas import triton as plgpu
-
-    plgpu.debug_barrier()  # every thread of this program has issued its stores
-    plgpu.atomic_add(sync_ref, block, 1)  # acquire-release, GPU scope: publishes them
-    target = generation * groups
-
-    def waiting(carry):
-        seen, spins = carry
-        return (seen < target) & (spins < SPIN_LIMIT)
-
-    def poll(carry):
-        return plgpu.atomic_add(sync_ref, block, 0), carry[1] + 1
-
-    jax.lax.while_loop(waiting, poll, (jnp.int32(0), jnp.int32(0)))
-    plgpu.debug_barrier()  # no thread reads other programs' values before the wait ended
-
-
-def _tiles(static: dict):
-    """This program's row block b and its slices: its rows, its units, and gate g's
-    columns of its units (`cols(g)`)."""
-    hidden, units = static["hidden"], static["units"]
-    u, b = pl.program_id(0), pl.program_id(1)
-    rows = pl.ds(pl.multiple_of(b * ROWS, ROWS), ROWS)
-    mine = pl.ds(pl.multiple_of(u * units, units), units)
-
-    def cols(g):
-        return pl.ds(pl.multiple_of(g * hidden + u * units, units), units)
-
-    return b, rows, mine, cols
-
-
 def _forward_kernel(
     gx_ref, w_ref, c0_ref, h0_ref, _sync_in, hbuf_ref, acts_ref, cbuf_ref, sync_ref, **static
 ):
     hidden, steps, groups = static["hidden"], static["steps"], static["groups"]
-    kind, dtype, chunk = static["gate_activation"], static["dtype"], _chunk(hidden)
-    b, rows, mine, cols = _tiles(static)
+    kind, dtype, chunk = static["gate_activation"], static["dtype"], piece_width(hidden)
+    b, rows, mine, cols = tiles(hidden, static["units"])
 
     c = c0_ref[rows, mine]
     hbuf_ref[0, rows, mine] = h0_ref[rows, mine]
     cbuf_ref[0, rows, mine] = c
-    _barrier(sync_ref, b, jnp.int32(1), groups)
+    barrier(sync_ref, b, jnp.int32(1), groups)
 
     def step(t, c):
         h_prev = [  # [ROWS, chunk] pieces of h_{t-1}, every unit of the row block
@@ -140,7 +92,7 @@ def _forward_kernel(
             acts_ref[t, rows, cols(g)] = a[g]
         hbuf_ref[t + 1, rows, mine] = h
         cbuf_ref[t + 1, rows, mine] = c
-        _barrier(sync_ref, b, t + 2, groups)
+        barrier(sync_ref, b, t + 2, groups)
         return c
 
     jax.lax.fori_loop(0, steps, step, c)
@@ -168,8 +120,8 @@ def _backward_kernel(
     **static,
 ):
     hidden, steps, groups = static["hidden"], static["steps"], static["groups"]
-    kind, dtype, chunk = static["gate_activation"], static["dtype"], _chunk(hidden)
-    b, rows, mine, cols = _tiles(static)
+    kind, dtype, chunk = static["gate_activation"], static["dtype"], piece_width(hidden)
+    b, rows, mine, cols = tiles(hidden, static["units"])
 
     def step(s, carry):
         t = steps - 1 - s
@@ -187,7 +139,7 @@ def _backward_kernel(
         ]
         for k in range(4):
             dz_ref[t, rows, cols(k)] = dz[k]
-        _barrier(sync_ref, b, s + 1, groups)
+        barrier(sync_ref, b, s + 1, groups)
         # dh_{t-1} of this program's units: dz[t] of the whole row block times W_h^T
         acc = jnp.zeros((ROWS, static["units"]), jnp.float32)
         for k in range(4 * hidden // chunk):
@@ -202,55 +154,18 @@ def _backward_kernel(
     dc0_ref[rows, mine] = dc0
 
 
-def _pad_rows(x: jax.Array, axis: int) -> jax.Array:
-    extra = -x.shape[axis] % ROWS
-    if not extra:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, extra)
-    return jnp.pad(x, widths)
-
-
-def _plan(hidden: int, batch: int, interpret: bool) -> tuple[int, int, int]:
-    """(units per program, unit groups, row blocks)."""
-    units = hidden if interpret else UNITS
-    return units, hidden // units, -(-batch // ROWS)
-
-
-def _params(interpret: bool, groups: int):
-    if interpret:
-        return {}
-    from jax.experimental.pallas import triton as plgpu
-
-    # a 16-row tile of 4 gates x 16 units and its operands: 4 warps
-    return {"compiler_params": plgpu.CompilerParams(num_warps=4, num_stages=1)}
-
-
 def _launch(body, name: str, outs: list, args: list, *, steps, batch, hidden, **static):
-    """One pallas_call of `body` over the (unit group, row block) grid, with the barrier's
-    counters (one per row block, zeroed) as its last input and output."""
-    units, groups, blocks = _plan(hidden, batch, static["interpret"])
-    f32 = jnp.float32
+    """One launch of `body` (grid.launch) with float32 outputs of the shapes `outs`."""
     kernel = functools.partial(
         body,
         hidden=hidden,
-        units=units,
         steps=steps,
-        groups=groups,
         gate_activation=static["gate_activation"],
         dtype=static["dtype"],
     )
-    shapes = [jax.ShapeDtypeStruct(s, f32) for s in outs]
-    *results, _ = pl.pallas_call(
-        kernel,
-        grid=(groups, blocks),
-        out_shape=(*shapes, jax.ShapeDtypeStruct((blocks,), jnp.int32)),
-        input_output_aliases={len(args): len(outs)},  # the barrier counters start at zero
-        interpret=static["interpret"],
-        name=name,
-        **_params(static["interpret"], groups),
-    )(*args, jnp.zeros((blocks,), jnp.int32))
-    return results
+    f32 = [(shape, jnp.float32) for shape in outs]
+    interpret = static["interpret"]
+    return launch(kernel, name, f32, args, hidden=hidden, batch=batch, interpret=interpret)
 
 
 def forward(gx, w_h, c0, h0, *, gate_activation: str, dtype, interpret: bool):
@@ -258,16 +173,16 @@ def forward(gx, w_h, c0, h0, *, gate_activation: str, dtype, interpret: bool):
     ((hs [T, B, H], c_T, h_T), (acts [T, B, 4H], cs [T, B, H])), what fused._scan_forward
     returns."""
     steps, batch, width = gx.shape
-    hidden, rows, f32 = width // 4, _plan(width // 4, batch, interpret)[2] * ROWS, jnp.float32
+    hidden, rows, f32 = width // 4, plan(width // 4, batch, interpret)[2] * ROWS, jnp.float32
     hbuf, acts, cbuf = _launch(
         _forward_kernel,
         "jaxchar_lstm_forward_pallas",
         [(steps + 1, rows, hidden), (steps, rows, width), (steps + 1, rows, hidden)],
         [
-            _pad_rows(gx.astype(f32), 1),
+            pad_rows(gx.astype(f32), 1),
             w_h.astype(dtype),
-            _pad_rows(c0.astype(f32), 0),
-            _pad_rows(h0.astype(f32), 0),
+            pad_rows(c0.astype(f32), 0),
+            pad_rows(h0.astype(f32), 0),
         ],
         steps=steps,
         batch=batch,
@@ -283,18 +198,18 @@ def forward(gx, w_h, c0, h0, *, gate_activation: str, dtype, interpret: bool):
 def backward(w_h, acts, cs, c0, d_hs, d_c, d_h, *, gate_activation: str, dtype, interpret: bool):
     """The reverse recurrence: (dz [T, B, 4H], dc0, dh0), what fused._scan_backward returns."""
     steps, batch, width = acts.shape
-    hidden, rows, f32 = width // 4, _plan(width // 4, batch, interpret)[2] * ROWS, jnp.float32
+    hidden, rows, f32 = width // 4, plan(width // 4, batch, interpret)[2] * ROWS, jnp.float32
     cbuf = jnp.concatenate([c0[None].astype(f32), cs], axis=0)  # [T + 1, B, H]
     dz, dc0, dh0 = _launch(
         _backward_kernel,
         "jaxchar_lstm_backward_pallas",
         [(steps, rows, width), (rows, hidden), (rows, hidden)],
         [
-            _pad_rows(acts, 1),
-            _pad_rows(cbuf, 1),
-            _pad_rows(d_hs.astype(f32), 1),
-            _pad_rows(d_c.astype(f32), 0),
-            _pad_rows(d_h.astype(f32), 0),
+            pad_rows(acts, 1),
+            pad_rows(cbuf, 1),
+            pad_rows(d_hs.astype(f32), 1),
+            pad_rows(d_c.astype(f32), 0),
+            pad_rows(d_h.astype(f32), 0),
             w_h.T.astype(dtype),  # [4H, H]: the rows of W_h^T that each step's product needs
         ],
         steps=steps,
