@@ -17,8 +17,9 @@ Long prompts beside short requests (batching on): `--long-clients` clients (defa
 send back-to-back requests whose prompts are `--long-prompt` characters (default 4,000, just
 under the server's --max-prompt) while 8 short clients run their round; the short requests'
 p50 and p99 are reported against the same round with no long prompts, so one sees how much a
-long prompt holds the others back (the engine reads prompts a piece a step). Writes
-benchmarks/results/serve.json (serve_gpu.json on a GPU).
+long prompt holds the others back (the engine reads prompts a piece a step). The engine
+alone (no HTTP) is timed too, with each `--engine-impls` (auto; pallas: the Pallas sampling
+loop, for GPUs). Writes benchmarks/results/serve.json (serve_gpu.json on a GPU).
 """
 
 from __future__ import annotations
@@ -158,15 +159,19 @@ def mixed_round(url: str, long_clients: int, long_prompt: int, length: int, seed
     return {**short, "long_requests": longs[0]}
 
 
-def engine_alone(run: Path, clients: list[int], length: int, reps: int) -> dict:
+def engine_alone(run: Path, clients: list[int], length: int, reps: int, impl: str) -> dict:
     """The batching engine with no HTTP in front: n requests submitted at once, chars/s
-    until the last finishes (median of `reps` after a warm-up): the server's ceiling."""
+    until the last finishes (median of `reps` after a warm-up): the server's ceiling. With
+    `impl` "pallas" its calls run the Pallas sampling loop (jaxchar/engine.py)."""
+    import dataclasses
+
     from jaxchar.engine import Engine, Request
     from jaxchar.run import Run
 
     trained = Run.open(run)
     params, _ = trained.params()
-    engine = Engine(params, trained.cfg.model, mode=trained.options().mode, slots=64).start()
+    cfg = dataclasses.replace(trained.cfg.model, impl=impl)
+    engine = Engine(params, cfg, mode=trained.options().mode, slots=64).start()
     prompt = trained.encode_prompt("alice was beginning")
     opts = trained.options(length=length, temperature=0.8, top_k=0, top_p=1.0)
 
@@ -185,7 +190,8 @@ def engine_alone(run: Path, clients: list[int], length: int, reps: int) -> dict:
         for n in clients:
             burst(n, 0)
             out[str(n)] = statistics.median(burst(n, 1000 * (r + 1)) for r in range(reps))
-            print(f"engine alone, {n} requests at once: {out[str(n)]:,.0f} chars/s", flush=True)
+            rate = out[str(n)]
+            print(f"engine alone ({impl}), {n} requests at once: {rate:,.0f} chars/s", flush=True)
     finally:
         engine.stop()
     return out
@@ -203,12 +209,23 @@ def main() -> None:
     )
     parser.add_argument("--long-clients", type=int, default=4)
     parser.add_argument("--long-prompt", type=int, default=4000, help="characters")
+    parser.add_argument(
+        "--engine-impls",
+        nargs="+",
+        default=["auto"],
+        choices=["auto", "scan", "pallas"],
+        help="model.impl for the engine-alone figures (pallas: the sampling kernel, for GPUs)",
+    )
     args = parser.parse_args()
 
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         run = train_run(Path(tmp))
-        alone = engine_alone(run, args.clients, args.length, args.reps)
+        alone_by = {
+            impl: engine_alone(run, args.clients, args.length, args.reps, impl)
+            for impl in args.engine_impls
+        }
+        alone = alone_by[args.engine_impls[0]]
         for batching in (True, False):
             name = "batching on (64 rows)" if batching else "batching off"
             proc, url = start_server(run, batching, args.chunk)
@@ -311,6 +328,7 @@ def main() -> None:
         "stream": args.stream,
         "results": results,
         "engine_alone_chars_per_s": alone,
+        "engine_alone_by_impl": alone_by,
     }
     print(f"written to {common.save('serve_stream' if args.stream else 'serve', payload)}")
 

@@ -71,7 +71,8 @@ step bench-train 100 python3 benchmarks/bench_train.py --configs small stacked f
 # while loops and conditionals captured into CUDA graphs, where this XLA offers it
 step kernels-cmdbuf 60 env XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL" \
     python3 benchmarks/bench_kernels.py --configs small fast --reps 5 --tag cmdbuf
-step bench-serve 60 python3 benchmarks/bench_serve.py --clients 1 8 64 --reps 2
+step bench-serve 90 python3 benchmarks/bench_serve.py --clients 1 8 64 --reps 2 \
+    --engine-impls auto pallas
 step bench 90 python3 -m jaxchar bench --config small --config stacked --config fast \
     --config shakespeare --config code --json "$RESULTS/bench_gpu.json"
 step bench-pallas 70 python3 -m jaxchar bench --config small --config stacked --config fast \

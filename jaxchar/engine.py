@@ -11,6 +11,10 @@ request frees its row at once. Rows are independent: each draws with its own key
 are `jax.random.split(PRNGKey(seed), length)` as in `jaxchar.sample`, so a request gets the
 text that `Run.generate` gives for the same seed and settings.
 
+Where the selector runs a stateful model's sampling loop as the Pallas kernel (NVIDIA GPUs;
+forced with model.impl = "pallas"), a call whose rows filter nothing (top-k 0, top-p 1) is
+one kernel launch instead of the lax.scan, drawing the same ids from the same keys.
+
 With `slots=1` requests run one at a time (the "batching off" of benchmarks/bench_serve.py).
 Nothing here knows about HTTP: `submit` takes a callback that receives text pieces.
 """
@@ -29,7 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxchar.config import ModelConfig, SampleConfig
-from jaxchar.decoders import Decoder, decoder
+from jaxchar.decoders import Decoder, Stateful, decoder
+from jaxchar.lstm import pallas, select
 from jaxchar.sampling import sample_logits
 
 PROMPT_CHUNK = 64  # prompt characters read per step: see Engine
@@ -61,6 +66,19 @@ def _advance(params, state, keys, left, temperature, top_k, top_p, *, dec: Decod
     part, out = jax.lax.scan(body, part, (jnp.arange(n), keys.transpose(1, 0, 2)))
     state = jax.tree.map(lambda whole, p: whole.at[:rows].set(p), state, part)
     return state, out.T
+
+
+@partial(jax.jit, static_argnames=("dec", "rows"), donate_argnames=("state",))
+def _advance_kernel(params, state, keys, left, temperature, *, dec: Stateful, rows):
+    """`_advance` by the Pallas sampling loop, for rows that filter nothing (top-k 0, top-p
+    1): each row's noise is what `_draw` draws from its keys, so the ids are the same."""
+    part = jax.tree.map(lambda x: x[:rows], state)
+    vocab = dec.cfg.vocab_size
+    noise = jax.vmap(jax.vmap(lambda k: jax.random.gumbel(k, (1, vocab))[0]))(keys)
+    part, ids = pallas.sampling.run(params, dec.cfg, *part, noise.transpose(1, 0, 2), temperature)
+    out = jnp.where(jnp.arange(keys.shape[1])[None] < left[:, None], ids, -1)
+    state = jax.tree.map(lambda whole, p: whole.at[:rows].set(p), state, part)
+    return state, out
 
 
 @partial(jax.jit, static_argnames=("length",))
@@ -177,6 +195,12 @@ class Engine:
         self.widest = 0  # the most prompt characters read for one row in one call
         self.state = self._empty_state()
         self.prompts = self._empty_state()  # the reading requests' rows, by Request.place
+        # whether the selector runs `rows` stateful rows on the Pallas sampling loop
+        self._kernel = isinstance(self.dec, Stateful) and (
+            lambda rows: (
+                select(cfg, "sample", platform=jax.default_backend(), rows=rows).kernel == "pallas"
+            )
+        )
 
     def _empty_state(self) -> tuple:
         # placed on the device as the jitted calls' results are (committed), so that the
@@ -223,18 +247,21 @@ class Engine:
         requests of each of `lengths`."""
         for length in lengths:
             _keys(np.zeros((self.slots,), np.uint32), length=_bucket(length, self.chunk))
+        opts = [SampleConfig(length=2 * self.chunk, temperature=0.5)]
+        if self._kernel:  # rows with a filter take the lax.scan loop: compile it too
+            opts.append(SampleConfig(length=2 * self.chunk, temperature=0.5, top_k=1))
         m = 1
         while m <= self.slots:
-            done = [threading.Event() for _ in range(m)]
-            for ev in done:
-                opts = SampleConfig(length=2 * self.chunk, temperature=0.5)
-                prompt = np.zeros((self.prompt_chunk + 1,), np.int32)
-                self.submit(Request(prompt, opts, 0, partial(_ended, ev)))
-            if self._thread is None:
-                while not all(ev.is_set() for ev in done):
-                    self._step()
-            for ev in done:
-                ev.wait(timeout=300)
+            for o in opts:
+                done = [threading.Event() for _ in range(m)]
+                for ev in done:
+                    prompt = np.zeros((self.prompt_chunk + 1,), np.int32)
+                    self.submit(Request(prompt, o, 0, partial(_ended, ev)))
+                if self._thread is None:
+                    while not all(ev.is_set() for ev in done):
+                        self._step()
+                for ev in done:
+                    ev.wait(timeout=300)
             m *= 2
 
     # --- the loop ----------------------------------------------------------------------
@@ -277,17 +304,22 @@ class Engine:
             left[i] = req.length - req.made
             o = req.opts
             temperature[i], top_k[i], top_p[i] = o.temperature, o.top_k, o.top_p
-        self.state, out = _advance(
-            self.params,
-            self.state,
-            keys,
-            left,
-            temperature,
-            top_k,
-            top_p,
-            dec=self.dec,
-            rows=k,
-        )
+        if self._kernel and self._kernel(k) and not top_k.any() and (top_p == 1).all():
+            self.state, out = _advance_kernel(
+                self.params, self.state, keys, left, temperature, dec=self.dec, rows=k
+            )
+        else:
+            self.state, out = _advance(
+                self.params,
+                self.state,
+                keys,
+                left,
+                temperature,
+                top_k,
+                top_p,
+                dec=self.dec,
+                rows=k,
+            )
         self.calls += 1
         out = np.asarray(out)
         finished = []

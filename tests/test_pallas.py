@@ -1,4 +1,4 @@
-"""The Pallas training kernels (jaxchar/lstm/pallas.py) against the lax.scan loops they stand
+"""The Pallas training kernels (jaxchar/lstm/pallas/layer.py) against the lax.scan loops they stand
 in for and the model through them against the nn.scan reference, on every shipped config's
 shapes. On a CPU they run in Pallas's interpreter with one program per row block; the split
 over unit groups and the grid barrier run on a GPU only, where benchmarks/gpu_check.sh runs

@@ -210,3 +210,49 @@ def test_the_cuda_module_holds_one_sampling_kernel(rows):
     auto = dataclasses.replace(cfg, impl="auto")
     plain = export.export(sampler(auto), platforms=["cuda"])(params, key).mlir_module()
     assert "xla.gpu.triton" not in plain
+
+
+def test_the_serving_engine_runs_unfiltered_rows_on_the_kernel_with_the_same_ids():
+    # requests at temperature 0 and 0.8 share kernel launches; a top-k request beside them
+    # takes the lax.scan loop for those calls; each gets what `sample` gives for its seed
+    import threading
+
+    from jaxchar.config import SampleConfig
+    from jaxchar.engine import Engine, Request, _advance_kernel
+
+    cfg = _model("fast")
+    params = _params(cfg, seed=12)
+    prompt = np.arange(12) % VOCAB
+    jobs = [(0.0, 0, 3), (0.8, 0, 4), (0.8, 0, 5), (0.8, 5, 6)]  # temperature, top_k, seed
+    before = _advance_kernel._cache_size()
+    engine = Engine(params, cfg, slots=4, chunk=8, gather_ms=50).start()
+    try:
+        out = {seed: [] for *_, seed in jobs}
+        done = [threading.Event() for _ in jobs]
+        for (t, k, seed), ev in zip(jobs[:3], done, strict=False):  # unfiltered together
+            opts = SampleConfig(length=24, temperature=t, top_k=k)
+            engine.submit(
+                Request(prompt, opts, seed, lambda ids, s=seed, e=ev: _take(ids, s, e, out))
+            )
+        for ev in done[:3]:
+            assert ev.wait(120)
+        t, k, seed = jobs[3]
+        opts = SampleConfig(length=24, temperature=t, top_k=k)
+        engine.submit(Request(prompt, opts, seed, lambda ids: _take(ids, seed, done[3], out)))
+        assert done[3].wait(120)
+    finally:
+        engine.stop()
+    assert _advance_kernel._cache_size() > before  # the kernel ran
+    scan = _scan(cfg)
+    for t, k, seed in jobs:
+        want = sample(
+            params, jax.random.PRNGKey(seed), prompt, cfg=scan, length=24, temperature=t, top_k=k
+        )
+        assert out[seed] == np.asarray(want).tolist(), seed
+
+
+def _take(ids, seed, event, out):
+    if ids is None:
+        event.set()
+    else:
+        out[seed].extend(ids)

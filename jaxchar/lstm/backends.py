@@ -3,9 +3,9 @@
 Backends: `scan` (the nn.scan cells, jaxchar/lstm/cells.py: the definition and reference),
 `fused` (jaxchar/lstm/fused.py: the layer with a hand-written backward pass, lax.scan loops),
 `native` (the fused layer's loops, or the whole stateful sampling loop, in C++ on CPUs:
-jaxchar/lstm/native/), `pallas` (the fused layer's loops as one Pallas kernel each on
-NVIDIA GPUs, jaxchar/lstm/pallas.py; interpreted on CPUs, for tests) and `cudnn`
-(jaxchar/lstm/cudnn.py, NVIDIA GPUs).
+jaxchar/lstm/native/), `pallas` (the fused layer's loops as one Pallas kernel each, or the
+whole stateful sampling loop as one, on NVIDIA GPUs: jaxchar/lstm/pallas/; interpreted on
+CPUs, for tests) and `cudnn` (jaxchar/lstm/cudnn.py, NVIDIA GPUs).
 
 `model.impl = "auto"` picks a backend only where it is correct under jit, vmap and grad,
 deterministic for a seed, and measured faster on that kind of machine (docs/benchmarks.md):

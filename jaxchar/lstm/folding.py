@@ -1,6 +1,6 @@
 """Running a kernel once for all rows under `jax.vmap`: the mapped axis folded into the rows
 axis of every argument, shared by the C++ kernels (native/) and the Pallas kernels
-(pallas.py), whose calls take a batch of rows but know nothing of `vmap`."""
+(pallas/), whose calls take a batch of rows but know nothing of `vmap`."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ autodiff, XLA transposed the whole [time, batch, 4*hidden] gradient in memory fi
 With `kernel="native"` (chosen by jaxchar.lstm.backends), both loops run in C++ on CPUs
 (jaxchar/lstm/native/layer.py) and as the lax.scan loops below on any other platform of the same
 program; with `kernel="pallas"`, each loop is one Pallas kernel on NVIDIA GPUs
-(jaxchar/lstm/pallas.py), interpreted on CPUs, and the lax.scan loops elsewhere.
+(jaxchar/lstm/pallas/layer.py), interpreted on CPUs, and the lax.scan loops elsewhere.
 Under `jax.vmap` the kernels' batching rule folds the mapped axis into the
 batch (one call for all), unless the weights themselves are mapped: then the lax.scan loops
 run, batched by XLA.
@@ -210,8 +210,9 @@ def lstm_layer(w_h, xs, c0, h0, w_in, bias, xs_fm=None, loop: Loop = Loop()):
     hs_fm carries no gradient: it stands for hs, whose gradient flows through xs.
 
     `loop.kernel` names the backend that runs both recurrences: "native" (C++ on CPUs:
-    float32, hidden % 64 == 0), "pallas" (one Pallas kernel each on NVIDIA GPUs, see pallas.py) or
-    None (the lax.scan loops); the caller, jaxchar.lstm.backends, has checked that it applies."""
+    float32, hidden % 64 == 0), "pallas" (one Pallas kernel each on NVIDIA GPUs, see
+    pallas/layer.py) or None (the lax.scan loops); the caller, jaxchar.lstm.backends, has
+    checked that it applies."""
     return _forward(w_h, xs, c0, h0, w_in, bias, loop)[0]
 
 

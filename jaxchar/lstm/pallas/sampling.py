@@ -232,6 +232,25 @@ def generate_call(
     return (carry, last[:batch, :vocab]), ids[:n, :batch].T
 
 
+def run(params, cfg: ModelConfig, carry, logits, noise, temperature, prompt=None):
+    """`generate_call` on this platform: compiled on NVIDIA GPUs, interpreted on CPUs
+    (where only a forced model.impl = "pallas" gets here). `temperature` is one value or
+    one per row (the serving engine's rows each have their own)."""
+    if prompt is None:
+        prompt = jnp.zeros((logits.shape[0], 0), jnp.int32)
+
+    def on(interpret: bool):
+        def call(carry, logits, noise, temperature, prompt):
+            return generate_call(
+                params, cfg, carry, logits, noise, temperature, prompt, interpret=interpret
+            )
+
+        return call
+
+    args = carry, logits, noise, temperature, prompt
+    return jax.lax.platform_dependent(*args, cuda=on(False), cpu=on(True))
+
+
 def generate(
     params: dict,
     cfg: ModelConfig,
