@@ -317,3 +317,4 @@ def test_serve_benchmark_measures_short_requests_beside_long_prompts(tmp_path):
     for k in ("alone_p99_s", "beside_long_p99_s"):
         assert 0 < long[k] < 60
     assert set(result["results"]) == {"long prompts", "batching on (64 rows)", "batching off"}
+    assert list(result["engine_alone_by_impl"]) == ["auto"]  # --engine-impls' default

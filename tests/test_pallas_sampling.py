@@ -117,7 +117,7 @@ def test_bfloat16_products_draw_the_scans_ids():
 
 
 def test_under_vmap_keys_and_prompts_fold_into_one_kernel_call():
-    cfg = _model("fast")
+    cfg = ModelConfig(vocab_size=VOCAB, layers=2, hidden=32, encoding="embed", impl="pallas")
     params = _params(cfg, seed=7)
     keys = jax.random.split(jax.random.PRNGKey(8), 3)
     prompts = jax.random.randint(jax.random.PRNGKey(9), (3, 2, 7), 0, VOCAB)
@@ -139,7 +139,7 @@ def test_under_vmap_keys_and_prompts_fold_into_one_kernel_call():
 def test_a_long_sample_runs_as_several_kernel_calls_and_equals_one_scan(monkeypatch):
     # at most NOISE_BYTES of noise a call: 48 characters a call for 2 rows
     monkeypatch.setattr(generation, "NOISE_BYTES", 3 * 4 * 2 * VOCAB * 16)
-    cfg = _model("fast")
+    cfg = ModelConfig(vocab_size=VOCAB, layers=2, hidden=32, encoding="embed", impl="pallas")
     params = _params(cfg, seed=10)
     key, prompt = jax.random.PRNGKey(11), jnp.arange(9)
     kw = dict(length=130, temperature=0.9, num_samples=2)
@@ -220,7 +220,7 @@ def test_the_serving_engine_runs_unfiltered_rows_on_the_kernel_with_the_same_ids
     from jaxchar.config import SampleConfig
     from jaxchar.engine import Engine, Request, _advance_kernel
 
-    cfg = _model("fast")
+    cfg = ModelConfig(vocab_size=VOCAB, layers=2, hidden=32, encoding="embed", impl="pallas")
     params = _params(cfg, seed=12)
     prompt = np.arange(12) % VOCAB
     jobs = [(0.0, 0, 3), (0.8, 0, 4), (0.8, 0, 5), (0.8, 5, 6)]  # temperature, top_k, seed
