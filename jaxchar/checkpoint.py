@@ -190,9 +190,12 @@ class RunDir:
     # --- saving -------------------------------------------------------------------------
 
     def save(self, step: int, tree: dict, metrics: dict) -> None:
-        """Saves {"state": TrainState, "totals": ...} with its metrics, then waits for it."""
+        """Saves {"state": TrainState, "totals": ..., "weights": the params readers load
+        (train.ema: the moving average; default: the state's)} with its metrics, then
+        waits for it."""
         state = tree["state"]
         train_part = {
+            **self._raw_params(state),
             "opt_state": state.opt_state,
             "step": state.step,
             "carry": state.carry,
@@ -213,7 +216,7 @@ class RunDir:
         self.manager.save(
             step,
             args=ocp.args.Composite(
-                params=ocp.args.StandardSave(state.params),
+                params=ocp.args.StandardSave(tree.get("weights", state.params)),
                 train=ocp.args.StandardSave(train_part),
                 meta=ocp.args.JsonSave(meta),
             ),
@@ -305,6 +308,7 @@ class RunDir:
         step replaces it, and metrics.jsonl forgets the lines after the restored step."""
         state = target["state"]
         abstract = {
+            **self._raw_params(state),
             "opt_state": state.opt_state,
             "step": state.step,
             "carry": state.carry,
@@ -333,7 +337,7 @@ class RunDir:
             part = restored["train"]
             new_state = state.replace(
                 step=part["step"],
-                params=restored["params"],
+                params=part.get("params", restored["params"]),
                 opt_state=part["opt_state"],
                 carry=part["carry"],
             )
@@ -344,6 +348,11 @@ class RunDir:
             )
             self._forget_metrics_after(0)
         return None
+
+    def _raw_params(self, state) -> dict:
+        """With train.ema a checkpoint's "params" (what readers load) are the moving
+        average, and the params that training goes on from are kept in its train part."""
+        return {"params": state.params} if self.cfg.train.ema else {}
 
     def _skip(self, step: int, err: Exception, then: str) -> None:
         self.damaged.add(step)

@@ -154,6 +154,9 @@ class TrainConfig:
     decay_rate: float = 0.1  # exponential: factor reached at the last step
     weight_decay: float = 0.0  # > 0 switches Adam to AdamW
     clip_norm: float = 0.0  # global-norm gradient clipping; 0 = off
+    # decay of an exponential moving average of the weights, which validation, checkpoints
+    # and sampling then use (training goes on from the raw weights); 0 = off
+    ema: float = 0.0
     seed: int = 0
     keep_best: int = 3  # best checkpoints kept by the monitored loss (plus the latest)
     save_every_steps: int = 0  # 0 = save at the end of every epoch
@@ -174,6 +177,7 @@ class TrainConfig:
         _check(0 < self.decay_rate <= 1, "train.decay_rate must be in (0, 1]")
         _check(self.weight_decay >= 0, "train.weight_decay must not be negative")
         _check(self.clip_norm >= 0, "train.clip_norm must not be negative")
+        _check(0 <= self.ema < 1, "train.ema must be in [0, 1) (0: off)")
         _check(self.keep_best >= 1, "train.keep_best must be at least 1")
         _check(self.save_every_steps >= 0, "train.save_every_steps must not be negative")
         _check(self.log_every >= 1, "train.log_every must be at least 1")

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -62,14 +62,56 @@ def make_schedule(cfg: TrainConfig, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warm), main], [warm])
 
 
+class EmaState(NamedTuple):
+    count: jax.Array  # int32: updates averaged so far
+    ema: Any  # the average, shaped like the params
+
+
+def ema_decay(count: jax.Array, decay: float) -> jax.Array:
+    """The decay at the count-th update: min(decay, (1 + count) / (10 + count)), so that
+    the first updates are not held back by the initial weights (a short run's average is
+    of its recent weights, not of its start)."""
+    count = count.astype(jnp.float32)
+    return jnp.minimum(decay, (1.0 + count) / (10.0 + count))
+
+
+def track_ema(decay: float) -> optax.GradientTransformation:
+    """Leaves the updates alone and keeps in its state an exponential moving average of
+    the params they lead to: ema_t = d_t ema_{t-1} + (1 - d_t) params_t (`ema_decay`),
+    ema_0 = the initial params. Kept in the optimizer state, it is checkpointed, restored,
+    sharded and skipped (train.skip_nonfinite) with it."""
+
+    def init(params):
+        # a copy: the train state's params and the average are donated apart
+        return EmaState(jnp.zeros((), jnp.int32), jax.tree.map(jnp.array, params))
+
+    def update(updates, state, params):
+        count = state.count + 1
+        d = ema_decay(count, decay)
+        new = optax.apply_updates(params, updates)
+        ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state.ema, new)
+        return updates, EmaState(count, ema)
+
+    return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(cfg: TrainConfig, total_steps: int) -> optax.GradientTransformation:
-    """Adam (Keras' epsilon 1e-7), AdamW when weight_decay > 0, optional global-norm clip."""
+    """Adam (Keras' epsilon 1e-7), AdamW when weight_decay > 0, optional global-norm clip;
+    with train.ema, the average of the weights kept last (`track_ema`)."""
     schedule = make_schedule(cfg, total_steps)
     if cfg.weight_decay:
         opt = optax.adamw(schedule, eps=1e-7, weight_decay=cfg.weight_decay)
     else:
         opt = optax.adam(schedule, eps=1e-7)
-    return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), opt) if cfg.clip_norm else opt
+    if cfg.clip_norm:
+        opt = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), opt)
+    return optax.chain(opt, track_ema(cfg.ema)) if cfg.ema else opt
+
+
+def used_params(state: TrainState, cfg: TrainConfig):
+    """The weights that validation, checkpoints and sampling use: the moving average with
+    train.ema (the last element of the optimizer's chain), else the params."""
+    return state.opt_state[-1].ema if cfg.ema else state.params
 
 
 def create_state(cfg: Config, tx: optax.GradientTransformation, key: jax.Array) -> TrainState:
@@ -356,7 +398,9 @@ def fit(
     polled between dispatches (signal handlers set it); the loop then saves and returns.
     With a `mesh` (jaxchar.distributed.make_mesh) the global batch is split over its
     devices and params are replicated; results match the single-device run. `on_save`
-    receives (params, metrics) after each save (the CLI prints samples there). The
+    receives (params, metrics) after each save (the CLI prints samples there); with
+    train.ema those params, the validation loss and the checkpoints' params are the moving
+    average (`used_params`). The
     sentences objective needs the splits' sentence spans (Corpus.train_spans, val_spans)."""
     log = log or (lambda event: None)
     should_stop = should_stop or (lambda: False)
@@ -419,7 +463,8 @@ def fit(
             last_log = step
         if save_now or stop:
             interrupted = stop and not save_now
-            metrics = _save_metrics(cfg, state.params, totals, val_ids, val_spans, interrupted)
+            weights = used_params(state, t)
+            metrics = _save_metrics(cfg, weights, totals, val_ids, val_spans, interrupted)
             metrics.update(
                 step=step,
                 epoch=epoch + 1,
@@ -434,11 +479,12 @@ def fit(
             if epoch_end:  # the next epoch's sums start at zero, in the checkpoint too
                 totals = replicate(zero_totals(), mesh)
             if checkpointer is not None:
-                checkpointer.save(step, {"state": state, "totals": totals}, metrics)
+                tree = {"state": state, "totals": totals, "weights": weights}
+                checkpointer.save(step, tree, metrics)
             result.history.append(metrics)
             log({"event": "save", **metrics})
             if on_save is not None:
-                on_save(state.params, metrics)
+                on_save(weights, metrics)
         if stop:
             result.interrupted = step < plan.total_steps
             break

@@ -11,7 +11,18 @@ from jaxchar.checkpoint import CheckpointError, RunDir, load_checkpoint
 from jaxchar.config import Config, override
 from jaxchar.corpus import prepare
 from jaxchar.model import init_params
-from jaxchar.train import Plan, fit, loss_fn, with_vocab, zero_totals
+from jaxchar.train import (
+    Plan,
+    create_state,
+    evaluate,
+    fit,
+    loss_fn,
+    make_optimizer,
+    train_step,
+    used_params,
+    with_vocab,
+    zero_totals,
+)
 
 
 def _setup(alice_text, *sets, chars=20000):
@@ -89,9 +100,13 @@ def test_training_is_deterministic_for_a_seed(alice_text):
         np.testing.assert_array_equal(x, y)
 
 
-@pytest.mark.parametrize("stateful", [False, True])
-def test_resume_equals_uninterrupted(alice_text, tmp_path, stateful):
-    extra = ["data.objective=sequence", "data.stateful=true"] if stateful else []
+@pytest.mark.parametrize("case", ["window", "stateful", "ema"])
+def test_resume_equals_uninterrupted(alice_text, tmp_path, case):
+    extra = {
+        "window": [],
+        "stateful": ["data.objective=sequence", "data.stateful=true"],
+        "ema": ["train.ema=0.9"],  # the average is kept in the optimizer's state
+    }[case]
     cfg, corpus = _setup(
         alice_text, "train.epochs=1", "train.save_every_steps=5", "train.steps_per_call=5", *extra
     )
@@ -114,6 +129,42 @@ def test_resume_equals_uninterrupted(alice_text, tmp_path, stateful):
         np.testing.assert_array_equal(x, y)
     assert resumed.history[-1]["train_loss"] == straight.history[-1]["train_loss"]
     assert resumed.history[-1]["val_loss"] == straight.history[-1]["val_loss"]
+    if case == "ema":  # and readers load the average, which the validation loss scored
+        ema = straight.state.opt_state[-1].ema
+        for x, y in zip(
+            jax.tree.leaves(ema),
+            jax.tree.leaves(used_params(resumed.state, full_cfg.train)),
+            strict=True,
+        ):
+            np.testing.assert_array_equal(x, y)
+        with RunDir.open(tmp_path / "run") as again:
+            stored = again.read_params(total)
+        for x, y in zip(jax.tree.leaves(ema), jax.tree.leaves(stored), strict=True):
+            np.testing.assert_array_equal(x, y)
+        val = evaluate(ema, full_cfg, corpus.val_ids)
+        assert straight.history[-1]["val_loss"] == pytest.approx(val, rel=1e-6)
+        assert val != pytest.approx(evaluate(straight.state.params, full_cfg, corpus.val_ids))
+
+
+def test_the_moving_average_of_the_weights_is_the_hand_computed_one(alice_text):
+    # three train steps by hand: ema_0 = the initial params, then
+    # ema_t = d_t ema_{t-1} + (1 - d_t) params_t with d_t = min(decay, (1 + t) / (10 + t))
+    cfg, corpus = _setup(alice_text, "train.ema=0.5")
+    tx = make_optimizer(cfg.train, total_steps=3)
+    state = create_state(cfg, tx, jax.random.PRNGKey(0))
+    obj = data.objective(cfg)
+    ids = jnp.asarray(corpus.train_ids)
+    want = jax.tree.map(np.asarray, state.params)
+    for t in range(1, 4):
+        batch = obj.train_batch(ids, None, jax.random.PRNGKey(1), 0, t)
+        state, _ = train_step(state, batch, jax.random.PRNGKey(t), cfg=cfg, tx=tx)
+        d = min(0.5, (1 + t) / (10 + t))  # 2/11, 3/12, then the decay itself: 0.5 > 4/13
+        want = jax.tree.map(lambda e, p, d=d: d * e + (1 - d) * np.asarray(p), want, state.params)
+    got = used_params(state, cfg.train)
+    assert int(state.opt_state[-1].count) == 3
+    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+    assert used_params(state, dataclasses.replace(cfg.train, ema=0.0)) is state.params
 
 
 def _metric_lines(run_dir) -> list[dict]:
