@@ -7,7 +7,9 @@ held out) for the same wall-clock budget on this machine, then reports the best 
 bits/char, the training bits/char, steps done, and a 300-character sample at temperature 0.8
 with its repetition share (the fraction of 20-character substrings of a 2,000-character sample
 that occur more than once: the tutorial's main complaint was the same phrase again and
-again). Writes docs/experiments.md and benchmarks/results/experiments.json.
+again). Writes docs/experiments.md (keeping its last section, from KEPT on: the quality
+candidates measured with bench_quality.py and quality_table.py) and
+benchmarks/results/experiments.json.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import common  # noqa: E402
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
+KEPT = "## Quality candidates"  # from here on docs/experiments.md is not regenerated
 UNTIL_BUDGET_EPOCHS = 10_000  # for constant learning rates; a decaying schedule keeps its own
 
 # name -> (base config, overrides, what it tests)
@@ -174,7 +177,10 @@ def write_report(rows: list[dict], budget: float) -> Path:
         lines += [f"**{r['name']}**", "", "```", r["sample"], "```", ""]
     DOCS.mkdir(exist_ok=True)
     path = DOCS / "experiments.md"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    kept = ""  # the quality candidates' section is written by hand from quality_table.py
+    if path.is_file() and KEPT in (old := path.read_text(encoding="utf-8")):
+        kept = old[old.index(KEPT) :]
+    path.write_text("\n".join(lines) + "\n" + kept, encoding="utf-8")
     return path
 
 

@@ -318,3 +318,66 @@ def test_serve_benchmark_measures_short_requests_beside_long_prompts(tmp_path):
         assert 0 < long[k] < 60
     assert set(result["results"]) == {"long prompts", "batching on (64 rows)", "batching off"}
     assert list(result["engine_alone_by_impl"]) == ["auto"]  # --engine-impls' default
+
+
+def test_the_experiments_report_keeps_the_quality_candidates_section(tmp_path, monkeypatch):
+    monkeypatch.setattr(experiments, "DOCS", tmp_path)
+    row = {
+        "name": "baseline",
+        "what": "the tutorial's model",
+        "steps": 10,
+        "best_val_bpc": 4.0,
+        "train_bpc": 4.1,
+        "repetition_argmax": 1.0,
+        "repetition_t0.8": 0.0,
+        "sample": "alice",
+    }
+    path = experiments.write_report([row], 60)
+    assert experiments.KEPT not in path.read_text()
+    hand = f"{experiments.KEPT}\n\n| candidate | final |\n| ema | 1.39 |\n"
+    path.write_text(path.read_text() + hand)
+    experiments.write_report([dict(row, steps=20)], 60)
+    text = path.read_text()
+    assert text.endswith(hand) and "| baseline | the tutorial's model | 20 |" in text
+    assert text.count(experiments.KEPT) == 1
+
+
+def test_the_quality_table_gives_each_candidates_mean_and_spread_over_seeds(tmp_path):
+    # two candidates x two seeds, with curves whose points fall either side of each minute
+    def run(points, final, best):
+        curve = [{"wall_s": s, "val_loss": v} for s, v in points]
+        return {"curve": curve, "final": {"val_loss": final}, "best_val": {"val_loss": best}}
+
+    files = {
+        "base_seed0": run([(50, 2.0), (110, 1.6)], 1.5, 1.45),
+        "base_seed1": run([(70, 2.2), (100, 1.8)], 1.7, 1.65),
+        "new_seed0": run([(30, 1.9), (90, 1.5)], 1.4, 1.35),
+        "new_seed1": run([(40, 2.1), (130, 1.7)], 1.6, 1.55),
+    }
+    for name, value in files.items():
+        (tmp_path / f"quality_{name}.json").write_text(json.dumps(value))
+    args = ["base", "new", "--seeds", "0", "1", "--minutes", "1", "2", "--results", tmp_path]
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "quality_table.py"), *map(str, args)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "| candidate | 1 min | 2 min | final | best | final vs first |"
+    # base at 1 min: seed 1 has no point yet (its first is at 70 s); new at 2 min: seed 1's
+    # second point (130 s) is not in yet, so its first (2.1) counts
+    assert lines[2] == (
+        "| base | - | 1.7000 (1.6000-1.8000) | 1.6000 (1.5000-1.7000) "
+        "| 1.5500 (1.4500-1.6500) | +0.0000 |"
+    )
+    assert lines[3] == (
+        "| new | 2.0000 (1.9000-2.1000) | 1.8000 (1.5000-2.1000) | 1.5000 (1.4000-1.6000) "
+        "| 1.4500 (1.3500-1.5500) | -0.1000 |"
+    )
+    missing = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "quality_table.py"), "other"],
+        capture_output=True,
+        text=True,
+    )
+    assert missing.returncode != 0 and "quality_other_seed0.json is missing" in missing.stderr

@@ -1,0 +1,74 @@
+"""A markdown table of held-out loss against wall time for candidates run by bench_quality.py
+over several seeds: the numbers that docs/experiments.md's "Quality candidates" cite.
+
+    python benchmarks/quality_table.py fast fast_ema0.99 [--minutes 1 2 4] [--seeds 0 1 2]
+                                       [--results benchmarks/results]
+
+Each name is a candidate; its runs are benchmarks/results/quality_<name>_seed<N>.json (written
+by `bench_quality.py --name <name>_seed<N> --set train.seed=<N> ...`). For every candidate the
+table gives the held-out loss (nats/char) last recorded by each time (the run's curve: one
+point per save), the final and the best, as the mean over seeds with the spread (min-max),
+and the difference of the means from the first candidate's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def runs(name: str, seeds: list[int], results: Path = RESULTS) -> list[dict]:
+    found = []
+    for seed in seeds:
+        path = results / f"quality_{name}_seed{seed}.json"
+        if not path.is_file():
+            sys.exit(f"error: {path} is missing: run bench_quality.py --name {name}_seed{seed}")
+        found.append(json.loads(path.read_text()))
+    return found
+
+
+def by_time(run: dict, seconds: float) -> float | None:
+    """The held-out loss last recorded at or before `seconds` of training (None: none yet)."""
+    seen = [p["val_loss"] for p in run["curve"] if p["wall_s"] <= seconds]
+    return seen[-1] if seen else None
+
+
+def cell(values: list[float | None]) -> tuple[str, float | None]:
+    if any(v is None for v in values):
+        return "-", None
+    mean = statistics.fmean(values)
+    return f"{mean:.4f} ({min(values):.4f}-{max(values):.4f})", mean
+
+
+def table(names: list[str], seeds: list[int], minutes: list[float], results: Path = RESULTS) -> str:
+    heads = [f"{m:g} min" for m in minutes] + ["final", "best", "final vs first"]
+    lines = ["| candidate | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]
+    first = None
+    for name in names:
+        rs = runs(name, seeds, results)
+        cells = [cell([by_time(r, 60 * m) for r in rs])[0] for m in minutes]
+        final, mean = cell([r["final"]["val_loss"] for r in rs])
+        best, _ = cell([r["best_val"]["val_loss"] for r in rs])
+        first = mean if first is None else first
+        delta = f"{mean - first:+.4f}"
+        lines.append(f"| {name} | " + " | ".join([*cells, final, best, delta]) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="+")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--minutes", type=float, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where the runs' files are")
+    args = parser.parse_args()
+    print(table(args.names, args.seeds, args.minutes, args.results))
+
+
+if __name__ == "__main__":
+    main()
