@@ -26,7 +26,7 @@ import numpy as np
 
 from jaxchar.config import ModelConfig
 from jaxchar.decoders import MODES, Decoder, Stateful, decoder
-from jaxchar.lstm import native, pallas, select
+from jaxchar.lstm import generation, native, pallas, select
 
 NEG = -1e30  # stands for -inf without creating NaNs in softmax
 
@@ -132,13 +132,15 @@ def _steps(params, state, keys, dec: Decoder, temperature, top_k, top_p, prompt=
 
         return call
 
+    def pallas_loop(interpret: bool):
+        return partial(
+            generation.generate, partial(pallas.sampling.generate_call, interpret=interpret)
+        )
+
     if kernel == "native":
         branches = {"cpu": run(native.generate)}
     else:  # compiled for NVIDIA GPUs, interpreted on CPUs (forced there, for tests)
-        branches = {
-            "cuda": run(partial(pallas.sampling.generate, interpret=False)),
-            "cpu": run(partial(pallas.sampling.generate, interpret=True)),
-        }
+        branches = {"cuda": run(pallas_loop(False)), "cpu": run(pallas_loop(True))}
 
     def elsewhere(state):
         return scan(params, *state, keys, temperature, prompt)

@@ -5,6 +5,7 @@ where benchmarks/gpu_check.sh runs this file before timing the kernel). The lowe
 show the kernel in the CUDA module where it is chosen and nowhere else."""
 
 import dataclasses
+import functools
 import re
 
 import jax
@@ -82,28 +83,24 @@ def test_the_kernels_state_and_logits_are_the_models(layers, hidden, encoding, k
     params, rows = _params(cfg, seed=layers), 20
     prompt = jax.random.randint(jax.random.PRNGKey(2), (rows, 6), 0, VOCAB)
     keys = jax.random.split(jax.random.PRNGKey(3), 30)
+    core = functools.partial(pallas.sampling.generate_call, interpret=not GPU)
 
-    def run(params, keys, prompt):
+    @functools.partial(jax.jit, static_argnums=3)
+    def run(params, keys, prompt, temperature):
         empty = init_carry(cfg, rows), jnp.zeros((rows, VOCAB))
-        return pallas.sampling.generate(params, cfg, *empty, keys, 0.7, prompt, interpret=not GPU)
+        return generation.generate(core, params, cfg, *empty, keys, temperature, prompt)
 
-    (carry, logits), ids = jax.jit(run)(params, keys, prompt)
-    every = jnp.concatenate([prompt, ids], axis=1)
-    want_logits, want_carry = apply(params, _scan(cfg), every, init_carry(cfg, rows))
-    tol = dict(rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(logits, want_logits[:, -1], **tol)
-    for (c, h), (wc, wh) in zip(carry, want_carry, strict=True):
-        np.testing.assert_allclose(c, wc, **tol)
-        np.testing.assert_allclose(h, wh, **tol)
-    # and temperature 0 takes the argmax of the model's logits
-    (_, _), greedy = jax.jit(
-        lambda p, k, x: pallas.sampling.generate(
-            p, cfg, init_carry(cfg, rows), jnp.zeros((rows, VOCAB)), k, 0.0, x, interpret=not GPU
-        )
-    )(params, keys, prompt)
-    every = jnp.concatenate([prompt, greedy], axis=1)
-    want_logits, _ = apply(params, _scan(cfg), every, init_carry(cfg, rows))
-    np.testing.assert_array_equal(greedy, jnp.argmax(want_logits[:, 5:-1], axis=-1))
+    for temperature in (0.7, 0.0):
+        (carry, logits), ids = run(params, keys, prompt, temperature)
+        every = jnp.concatenate([prompt, ids], axis=1)
+        want_logits, want_carry = apply(params, _scan(cfg), every, init_carry(cfg, rows))
+        tol = dict(rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(logits, want_logits[:, -1], **tol)
+        for (c, h), (wc, wh) in zip(carry, want_carry, strict=True):
+            np.testing.assert_allclose(c, wc, **tol)
+            np.testing.assert_allclose(h, wh, **tol)
+        if not temperature:  # the argmax of the model's logits
+            np.testing.assert_array_equal(ids, jnp.argmax(want_logits[:, 5:-1], axis=-1))
 
 
 def test_bfloat16_products_draw_the_scans_ids():

@@ -249,23 +249,3 @@ def run(params, cfg: ModelConfig, carry, logits, noise, temperature, prompt=None
 
     args = carry, logits, noise, temperature, prompt
     return jax.lax.platform_dependent(*args, cuda=on(False), cpu=on(True))
-
-
-def generate(
-    params: dict,
-    cfg: ModelConfig,
-    carry,
-    logits: jax.Array,
-    keys: jax.Array,
-    temperature,
-    prompt: jax.Array | None = None,
-    *,
-    interpret: bool,
-    fallback=None,
-    fits=lambda rows: rows <= MAX_ROWS,
-):
-    """jaxchar.lstm.generation.generate with this kernel as its core (interpreted on a CPU)."""
-    core = functools.partial(generate_call, interpret=interpret)
-    return generation.generate(
-        core, params, cfg, carry, logits, keys, temperature, prompt, fallback=fallback, fits=fits
-    )
