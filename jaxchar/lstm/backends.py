@@ -64,7 +64,8 @@ class Choice:
 
     @property
     def kernel(self) -> str | None:
-        """The kernel that runs the fused layer's recurrences ("native", "pallas"), if any."""
+        """The kernel that runs the fused layer's recurrences, or the whole sampling loop
+        ("native", "pallas"), if any."""
         return self.backend if self.backend in ("native", "pallas") else None
 
 
