@@ -17,7 +17,8 @@ pytestmark = pytest.mark.slow  # every test starts JAX processes of its own
 
 def _env(devices: int) -> dict:
     env = {**os.environ, "JAX_NUM_CPU_DEVICES": str(devices), "JAX_PLATFORMS": "cpu"}
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    flags = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {flags}".strip()  # conftest's flags kept
     return env
 
 
