@@ -323,6 +323,18 @@ def test_jaxchar_cpu_as_names_a_known_kind(monkeypatch):
         native.cpu_flags.cache_clear()
 
 
+def _eqns(jaxpr):
+    """Every equation of a jaxpr and, at each call site, of the jaxprs inside it (a jitted
+    function's body counted once per call, where the printed jaxpr shows it once)."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for inner in value if isinstance(value, tuple | list) else (value,):
+                inner = getattr(inner, "jaxpr", inner)  # a ClosedJaxpr's Jaxpr
+                if hasattr(inner, "eqns"):
+                    yield from _eqns(inner)
+
+
 def test_unroll_reaches_the_fused_layers_loops_and_changes_no_value():
     # model.unroll is a speed lever for the fused layer's loops too (benchmarks/bench_kernels)
     cfg = ModelConfig(vocab_size=11, layers=2, hidden=32, encoding="embed", embed_dim=5)
@@ -333,8 +345,9 @@ def test_unroll_reaches_the_fused_layers_loops_and_changes_no_value():
         jax.value_and_grad(lambda p, c: jnp.sum(jnp.sin(apply(p, c, ids)[0]))), static_argnums=1
     )
     unrolled = dataclasses.replace(cfg, unroll=4)
-    text = str(jax.make_jaxpr(grad, static_argnums=1)(params, unrolled))
-    assert text.count("unroll=4") == 2 * cfg.layers  # the forward and backward loops
+    jaxpr = jax.make_jaxpr(grad, static_argnums=1)(params, unrolled).jaxpr
+    unrolls = [eqn.params["unroll"] for eqn in _eqns(jaxpr) if eqn.primitive.name == "scan"]
+    assert unrolls == [4] * (2 * cfg.layers)  # the forward and backward loops
     for got, want in zip(
         jax.tree.leaves(grad(params, unrolled)), jax.tree.leaves(grad(params, cfg)), strict=True
     ):

@@ -179,6 +179,13 @@ def _kernel_forward_xla(gate_activation):
     return forward
 
 
+# The two loops are jitted on their own (static: dtype, gates, unroll) so that a layer run
+# outside jit, as model.init and eager model.apply do, reuses one compiled loop per shape
+# instead of compiling a fresh lax.scan each call; inside a jitted caller they are inlined.
+_LOOP_STATICS = ("dtype", "gate_activation", "unroll")
+
+
+@partial(jax.jit, static_argnames=_LOOP_STATICS)
 def _scan_forward(w_h, xs, c0, h0, w_in, bias, dtype, gate_activation, unroll=1):
 
     def body(carry, x_t):
@@ -293,6 +300,7 @@ def _bwd(loop: Loop, res, grads):
     return d_w_h, d_xs, dc0, dh0, d_w_in, d_bias, d_xs_fm
 
 
+@partial(jax.jit, static_argnames=_LOOP_STATICS)
 def _scan_backward(w_h, acts, cs, c0, d_hs, d_c_last, d_h_last, dtype, gate_activation, unroll=1):
     """dz [T, B, 4H] and the gradients of c0 and h0, by a reverse lax.scan."""
     c_prev = jnp.concatenate([c0[None], cs[:-1]], axis=0)
