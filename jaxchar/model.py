@@ -200,12 +200,17 @@ class CharLSTM(nn.Module):
         return lambda x, *axes: dropout(x, key, rate, *axes)
 
 
+# init_params and apply are jitted (the config and flags static): called outside jit, as in
+# a notebook or a test, they reuse one compiled program per config and shape instead of
+# running op by op and compiling each layer's loop afresh; inside jit they are inlined.
+@functools.partial(jax.jit, static_argnums=(0, 2))
 def init_params(cfg: ModelConfig, key: jax.Array, seq_length: int = 1) -> dict:
     """Fresh parameters for `cfg` (the shapes do not depend on seq_length)."""
     ids = jnp.zeros((1, seq_length), jnp.int32)
     return CharLSTM(cfg).init({"params": key}, ids)["params"]
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "train", "last_only"))
 def apply(
     params: dict,
     cfg: ModelConfig,
