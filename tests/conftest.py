@@ -114,3 +114,25 @@ def window_run(tmp_path_factory, alice_slice) -> Path:
     """The tutorial's small config (window objective, LSTM-256, batch 128), 2 steps."""
     root = tmp_path_factory.mktemp("window_run")
     return train_run(root, alice_slice, "small", "train.max_steps=2", "train.sample_chars=0")
+
+
+# The files that take longest (measured: --durations), first. xdist hands out whole files
+# (--dist loadfile) in collection order, so a long file collected last leaves the other
+# worker idle until it ends; started first, the short files fill in around it.
+_LONGEST_FIRST = [
+    "test_install.py",
+    "test_distributed.py",
+    "test_model.py",
+    "test_train.py",
+    "test_serve.py",
+    "test_pallas_sampling.py",
+    "test_faults.py",
+    "test_pallas.py",
+    "test_backends.py",
+    "test_cli.py",
+]
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files stay whole
