@@ -101,6 +101,9 @@ class ModelConfig:
     hidden: int = 256
     dropout: float = 0.2  # after each LSTM layer, as the tutorial's Dropout layers
     input_dropout: float = 0.0  # on the input features (tutorial extension idea)
+    # locked (variational) dropout, as AWD-LSTM's: one mask per sequence, the same units
+    # dropped at every timestep (inputs and each layer's outputs); off: a fresh mask a step
+    dropout_locked: bool = False
     encoding: str = "scaled"  # scaled: id / vocab (tutorial); onehot; embed
     embed_dim: int = 64
     cell: str = "lstm"  # or "gru" (Keras' GRU, reset after the recurrent product)

@@ -193,11 +193,19 @@ class CharLSTM(nn.Module):
 
     def _dropper(self, rate: float, train: bool):
         """(x, time axis, batch axis, feature axis) -> x after dropout at `rate` under one
-        fresh key (x itself unless training): a dropper's calls drop the same positions."""
+        fresh key (x itself unless training): a dropper's calls drop the same positions.
+        Locked (`model.dropout_locked`), the mask ignores the time axis: a row drops the same
+        features at every timestep."""
         if not train or rate == 0.0:
             return lambda x, *axes: x
         key = self.make_rng("dropout")
-        return lambda x, *axes: dropout(x, key, rate, *axes)
+        locked = self.cfg.dropout_locked
+
+        def drop(x, time_axis, batch_axis, feature_axis):
+            time_axis = None if locked else time_axis
+            return dropout(x, key, rate, time_axis, batch_axis, feature_axis)
+
+        return drop
 
 
 # init_params and apply are jitted (the config and flags static): called outside jit, as in

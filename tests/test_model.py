@@ -6,7 +6,7 @@ from reference import lstm_forward
 
 from jaxchar.config import ModelConfig
 from jaxchar.lstm import matmul
-from jaxchar.model import apply, dropout, init_carry, init_params, keep_mask, step
+from jaxchar.model import CharLSTM, apply, dropout, init_carry, init_params, keep_mask, step
 
 
 def _cfg(**kw):
@@ -226,6 +226,48 @@ def test_fast_layers_match_the_scan_reference_with_dropout(encoding, last_only):
     got, got_grad = jax.value_and_grad(loss)(params, cfg)
     plain = loss(params, _cfg(**{**cfg.__dict__, "dropout": 0.0, "input_dropout": 0.0}))
     assert abs(float(want) - float(plain)) > 1e-3  # dropout did drop something
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for g, w in zip(jax.tree.leaves(got_grad), jax.tree.leaves(want_grad), strict=True):
+        np.testing.assert_allclose(g, w, rtol=2e-4, atol=2e-5)
+
+
+def _masks(cfg, shape, key):
+    """The keep masks the model's dropper applies to ones of `shape` ([time, batch, F]) in
+    training, with `cfg`'s locking."""
+
+    def probe(module):
+        return module._dropper(0.5, True)(jnp.ones(shape), 0, 1, 2) != 0
+
+    return np.asarray(CharLSTM(cfg).apply({}, method=probe, rngs={"dropout": key}))
+
+
+def test_locked_dropout_drops_the_same_features_at_every_timestep():
+    shape, key = (6, 4, 32), jax.random.PRNGKey(2)
+    locked = _masks(_cfg(dropout_locked=True), shape, key)
+    for t in range(1, shape[0]):
+        np.testing.assert_array_equal(locked[t], locked[0])
+    assert not np.array_equal(locked[0, 0], locked[0, 1])  # each row its own mask
+    assert 0.35 < locked.mean() < 0.65
+    fresh = _masks(_cfg(), shape, key)  # unlocked: a new mask each timestep
+    assert not np.array_equal(fresh[1], fresh[0])
+
+
+def test_locked_dropout_trains_alike_on_the_fused_layers_and_the_scan_reference():
+    # the fused path drops the upper layer's [H, T, B] copy of its input with the same
+    # locked mask as the [T, B, H] input, so values and gradients agree with the scan
+    cfg = _cfg(encoding="embed", dropout=0.3, input_dropout=0.2, dropout_locked=True)
+    scan = _cfg(**{**cfg.__dict__, "impl": "scan"})
+    params = init_params(cfg, jax.random.PRNGKey(3))
+    ids = jax.random.randint(jax.random.PRNGKey(4), (5, 7), 0, 11)
+
+    def loss(p, cfg):
+        logits = apply(p, cfg, ids, train=True, key=jax.random.PRNGKey(9))[0]
+        return jnp.sum(jnp.sin(logits))
+
+    want, want_grad = jax.value_and_grad(loss)(params, scan)
+    got, got_grad = jax.value_and_grad(loss)(params, cfg)
+    unlocked = loss(params, _cfg(**{**cfg.__dict__, "dropout_locked": False}))
+    assert abs(float(want) - float(unlocked)) > 1e-3  # the locked masks are other masks
     np.testing.assert_allclose(got, want, rtol=1e-5)
     for g, w in zip(jax.tree.leaves(got_grad), jax.tree.leaves(want_grad), strict=True):
         np.testing.assert_allclose(g, w, rtol=2e-4, atol=2e-5)
