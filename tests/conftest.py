@@ -14,9 +14,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # workers and every process a test starts inherit it; the benchmarks, run by hand, do not.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 # XLA's CPU backend emits fusions through MLIR "fusion emitters" by default; its older
-# element-wise LLVM emitters compile the same fusions faster. Same programs, same checks:
-# the quick loop measured 343 s with the default and 240 s without it (2-core AVX2 EPYC,
-# jax 0.10.2). Appended, so a caller's own XLA_FLAGS stay and can say otherwise.
+# element-wise LLVM emitters compile the same fusions faster. The same HLO programs, code
+# generated differently, so float bits can differ between two programs that happened to
+# agree under the default (steps_per_call 1 and 5 once did; see test_faults.py). The quick
+# loop measured 343 s with the default and 240 s without it (2-core AVX2 EPYC, jax 0.10.2).
+# Appended, so a caller's own XLA_FLAGS stay and can say otherwise.
 if "xla_cpu_use_fusion_emitters" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "") + " --xla_cpu_use_fusion_emitters=false"
