@@ -12,7 +12,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any, NamedTuple, Protocol
 
 import jax
@@ -95,9 +95,14 @@ def track_ema(decay: float) -> optax.GradientTransformation:
     return optax.GradientTransformation(init, update)
 
 
+@lru_cache(maxsize=64)
 def make_optimizer(cfg: TrainConfig, total_steps: int) -> optax.GradientTransformation:
     """Adam (Keras' epsilon 1e-7), AdamW when weight_decay > 0, optional global-norm clip;
-    with train.ema, the average of the weights kept last (`track_ema`)."""
+    with train.ema, the average of the weights kept last (`track_ema`).
+
+    One object per (cfg, total_steps): `run_steps` takes the optimizer as a static
+    argument, compared by identity, so a second run of the same config in one process
+    (a resumed run, a notebook's second `fit`) reuses the compiled steps."""
     schedule = make_schedule(cfg, total_steps)
     if cfg.weight_decay:
         opt = optax.adamw(schedule, eps=1e-7, weight_decay=cfg.weight_decay)

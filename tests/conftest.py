@@ -118,20 +118,27 @@ def window_run(tmp_path_factory, alice_slice) -> Path:
     return train_run(root, alice_slice, "small", "train.max_steps=2", "train.sample_chars=0")
 
 
-# The files that take longest (measured: --durations), first. xdist hands out whole files
-# (--dist loadfile) in collection order, so a long file collected last leaves the other
-# worker idle until it ends; started first, the short files fill in around it.
+# The files that take longest, first (the whole suite's per-file times on 2 cores, summed
+# over their tests: test_install 131 s, test_benchmarks 110, test_faults 84, test_backends 72,
+# then 33-55 each; the rest under 20). xdist hands out whole files (--dist loadfile) in
+# this order (--no-loadscope-reorder: by default it reorders them by their number of tests,
+# which once put test_install last and left one worker idle for its last 100 s).
 _LONGEST_FIRST = [
     "test_install.py",
-    "test_distributed.py",
-    "test_model.py",
+    "test_benchmarks.py",
+    "test_faults.py",
+    "test_backends.py",
     "test_train.py",
     "test_serve.py",
-    "test_pallas_sampling.py",
-    "test_faults.py",
+    "test_model.py",
     "test_pallas.py",
-    "test_backends.py",
+    "test_pallas_sampling.py",
+    "test_tools.py",
     "test_cli.py",
+    "test_distributed.py",
+    "test_beam.py",
+    "test_lowering.py",
+    "test_run.py",
 ]
 
 
