@@ -178,6 +178,7 @@ def main() -> None:
             "config": args.config,
             "corpus": args.corpus,
             "sets": sets,
+            "cfg": cfg.to_dict(),  # what ran, so that a config's Expect line can be checked
             "target_train_loss": target,
             "budget_s": args.budget_s,
             "stop_at_target": args.stop_at_target,

@@ -113,3 +113,55 @@ def test_config_file_errors(tmp_path):
     bad.write_text("[model]\nlayers = 0\n")
     with pytest.raises(ConfigError, match="bad.toml.*layers"):
         load_config(bad)
+
+
+def _opening(path) -> str:
+    """A config file's opening comment (every line before the first section), as one text."""
+    lines = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("# "))
+    return " ".join(lines)
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in shipped_dir().glob("*.toml")))
+def test_a_configs_expected_held_out_loss_is_that_of_its_recorded_runs(name):
+    """A config whose Expect line promises a held-out loss names the benchmark runs it comes
+    from (benchmarks/results/*.json, a glob); the figure is their mean final held-out loss at
+    the precision it is written with, and the runs ran this config (only the seed and the
+    held-out fraction set; where a run recorded its whole config, that config)."""
+    import glob
+    import json
+    import re
+
+    from conftest import REPO
+
+    from jaxchar.config import override
+
+    text = _opening(shipped_dir() / f"{name}.toml")
+    promised = re.search(r"held-out (?:loss )?(?:of |~|about )?(\d\.(\d+))", text)
+    if promised is None:
+        assert "held-out" not in text, "a held-out figure in a form this test cannot read"
+        return
+    cited = re.findall(r"benchmarks/results/[\w*?\[\]-]+\.json", text)
+    assert cited, f"{name}: the Expect line gives no recorded run for its held-out figure"
+    paths = sorted({p for pattern in cited for p in glob.glob(str(REPO / pattern))})
+    assert paths, cited
+    finals = []
+    for path in paths:
+        run = json.loads(open(path).read())
+        assert run["config"] == name and run["complete"], path
+        sets = [s for s in run["sets"] if not s.startswith(("train.seed=", "data.val_fraction="))]
+        assert not sets, f"{path} ran {name} with {sets}"
+        if "cfg" in run:  # the whole config it ran: the shipped one, less seed and vocabulary
+            seeds = [s for s in run["sets"] if s.startswith(("train.seed=", "data.val_fraction"))]
+            want = override(load_config(name), seeds).to_dict()
+            got = run["cfg"]
+            got["model"]["vocab_size"] = want["model"]["vocab_size"]
+            assert got == want, f"{path} ran another {name} than the shipped one"
+        scored = [p["val_loss"] for p in run["curve"] if p.get("val_loss") is not None]
+        finals.append(scored[-1])
+    figure, places = float(promised.group(1)), len(promised.group(2))
+    mean = sum(finals) / len(finals)
+    assert abs(mean - figure) <= 0.5 * 10**-places + 1e-9, (name, figure, mean, finals)
