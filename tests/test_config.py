@@ -1,4 +1,5 @@
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -150,7 +151,7 @@ def test_a_configs_expected_held_out_loss_is_that_of_its_recorded_runs(name):
     assert paths, cited
     finals = []
     for path in paths:
-        run = json.loads(open(path).read())
+        run = json.loads(Path(path).read_text())
         assert run["config"] == name and run["complete"], path
         sets = [s for s in run["sets"] if not s.startswith(("train.seed=", "data.val_fraction="))]
         assert not sets, f"{path} ran {name} with {sets}"
