@@ -12,6 +12,7 @@ No file, flag, log or clock here: everything is a pure function of params and in
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -211,10 +212,29 @@ class CharLSTM(nn.Module):
 # init_params and apply are jitted (the config and flags static): called outside jit, as in
 # a notebook or a test, they reuse one compiled program per config and shape instead of
 # running op by op and compiling each layer's loop afresh; inside jit they are inlined.
-@functools.partial(jax.jit, static_argnums=(0, 2))
 def init_params(cfg: ModelConfig, key: jax.Array, seq_length: int = 1) -> dict:
-    """Fresh parameters for `cfg` (the shapes do not depend on seq_length)."""
-    ids = jnp.zeros((1, seq_length), jnp.int32)
+    """Fresh parameters for `cfg` (the shapes do not depend on seq_length).
+
+    The fields that leave the parameters' shapes and draws alone (dropout, gates, unroll,
+    product dtype, backend) are set to the reference's values first, so that configs that
+    differ only there share one compiled initializer."""
+    del seq_length  # the parameters are the same for any input length
+    plain = dataclasses.replace(
+        cfg,
+        dropout=0.0,
+        input_dropout=0.0,
+        dropout_locked=False,
+        gate_activation="sigmoid",
+        unroll=1,
+        dtype="float32",
+        impl="scan",
+    )
+    return _init_params(plain, key)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init_params(cfg: ModelConfig, key: jax.Array) -> dict:
+    ids = jnp.zeros((1, 1), jnp.int32)
     return CharLSTM(cfg).init({"params": key}, ids)["params"]
 
 

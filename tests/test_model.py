@@ -69,6 +69,29 @@ def test_keras_initialisation():
     np.testing.assert_allclose(w_h @ w_h.T, np.eye(6), atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(impl="fused", dropout=0.3, input_dropout=0.1, unroll=2),
+        dict(impl="pallas", dtype="bfloat16", gate_activation="hard_sigmoid", encoding="onehot"),
+        dict(impl="auto", cell="gru", dropout_locked=True, dropout=0.2, layers=1),
+    ],
+)
+def test_init_params_are_flaxs_own_init_of_that_config(settings):
+    """init_params shares one initializer among configs that differ only where parameters
+    do not (backend, dropout, gates, unroll, dtype): the same arrays as flax's own init of
+    the config as given, at any input length."""
+    cfg = _cfg(**{"layers": 2, "hidden": 12, **settings})
+    key = jax.random.PRNGKey(5)
+    for length in (1, 7):
+        want = CharLSTM(cfg).init({"params": key}, jnp.zeros((1, length), jnp.int32))["params"]
+        got = init_params(cfg, key, length)
+        assert jax.tree.structure(got) == jax.tree.structure(want)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            assert a.dtype == b.dtype
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_masked_positions_leave_the_state_alone():
     cfg = _cfg(encoding="embed")
     params = init_params(cfg, jax.random.PRNGKey(0))
