@@ -92,30 +92,57 @@ def train_run(root: Path, corpus: Path, config: str, *sets: str) -> Path:
     return run
 
 
-# Shared runs, trained once per test worker: tests read them and never change them (a test
-# that damages or resumes a run copies it first, with shutil.copytree).
+# Shared runs, trained once per test session: the first worker that needs one trains it
+# in a folder all the session's workers see, under a lock; the others wait for it and read
+# it. Tests read them and never change them (a test that damages or resumes a run copies it
+# first, with shutil.copytree).
+
+
+def _session_folder(tmp_path_factory) -> Path:
+    """A folder of this session's that every xdist worker sees (each worker's basetemp is
+    popen-gwN inside the controller's), or this process's basetemp without xdist."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def _shared_run(tmp_path_factory, alice_slice: Path, name: str, config: str, *sets: str) -> Path:
+    try:
+        import fcntl
+    except ImportError:  # no POSIX locks: one run per worker
+        return train_run(tmp_path_factory.mktemp(name), alice_slice, config, *sets)
+    root = _session_folder(tmp_path_factory) / "shared-runs" / name
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        done = root / "done"
+        if not done.exists():  # a worker whose training failed leaves no mark: it is tried again
+            shutil.copy(alice_slice, root / alice_slice.name)
+            train_run(root, root / alice_slice.name, config, *sets)
+            done.touch()
+    return root / config
 
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, alice_slice) -> Path:
     """The tiny config (sequence objective), 20 steps, one save; samples while training."""
-    root = tmp_path_factory.mktemp("tiny_run")
-    return train_run(root, alice_slice, "tiny", "train.max_steps=20", "train.sample_chars=30")
+    sets = ("train.max_steps=20", "train.sample_chars=30")
+    return _shared_run(tmp_path_factory, alice_slice, "tiny_run", "tiny", *sets)
 
 
 @pytest.fixture(scope="session")
 def fast_run(tmp_path_factory, alice_slice) -> Path:
     """The default config's shapes (2 x LSTM-256, 100 characters, batch 32), 4 steps."""
-    root = tmp_path_factory.mktemp("fast_run")
     sets = ("train.max_steps=4", "train.save_every_steps=2", "train.steps_per_call=2")
-    return train_run(root, alice_slice, "fast", *sets, "train.sample_chars=0")
+    return _shared_run(
+        tmp_path_factory, alice_slice, "fast_run", "fast", *sets, "train.sample_chars=0"
+    )
 
 
 @pytest.fixture(scope="session")
 def window_run(tmp_path_factory, alice_slice) -> Path:
     """The tutorial's small config (window objective, LSTM-256, batch 128), 2 steps."""
-    root = tmp_path_factory.mktemp("window_run")
-    return train_run(root, alice_slice, "small", "train.max_steps=2", "train.sample_chars=0")
+    sets = ("train.max_steps=2", "train.sample_chars=0")
+    return _shared_run(tmp_path_factory, alice_slice, "window_run", "small", *sets)
 
 
 # The files that take longest, first (the whole suite's per-file times on 2 cores, summed
