@@ -129,6 +129,30 @@ def stream_batch(ids, step, batch: int, seq_length: int) -> dict[str, jax.Array]
     return {"inputs": chunk[:, :-1], "targets": chunk[:, 1:], "weights": weights}
 
 
+def stream_eval_steps(n_chars: int, batch: int, seq_length: int) -> int:
+    """Steps that score every character of a text read as `batch` in-order streams
+    (`stream_eval_batch`): ceil(ceil((n_chars - 1) / batch) / seq_length)."""
+    stream_len = -(-(n_chars - 1) // batch)
+    return -(-stream_len // seq_length)
+
+
+def stream_eval_batch(ids, step, batch: int, seq_length: int) -> dict[str, jax.Array]:
+    """`stream_batch` for scoring: the text's n - 1 targets cut into `batch` streams of
+    ceil((n - 1) / batch), so that together they hold every character once; a stream's
+    positions past its end (or the text's) weigh 0."""
+    n = ids.shape[0]
+    stream_len = -(-(n - 1) // batch)
+    offsets = step * seq_length + jnp.arange(seq_length + 1)  # within each stream
+    positions = (jnp.arange(batch) * stream_len)[:, None] + offsets
+    chunk = ids[jnp.minimum(positions, n - 1)].astype(jnp.int32)
+    weights = (offsets[None, 1:] <= stream_len) & (positions[:, 1:] < n)
+    return {
+        "inputs": chunk[:, :-1],
+        "targets": chunk[:, 1:],
+        "weights": weights.astype(jnp.float32),
+    }
+
+
 def span_batch(ids, spans, items, valid, seq_length: int) -> dict[str, jax.Array]:
     """Sentence-padded many-to-many rows: row b holds the span spans[items[b]] from its
     first character, right-padded with id 0; padded targets and invalid rows weigh 0."""
@@ -224,11 +248,12 @@ class Sequence(Window):
         return type(self)(max(1, (n_chars - 1) // self.seq_length), self.seq_length)
 
     def eval_steps(self, n_chars: int, n_spans: int = 0) -> int:
-        return stream_steps(n_chars, self.batch, self.seq_length)
+        return stream_eval_steps(n_chars, self.batch, self.seq_length)
 
     def eval_batch(self, ids, spans, i) -> dict[str, jax.Array]:
-        """Step i of `batch` in-order streams: the caller carries the state across steps."""
-        return stream_batch(ids, i, self.batch, self.seq_length)
+        """Step i of `batch` in-order streams that together hold every character once: the
+        caller carries the state across steps."""
+        return stream_eval_batch(ids, i, self.batch, self.seq_length)
 
 
 @dataclass(frozen=True)

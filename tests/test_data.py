@@ -76,6 +76,27 @@ def test_stream_batches_continue_each_other():
     assert data.stream_steps(n, batch, seq) == stream_len // seq
 
 
+@pytest.mark.parametrize(
+    "n, batch, seq", [(1001, 4, 10), (14443, 32, 100), (97, 8, 5), (12, 4, 100)]
+)
+def test_held_out_streams_score_every_character_once(n, batch, seq):
+    """The sequence objective's evaluation: `batch` in-order streams whose weighted targets
+    are every position 1..n-1 exactly once (the last, partial chunks masked), each chunk
+    continuing its stream where the previous step stopped."""
+    ids = jnp.asarray(np.arange(n), jnp.int32)
+    obj = data.Sequence(batch, seq).for_evaluation(n)
+    seen = []
+    last_input = None
+    for i in range(obj.eval_steps(n)):
+        b = {k: np.asarray(v) for k, v in obj.eval_batch(ids, None, i).items()}
+        np.testing.assert_array_equal(b["targets"], np.minimum(b["inputs"] + 1, n - 1))
+        if last_input is not None:  # each row goes on from its last position
+            np.testing.assert_array_equal(b["inputs"][:, 0], np.minimum(last_input + 1, n - 1))
+        last_input = b["inputs"][:, -1]
+        seen.extend(b["targets"][b["weights"] > 0].tolist())
+    assert sorted(seen) == list(range(1, n))
+
+
 def test_sentence_batch_equals_naive_padded_slices():
     rng = np.random.default_rng(1)
     ids = np.arange(1, 401, dtype=np.int32)  # unique ids: a row's first id names its span
