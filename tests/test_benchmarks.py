@@ -357,6 +357,7 @@ def test_the_quality_table_gives_each_candidates_mean_and_spread_over_seeds(tmp_
     for name, value in files.items():
         (tmp_path / f"quality_{name}.json").write_text(json.dumps(value))
     args = ["base", "new", "--seeds", "0", "1", "--minutes", "1", "2", "--results", tmp_path]
+    args += ["--plot", tmp_path / "curves.png"]
     done = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "quality_table.py"), *map(str, args)],
         capture_output=True,
@@ -375,6 +376,7 @@ def test_the_quality_table_gives_each_candidates_mean_and_spread_over_seeds(tmp_
         "| new | 2.0000 (1.9000-2.1000) | 1.8000 (1.5000-2.1000) | 1.5000 (1.4000-1.6000) "
         "| 1.4500 (1.3500-1.5500) | -0.1000 |"
     )
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     missing = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "quality_table.py"), "other"],
         capture_output=True,
