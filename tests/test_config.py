@@ -1,9 +1,24 @@
 import dataclasses
+import glob
+import json
+import re
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 
 from jaxchar.config import Config, ConfigError, from_dict, load_config, override, shipped_dir
+
+
+def _opening(path: Path) -> list[str]:
+    """A config file's opening comment (every line before the first section), its lines
+    without the leading '# '."""
+    lines = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("# "))
+    return lines
 
 
 def test_every_shipped_config_loads_and_opens_with_its_command():
@@ -12,14 +27,10 @@ def test_every_shipped_config_loads_and_opens_with_its_command():
     for path in paths:
         cfg = load_config(path)
         assert isinstance(cfg, Config)
-        # the opening comment (every line before the first section) holds the command
-        # that runs this very file and says what to expect
-        opening = []
-        for line in path.read_text().splitlines():
-            if not line.startswith("#"):
-                break
-            opening.append(line)
-        commands = [line for line in opening if line.lstrip("# ").startswith("jaxchar train")]
+        # the opening comment holds the command that runs this very file and says what to
+        # expect
+        opening = _opening(path)
+        commands = [line for line in opening if line.startswith("jaxchar train")]
         assert len(commands) == 1, path
         assert (
             path.stem == "fast"
@@ -116,16 +127,6 @@ def test_config_file_errors(tmp_path):
         load_config(bad)
 
 
-def _opening(path) -> str:
-    """A config file's opening comment (every line before the first section), as one text."""
-    lines = []
-    for line in path.read_text().splitlines():
-        if not line.startswith("#"):
-            break
-        lines.append(line.lstrip("# "))
-    return " ".join(lines)
-
-
 ALLOWED = ("train.seed=", "data.val_fraction=")  # what a recorded run may set on a config
 
 
@@ -136,15 +137,7 @@ def test_a_configs_expected_held_out_loss_is_that_of_its_recorded_runs(name):
     the precision it is written with, and the runs ran this config (the whole config a run
     recorded; for older runs, which recorded only their --set options, no option but the
     seed and the held-out fraction)."""
-    import glob
-    import json
-    import re
-
-    from conftest import REPO
-
-    from jaxchar.config import override
-
-    text = _opening(shipped_dir() / f"{name}.toml")
+    text = " ".join(_opening(shipped_dir() / f"{name}.toml"))
     promised = re.search(r"held-out (?:loss )?(?:of |~|about )?(\d\.(\d+))", text)
     if promised is None:
         assert "held-out" not in text, "a held-out figure in a form this test cannot read"
@@ -158,8 +151,8 @@ def test_a_configs_expected_held_out_loss_is_that_of_its_recorded_runs(name):
         run = json.loads(Path(path).read_text())
         assert run["config"] == name and run["complete"], path
         if "cfg" in run:  # the whole config it ran: the shipped one, less seed and vocabulary
-            seeds = [s for s in run["sets"] if s.startswith(ALLOWED)]
-            want = override(load_config(name), seeds).to_dict()
+            allowed = [s for s in run["sets"] if s.startswith(ALLOWED)]
+            want = override(load_config(name), allowed).to_dict()
             got = run["cfg"]
             got["model"]["vocab_size"] = want["model"]["vocab_size"]
             assert got == want, f"{path} ran another {name} than the shipped one"
