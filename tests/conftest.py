@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 # test starts share it (they inherit the environment, and the workers inherit it from the
 # controlling process, which imports this file first), and a second session loads the
 # programs the first one compiled. Most of the suite's time is compiling; the quick loop
-# measured 191-227 s with an empty cache and 122 s with a warm one (2-core AVX2 EPYC). JAX
+# measured 191-227 s with an empty cache and 122-140 s with a warm one (2-core AVX2 EPYC). JAX
 # keys each entry by the program, the jax/jaxlib versions, the flags and the CPU, so a
 # change anywhere compiles afresh. A session that finds it over _CACHE_LIMIT empties it.
 _CACHE_LIMIT = 512 * 2**20
