@@ -3,9 +3,10 @@
 Backends: `scan` (the nn.scan cells, jaxchar/lstm/cells.py: the definition and reference),
 `fused` (jaxchar/lstm/fused.py: the layer with a hand-written backward pass, lax.scan loops),
 `native` (the fused layer's loops, or the whole stateful sampling loop, in C++ on CPUs:
-jaxchar/lstm/native/), `pallas` (the fused layer's loops as one Pallas kernel each, or the
-whole stateful sampling loop as one, on NVIDIA GPUs: jaxchar/lstm/pallas/; interpreted on
-CPUs, for tests) and `cudnn` (jaxchar/lstm/cudnn.py, NVIDIA GPUs).
+jaxchar/lstm/native/), `pallas` (the fused layer's loops as one Pallas kernel each, on
+NVIDIA GPUs and on TPUs, or the whole stateful sampling loop as one, on NVIDIA GPUs:
+jaxchar/lstm/pallas/; interpreted on CPUs, for tests) and `cudnn` (jaxchar/lstm/cudnn.py,
+NVIDIA GPUs).
 
 `model.impl = "auto"` picks a backend only where it is correct under jit, vmap and grad,
 deterministic for a seed, and measured faster on that kind of machine (docs/benchmarks.md):
@@ -17,12 +18,14 @@ deterministic for a seed, and measured faster on that kind of machine (docs/benc
 - layer, GPU or TPU: `fused`: cuDNN measured slower than the fused layer at the shipped
   configs' shapes (docs/benchmarks.md "On an NVIDIA H200 GPU"); TPUs have not been measured.
 - layer, GRU cells or masked (left-padded) steps: `scan`, whatever the impl.
-- `pallas` is never picked by auto: no GPU run has measured it yet (docs/benchmarks.md, "The
-  Pallas training kernels"); forced, it runs on NVIDIA GPUs and, interpreted, on CPUs.
+- `pallas` is never picked by auto: no GPU or TPU run has measured it yet (docs/benchmarks.md,
+  "The Pallas training kernels"); forced, it runs on NVIDIA GPUs (hidden % 16 == 0), on
+  TPUs (hidden % 128 == 0) and, interpreted, on CPUs.
 - sample (stateful loop), CPU with an AVX-512 variant: `native` up to 64 rows without
   top-k/top-p (measured faster than the scan); everywhere else `scan`. Forced, `pallas` runs
   the whole loop as one Pallas kernel (jaxchar/lstm/pallas/sampling.py) up to 128 rows
-  without top-k/top-p; auto does not pick it until a GPU run has measured it.
+  without top-k/top-p on NVIDIA GPUs (TPUs have no sampling kernel: the scan); auto does
+  not pick it until a GPU run has measured it.
 
 A forced backend (`scan`, `fused`, `native`, `pallas`, `cudnn`) runs wherever it applies; where this
 machine cannot run it at all (no GPU for cuDNN, no kernels for native) `select` raises
@@ -102,8 +105,8 @@ def _impossible(cfg: ModelConfig, platform: str) -> str | None:
     if cfg.impl == "native" and (platform != "cpu" or not native.loader.available()):
         where = f"this is a {platform}" if platform != "cpu" else native.loader.variant()[1]
         return f"model.impl = 'native' cannot run here: {where}; use auto"
-    if cfg.impl == "pallas" and platform not in ("gpu", "cpu"):
-        return f"model.impl = 'pallas' has no {platform} variant yet (NVIDIA GPUs); use auto"
+    if cfg.impl == "pallas" and platform not in ("gpu", "tpu", "cpu"):
+        return f"model.impl = 'pallas' has no {platform} variant (NVIDIA GPUs, TPUs); use auto"
     if cfg.impl == "cudnn" and (platform != "gpu" or not cudnn.available()):
         return f"model.impl = 'cudnn' needs an NVIDIA GPU (this is a {platform}); use auto"
     return None
@@ -117,12 +120,13 @@ def _layer(cfg: ModelConfig, platform: str, masked: bool) -> Choice:
     if cfg.impl in ("scan", "fused"):
         return Choice(cfg.impl, f"model.impl = '{cfg.impl}'")
     if cfg.impl == "pallas":
-        fits, why = pallas.supports(cfg.hidden, cfg.product_dtype)
+        kernels = pallas.tpu if platform == "tpu" else pallas
+        fits, why = kernels.supports(cfg.hidden, cfg.product_dtype)
         if not fits:
             return Choice("fused", f"model.impl = 'pallas', but {why}: the fused layer")
         if platform == "cpu":
             return Choice("pallas", "model.impl = 'pallas', in Pallas's interpreter (slow)")
-        return Choice("pallas", "model.impl = 'pallas'")
+        return Choice("pallas", f"model.impl = 'pallas': the {platform.upper()} kernels")
     if cfg.impl == "cudnn":
         if cfg.gate_activation != "sigmoid":
             return Choice("fused", "cuDNN has only the sigmoid gate: the fused layer")
@@ -163,6 +167,8 @@ def _sampler(cfg: ModelConfig, platform: str, rows: int, filtered: bool) -> Choi
 
 
 def _pallas_sampler(cfg: ModelConfig, platform: str, rows: int, filtered: bool) -> Choice:
+    if platform == "tpu":
+        return Choice("scan", "model.impl = 'pallas': no sampling kernel for TPUs, the scan")
     if filtered:
         return Choice("scan", "top-k/top-p: the lax.scan loop (the kernel draws from all ids)")
     fits, why = pallas.sampling.supports(cfg, rows)

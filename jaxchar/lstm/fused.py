@@ -16,7 +16,8 @@ autodiff, XLA transposed the whole [time, batch, 4*hidden] gradient in memory fi
 With `kernel="native"` (chosen by jaxchar.lstm.backends), both loops run in C++ on CPUs
 (jaxchar/lstm/native/layer.py) and as the lax.scan loops below on any other platform of the same
 program; with `kernel="pallas"`, each loop is one Pallas kernel on NVIDIA GPUs
-(jaxchar/lstm/pallas/layer.py), interpreted on CPUs, and the lax.scan loops elsewhere.
+(jaxchar/lstm/pallas/layer.py) and on TPUs (pallas/tpu.py), interpreted on CPUs (the GPU
+kernels, or the TPU ones with `Loop.interprets = "tpu"`), and the lax.scan loops elsewhere.
 Under `jax.vmap` the kernels' batching rule folds the mapped axis into the
 batch (one call for all), unless the weights themselves are mapped: then the lax.scan loops
 run, batched by XLA.
@@ -64,13 +65,16 @@ class Loop:
     """How the layer's two recurrences run, passed down as one static value: the products'
     dtype, the gates' function (see `cells.gate`), whether to append hs as [H, T, B] for the
     layer above (see `lstm_layer`), the kernel that runs them ("native", "pallas" or None:
-    the lax.scan loops; jaxchar.lstm.backends's Choice.kernel) and the scans' unroll."""
+    the lax.scan loops; jaxchar.lstm.backends's Choice.kernel), the scans' unroll, and which
+    Pallas kernels a CPU interprets ("gpu" or "tpu": for tests; a GPU and a TPU each run
+    their own)."""
 
     dtype: Any = jnp.float32
     gate_activation: str = "sigmoid"
     with_hs_fm: bool = False
     kernel: str | None = None
     unroll: int = 1
+    interprets: str = "gpu"
 
 
 def _scalar(xs) -> bool:
@@ -93,7 +97,7 @@ def _forward(w_h, xs, c0, h0, w_in, bias, loop: Loop):
         return (*out, out[0].transpose(2, 0, 1)) if with_hs_fm else out
 
     if kernel == "pallas" and xs.shape[0]:
-        out, (acts, cs) = _pallas_forward(w_h, gx, c0, h0, w_in, bias, dtype, gate_activation)
+        out, (acts, cs) = _pallas_forward(w_h, gx, c0, h0, w_in, bias, loop)
         return with_fm(out), (acts, cs, None)
     if kernel != "native" or xs.shape[0] == 0:
         out, (acts, cs) = scan(w_h, gx, c0, h0, w_in, bias)
@@ -121,9 +125,23 @@ def _forward(w_h, xs, c0, h0, w_in, bias, loop: Loop):
     return jax.lax.platform_dependent(*args, cpu=on_cpu, default=elsewhere)
 
 
-def _pallas_forward(w_h, gx, c0, h0, w_in, bias, dtype, gate_activation):
-    """The forward loop as one Pallas kernel: compiled on NVIDIA GPUs, interpreted on CPUs
-    (where only a forced `model.impl = "pallas"` gets here), the lax.scan loop elsewhere."""
+def _pallas_branches(loop: Loop, hidden: int, call, elsewhere) -> dict:
+    """platform_dependent's branches for a Pallas loop: `call(target, interpret)` compiled
+    for NVIDIA GPUs ("gpu") and TPUs ("tpu"), interpreted on CPUs (`loop.interprets`), and
+    `elsewhere` (the lax.scan loop) on other platforms and on a TPU the TPU kernels do not
+    fit (a module lowered for several platforms holds each one's branch)."""
+    branches = {"cuda": call("gpu", False), "cpu": call(loop.interprets, True)}
+    branches["tpu"] = (
+        call("tpu", False) if pallas.tpu.supports(hidden, loop.dtype)[0] else elsewhere
+    )
+    return branches
+
+
+def _pallas_forward(w_h, gx, c0, h0, w_in, bias, loop: Loop):
+    """The forward loop as one Pallas kernel: compiled on NVIDIA GPUs and TPUs, interpreted
+    on CPUs (where only a forced `model.impl = "pallas"` gets here), the lax.scan loop
+    elsewhere."""
+    dtype, gate_activation = loop.dtype, loop.gate_activation
     # scalar inputs too become [T, B, 4H] before the loop: the kernel reads one projection
     gx = gx[..., None] * w_in + bias if gx.ndim == 2 else gx + bias
 
@@ -131,10 +149,10 @@ def _pallas_forward(w_h, gx, c0, h0, w_in, bias, dtype, gate_activation):
         (hs, c, h), (acts, cs) = _scan_forward(w_h, gx, c0, h0, None, None, dtype, gate_activation)
         return hs, c, h, acts, cs
 
-    def kernel(interpret):
+    def kernel(target, interpret):
         def run(gx, w_h, c0, h0):
             kw = dict(gate_activation=gate_activation, dtype=dtype, interpret=interpret)
-            return pallas.layer_forward(gx, w_h, c0, h0, fallback=scan, **kw)
+            return pallas.layer_forward(gx, w_h, c0, h0, fallback=scan, target=target, **kw)
 
         return run
 
@@ -142,10 +160,8 @@ def _pallas_forward(w_h, gx, c0, h0, w_in, bias, dtype, gate_activation):
         hs, c, h, acts, cs = scan(*args)
         return (hs, c, h), (acts, cs)
 
-    args = gx, w_h, c0, h0
-    return jax.lax.platform_dependent(
-        *args, cuda=kernel(False), cpu=kernel(True), default=elsewhere
-    )
+    branches = _pallas_branches(loop, w_h.shape[0], kernel, elsewhere)
+    return jax.lax.platform_dependent(gx, w_h, c0, h0, **branches, default=elsewhere)
 
 
 def _h_prev_fm(h0, hs, xs):
@@ -238,23 +254,21 @@ def _bwd(loop: Loop, res, grads):
         def scan(w_h, acts, cs, c0, *args):
             return _scan_backward(w_h, acts, cs, c0, *args, dtype, gate_activation)
 
-        def pallas_kernel(interpret):
+        def pallas_kernel(target, interpret):
             def run(*args):
                 kw = dict(gate_activation=gate_activation, dtype=dtype, interpret=interpret)
-                return pallas.layer_backward(w_h, acts, cs, c0, *args, fallback=scan, **kw)
+                return pallas.layer_backward(
+                    w_h, acts, cs, c0, *args, fallback=scan, target=target, **kw
+                )
 
             return run
 
         def other(*args):
             return scan(w_h, acts, cs, c0, *args)
 
+        branches = _pallas_branches(loop, w_h.shape[0], pallas_kernel, other)
         dz, dc0, dh0 = jax.lax.platform_dependent(
-            d_hs,
-            d_c_last,
-            d_h_last,
-            cuda=pallas_kernel(False),
-            cpu=pallas_kernel(True),
-            default=other,
+            d_hs, d_c_last, d_h_last, **branches, default=other
         )
     elif kernel == "native" and acts.shape[0]:  # the forward pass ran the C++ kernel
 

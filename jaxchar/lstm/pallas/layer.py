@@ -222,13 +222,27 @@ def backward(w_h, acts, cs, c0, d_hs, d_c, d_h, *, gate_activation: str, dtype, 
     return dz[:, :batch], dc0[:batch], dh0[:batch]
 
 
-def layer_forward(gx, w_h, c0, h0, *, gate_activation: str, dtype, interpret: bool, fallback):
-    """`forward` with a batching rule: under `jax.vmap` the mapped axis joins the rows (one
-    kernel launch, whose programs must meet at the barrier, rather than a grid axis more);
-    `fallback(gx, w_h, c0, h0)`, the lax.scan loop, runs where the weights are mapped."""
+def _kernels(target: str):
+    """(forward, backward) of the GPU kernels here ("gpu") or the TPU ones ("tpu":
+    jaxchar/lstm/pallas/tpu.py); both take and give the same arrays."""
+    if target == "tpu":
+        from jaxchar.lstm.pallas import tpu
+
+        return tpu.forward, tpu.backward
+    return forward, backward
+
+
+def layer_forward(
+    gx, w_h, c0, h0, *, gate_activation: str, dtype, interpret: bool, fallback, target="gpu"
+):
+    """`forward` (of the `target` kernels: "gpu" or "tpu") with a batching rule: under
+    `jax.vmap` the mapped axis joins the rows (one kernel launch, whose programs must meet
+    at the barrier, rather than a grid axis more); `fallback(gx, w_h, c0, h0)`, the lax.scan
+    loop, runs where the weights are mapped."""
+    run = _kernels(target)[0]
 
     def call(gx, w_h, c0, h0):
-        (hs, c, h), (acts, cs) = forward(
+        (hs, c, h), (acts, cs) = run(
             gx, w_h, c0, h0, gate_activation=gate_activation, dtype=dtype, interpret=interpret
         )
         return hs, c, h, acts, cs
@@ -238,12 +252,25 @@ def layer_forward(gx, w_h, c0, h0, *, gate_activation: str, dtype, interpret: bo
 
 
 def layer_backward(
-    w_h, acts, cs, c0, d_hs, d_c, d_h, *, gate_activation: str, dtype, interpret: bool, fallback
+    w_h,
+    acts,
+    cs,
+    c0,
+    d_hs,
+    d_c,
+    d_h,
+    *,
+    gate_activation: str,
+    dtype,
+    interpret: bool,
+    fallback,
+    target="gpu",
 ):
     """`backward` with the same batching rule; `fallback` takes the same arguments."""
+    run = _kernels(target)[1]
 
     def call(*args):
-        return backward(*args, gate_activation=gate_activation, dtype=dtype, interpret=interpret)
+        return run(*args, gate_activation=gate_activation, dtype=dtype, interpret=interpret)
 
     rows = (None, 1, 1, 0, 1, 0, 0), (1, 0, 0)
     return foldable(call, fallback, *rows)(w_h, acts, cs, c0, d_hs, d_c, d_h)
