@@ -166,6 +166,10 @@ class TrainConfig:
     log_every: int = 100  # steps between host syncs for logging
     steps_per_call: int = 10  # train steps fused into one jitted call (lax.scan)
     eval_batches: int = 0  # cap on validation batches; 0 = the whole split
+    # rows of each validation batch; 0 = batch_size. For the sequence objectives these are the
+    # in-order streams the held-out text is cut into, each read from a fresh state, so the
+    # number changes the score a little: fixing it keeps scores comparable across batch sizes
+    eval_rows: int = 0
     skip_nonfinite: bool = False  # drop an update whose loss or gradient is NaN/inf
     sample_chars: int = 200  # sample this many characters at each save (0 = off)
     shard_params: bool = False  # with several devices: split params and optimizer state (FSDP)
@@ -186,6 +190,7 @@ class TrainConfig:
         _check(self.log_every >= 1, "train.log_every must be at least 1")
         _check(self.steps_per_call >= 1, "train.steps_per_call must be at least 1")
         _check(self.eval_batches >= 0, "train.eval_batches must not be negative")
+        _check(self.eval_rows >= 0, "train.eval_rows must not be negative (0: batch_size)")
         _check(self.sample_chars >= 0, "train.sample_chars must not be negative")
         check_seed(self.seed, "train.seed")
 

@@ -327,9 +327,10 @@ class Sentences(Window):
 Objective = Window | Sequence | Streams | Sentences | ResetEvery
 
 
-def objective(cfg: Config) -> Objective:
-    """The object for cfg.data.objective (and data.stateful) at cfg.train.batch_size."""
-    d, b = cfg.data, cfg.train.batch_size
+def objective(cfg: Config, rows: int | None = None) -> Objective:
+    """The object for cfg.data.objective (and data.stateful) at cfg.train.batch_size rows
+    (or `rows`)."""
+    d, b = cfg.data, rows or cfg.train.batch_size
     if d.objective == "sentences":
         return Sentences(b, d.seq_length)
     if d.objective == "sequence":

@@ -238,15 +238,16 @@ def score(params, cfg: Config, ids, spans=None, context: int | None = None) -> S
     characters each read from a fresh state (data.ResetEvery: every character but the
     first scored once, with 1 to `context` characters before it). The sentences
     objective scores its sentence `spans` (corpus.sentence_spans of these ids), each from a
-    fresh state."""
+    fresh state. Batches have train.eval_rows rows (default train.batch_size)."""
+    rows = cfg.train.eval_rows or cfg.train.batch_size
     if context is not None:
         if context < 1:
             raise TrainingError(f"the context must be at least 1 character, not {context}")
         per_chunk = replace(cfg.data, objective="sequence", stateful=False, seq_length=context)
         cfg = replace(cfg, data=per_chunk)
-        obj = data.ResetEvery(cfg.train.batch_size, context).for_evaluation(len(ids))
+        obj = data.ResetEvery(rows, context).for_evaluation(len(ids))
     else:
-        obj = data.objective(cfg).for_evaluation(len(ids))
+        obj = data.objective(cfg, rows).for_evaluation(len(ids))
     if obj.needs_spans and (spans is None or not len(spans)):
         raise TrainingError("the sentences objective needs the text's sentence spans")
     n = obj.eval_steps(len(ids), 0 if spans is None else len(spans))

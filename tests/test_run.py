@@ -214,3 +214,31 @@ def test_evaluate_with_a_bounded_context_against_a_loop_of_fresh_chunks(tiny_run
     assert got.chars == len(ids) - 1  # every character but the first
     assert got.loss == pytest.approx(total / (len(ids) - 1), rel=1e-4)
     assert got.loss > run.evaluate(text).loss  # less context, a higher loss
+
+
+def test_the_held_out_score_depends_on_eval_rows_not_on_the_batch_size(tiny_run, alice_text):
+    """train.eval_rows fixes how many in-order streams the held-out text is cut into, so
+    that runs of different batch sizes are scored alike; 0 means the batch size (as before
+    the option existed). Windows are each read from a fresh state: their rows change
+    nothing."""
+    from jaxchar.train import score
+
+    text = alice_text[40000:46000].lower()
+    with Run.open(tiny_run) as run:
+        params, _ = run.params()
+        ids, _ = encode_text(text, run.cfg.data, run.vocab)
+        cfg = run.cfg
+
+    def scored(*sets, objective="sequence"):
+        c = override(cfg, [f"data.objective={objective}", *sets])
+        return score(params, c, ids).loss
+
+    eight = scored("train.batch_size=8")
+    assert scored("train.batch_size=3", "train.eval_rows=8") == eight
+    assert scored("train.batch_size=64", "train.eval_rows=8") == eight
+    assert scored("train.batch_size=8", "train.eval_rows=2") != eight  # fewer fresh starts
+    windows = scored("train.batch_size=8", objective="window")
+    again = scored("train.batch_size=8", "train.eval_rows=5", objective="window")
+    assert again == pytest.approx(windows, rel=1e-6)
+    with pytest.raises(ConfigError, match="eval_rows"):
+        override(cfg, ["train.eval_rows=-1"])
