@@ -15,7 +15,8 @@
 #     loop and PyTorch's CUDA loop, interleaved;
 #  5. bench_train on small, stacked and fast: jaxchar (auto, cudnn, pallas) against PyTorch's
 #     cuDNN nn.LSTM in float32 and under float16 autocast (its persistent algorithm),
-#     interleaved; bench_kernels again with XLA's command buffers for loops (the cheap
+#     interleaved; the `shakespeare_gpu` config's validation loss after 60 s of training;
+#     bench_kernels again with XLA's command buffers for loops (the cheap
 #     levers before the kernel); bench_serve with 1, 8 and 64 clients;
 #  6. `jaxchar bench` on every shipped config (auto), then with model.impl = "pallas";
 #  7. the model, backend and lowering tests on the GPU; the main job; a profile of a step.
@@ -68,6 +69,9 @@ step bench-generate 60 python3 benchmarks/bench_generate.py --batches 1 8 64 --r
     --peers torch --pallas --no-window
 step bench-train 100 python3 benchmarks/bench_train.py --configs small stacked fast --reps 10 \
     --peers torch torch-half
+# issue 41's GPU goal: tiny Shakespeare validation <= 1.40 in under 60 s, compilation included
+step quality 90 python3 benchmarks/bench_quality.py --config shakespeare_gpu \
+    --corpus tinyshakespeare.txt --budget-s 60 --name shakespeare_gpu_gpu
 # while loops and conditionals captured into CUDA graphs, where this XLA offers it
 step kernels-cmdbuf 60 env XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL" \
     python3 benchmarks/bench_kernels.py --configs small fast --reps 5 --tag cmdbuf

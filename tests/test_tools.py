@@ -199,6 +199,18 @@ def test_bench_applies_set_to_every_config(tmp_path, capsys):
     assert record["configs"]["tiny"]["train"]["backend"] == "scan"
 
 
+def test_bench_by_default_leaves_the_gpu_sized_configs_to_gpus(capsys):
+    # on this CPU: every shipped config but shakespeare_gpu (seconds a step here), and a
+    # line that says so
+    from jaxchar.cli.bench import _default_names
+    from jaxchar.config import shipped_names
+
+    names = _default_names(quiet=False)
+    assert "shakespeare_gpu" in shipped_names() and "shakespeare_gpu" not in names
+    assert set(names) == set(shipped_names()) - {"shakespeare_gpu"}
+    assert "shakespeare_gpu" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("name", SHIPPED)
 def test_xla_counts_the_flops_the_bench_assumes(name):
     """XLA's cost analysis of a shipped config's train step (unrolled, so that every

@@ -15,7 +15,7 @@ def run(args: argparse.Namespace) -> int:
     from jaxchar.bench import bench as measure
     from jaxchar.bench import table
 
-    names = args.config or (["fast"] if args.quick else shipped_names())
+    names = args.config or (["fast"] if args.quick else _default_names(args.quiet))
 
     def save(record: dict) -> None:  # after each config: a run cut short keeps its figures
         Path(args.json).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
@@ -30,6 +30,23 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _default_names(quiet: bool) -> list[str]:
+    """Every shipped config, less those sized for accelerators (named *_gpu) on a CPU, where
+    one of their steps takes seconds; naming one with --config measures it anyway."""
+    import jax
+
+    names = shipped_names()
+    if jax.default_backend() != "cpu":
+        return names
+    left = [n for n in names if n.endswith("_gpu")]
+    if left:
+        info(
+            f"not measured on a CPU (sized for a GPU; name it with --config): {', '.join(left)}",
+            quiet,
+        )
+    return [n for n in names if n not in left]
+
+
 def add_parser(sub) -> None:
     be = sub.add_parser(
         "bench",
@@ -42,8 +59,8 @@ def add_parser(sub) -> None:
     be.add_argument(
         "--config",
         action="append",
-        help="a config name or TOML file, repeatable (default: every shipped one; with "
-        "--quick, fast)",
+        help="a config name or TOML file, repeatable (default: every shipped one, less those "
+        "sized for a GPU when on a CPU; with --quick, fast)",
     )
     be.add_argument(
         "--quick",
