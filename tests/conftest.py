@@ -138,7 +138,7 @@ def tiny_run(tmp_path_factory, alice_slice) -> Path:
 
 @pytest.fixture(scope="session")
 def fast_run(tmp_path_factory, alice_slice) -> Path:
-    """The default config's shapes (2 x LSTM-256, 100 characters, batch 32), 4 steps."""
+    """The default config's shapes (2 x LSTM-384, 100 characters, batch 4), 4 steps."""
     sets = ("train.max_steps=4", "train.save_every_steps=2", "train.steps_per_call=2")
     return _shared_run(
         tmp_path_factory, alice_slice, "fast_run", "fast", *sets, "train.sample_chars=0"

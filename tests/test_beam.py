@@ -94,7 +94,7 @@ def test_a_narrow_beam_returns_the_models_scores_best_first(tiny_run):
 
 @pytest.mark.parametrize("which", ["tiny_run", "fast_run"])
 def test_beam_one_is_greedy_sampling(which, request):
-    """On the tiny config and on the default config's shapes (2 x LSTM-256)."""
+    """On the tiny config and on the default config's shapes (2 x LSTM-384)."""
     trained = Run.open(request.getfixturevalue(which))
     params, _ = trained.params()
     prompt = trained.encode_prompt("the queen said")

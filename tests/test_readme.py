@@ -6,6 +6,8 @@ from pathlib import Path
 
 from conftest import DATA, REPO
 
+from jaxchar.config import load_config
+
 
 def test_readme_python_blocks_run(tmp_path, monkeypatch, capsys):
     text = (REPO / "README.md").read_text()
@@ -38,4 +40,8 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch, capsys):
     for i, block in enumerate(uses):
         exec(compile(block.replace("runs/alice", run), f"README-{i}", "exec"), namespace)
     assert namespace["ids"].shape[0] == 8  # the last example: 8 continuations in a user's jit
-    assert namespace["cfg"].model.hidden == 256 and namespace["cfg"].model.layers == 2
+    shipped = load_config("fast").model  # the run's model is the default config's
+    assert (namespace["cfg"].model.hidden, namespace["cfg"].model.layers) == (
+        shipped.hidden,
+        shipped.layers,
+    )
