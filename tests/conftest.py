@@ -58,14 +58,30 @@ def pytest_sessionfinish(session):
         shutil.rmtree(_CACHE, ignore_errors=True)
 
 
-def shipped_configs() -> list:
+def shipped_configs(distinct_models: bool = False) -> list:
     """Every shipped config's name, as pytest parameters: the default config's runs in the
-    quick loop (`-m "not slow"`), the others' are marked slow and run in the whole suite."""
-    from jaxchar.config import DEFAULT_CONFIG
+    quick loop (`-m "not slow"`), the others' are marked slow and run in the whole suite.
+    With `distinct_models`, for tests that run a config's model on a few rows of its own:
+    a config whose model and sequences (layers, sizes, encoding, gates, sequence length,
+    objective; dropout aside) are an earlier one's is left out, the default kept first."""
+    import dataclasses
+
+    from jaxchar.config import DEFAULT_CONFIG, load_config
 
     names = sorted(p.stem for p in (REPO / "configs").glob("*.toml"))
+    names.sort(key=lambda n: n != DEFAULT_CONFIG)  # stable: the default first
+    seen, kept = set(), []
+    for name in names:
+        cfg = load_config(REPO / "configs" / f"{name}.toml")
+        model = dataclasses.replace(cfg.model, dropout=0.0, input_dropout=0.0)
+        shape = (model, cfg.data.seq_length, cfg.data.objective)
+        if distinct_models and shape in seen:
+            continue
+        seen.add(shape)
+        kept.append(name)
     return [
-        n if n == DEFAULT_CONFIG else pytest.param(n, marks=pytest.mark.slow, id=n) for n in names
+        n if n == DEFAULT_CONFIG else pytest.param(n, marks=pytest.mark.slow, id=n)
+        for n in sorted(kept)
     ]
 
 
@@ -179,3 +195,43 @@ _LONGEST_FIRST = [
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files stay whole
+
+
+def lstm_layer_args(hidden: int, batch: int, steps: int, seed: int = 0):
+    """A layer's arguments for the kernels' tests (w_h, gx, c0, h0, (d_hs, d_c, d_h)):
+    weights strong enough that the gates leave their linear middle (scaled down as the
+    width grows), biases spread over both clips of a hard sigmoid, a non-zero start state."""
+    import jax
+    import jax.numpy as jnp
+
+    k = iter(jax.random.split(jax.random.PRNGKey(seed), 8))
+    w_h = 0.3 * jax.random.normal(next(k), (hidden, 4 * hidden)) / max(1.0, hidden / 32) ** 0.5
+    gx = jax.random.normal(next(k), (steps, batch, 4 * hidden)) + jnp.tile(
+        jnp.linspace(-5.0, 5.0, hidden), 4
+    )
+    c0 = jax.random.normal(next(k), (batch, hidden))
+    h0 = 0.5 * jax.random.normal(next(k), (batch, hidden))
+    grads = [jax.random.normal(next(k), s) for s in ((steps, batch, hidden), c0.shape, c0.shape)]
+    return w_h, gx, c0, h0, grads
+
+
+def assert_recurrences_match_the_scan(forward, backward, args, *, kind, dtype, tol, **kw):
+    """A kernel's forward and backward recurrences (`forward(gx, w_h, c0, h0, ...)`,
+    `backward(w_h, acts, cs, c0, d_hs, d_c, d_h, ...)`, jitted, `kw` passed on) against the
+    fused layer's lax.scan loops on the same arguments (lstm_layer_args), within `tol`."""
+    import jax
+    import numpy as np
+
+    from jaxchar.lstm import fused
+
+    w_h, gx, c0, h0, (d_hs, d_c, d_h) = args
+    kw = dict(gate_activation=kind, dtype=dtype, **kw)
+    want = fused._scan_forward(w_h, gx, c0, h0, None, None, dtype, kind)
+    got = jax.jit(lambda *a: forward(*a, **kw))(gx, w_h, c0, h0)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(g, w, **tol)
+    (_, _, _), (acts, cs) = want
+    want_b = fused._scan_backward(w_h, acts, cs, c0, d_hs, d_c, d_h, dtype, kind)
+    got_b = jax.jit(lambda *a: backward(*a, **kw))(w_h, acts, cs, c0, d_hs, d_c, d_h)
+    for g, w in zip(got_b, want_b, strict=True):
+        np.testing.assert_allclose(g, w, **tol)

@@ -18,7 +18,8 @@ from jaxchar.model import apply, init_params
 from jaxchar.sampling import sample
 from jaxchar.train import fit, with_vocab
 
-SHIPPED = shipped_configs()  # the default in the quick loop; all in the whole suite
+# the default in the quick loop; the others in the whole suite, each model shape once
+SHIPPED = shipped_configs(distinct_models=True)
 VOCAB = 45  # Alice's lowercased vocabulary is about this size
 KERNELS = native.available()
 

@@ -12,13 +12,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, shipped_configs
+from conftest import (
+    REPO,
+    assert_recurrences_match_the_scan,
+    lstm_layer_args,
+    shipped_configs,
+)
 
 from jaxchar.config import ModelConfig, load_config
-from jaxchar.lstm import BackendError, fused, pallas, select
+from jaxchar.lstm import BackendError, pallas, select
 from jaxchar.model import apply, init_carry, init_params
 
-SHIPPED = shipped_configs()  # the default in the quick loop; all in the whole suite
+# the default in the quick loop; the others in the whole suite, each model shape once
+SHIPPED = shipped_configs(distinct_models=True)
 VOCAB = 45
 GPU = jax.default_backend() == "gpu"
 INTERPRET = not GPU
@@ -28,39 +34,18 @@ TOL = dict(rtol=1e-5, atol=1e-5) if not GPU else dict(rtol=2e-3, atol=2e-3)
 GRAD_TOL = dict(rtol=2e-4, atol=2e-5) if not GPU else dict(rtol=2e-2, atol=2e-3)
 
 
-def _layer(hidden=32, batch=20, steps=7, seed=0):
-    """A layer's arguments: weights strong enough that the gates leave their linear middle,
-    biases spread over both clips of a hard sigmoid, a non-zero start state; 20 rows, so
-    the last row block is padded."""
-    k = iter(jax.random.split(jax.random.PRNGKey(seed), 8))
-    w_h = 0.3 * jax.random.normal(next(k), (hidden, 4 * hidden))
-    gx = jax.random.normal(next(k), (steps, batch, 4 * hidden)) + jnp.tile(
-        jnp.linspace(-5.0, 5.0, hidden), 4
-    )
-    c0 = jax.random.normal(next(k), (batch, hidden))
-    h0 = 0.5 * jax.random.normal(next(k), (batch, hidden))
-    grads = [jax.random.normal(next(k), s) for s in ((steps, batch, hidden), c0.shape, c0.shape)]
-    return w_h, gx, c0, h0, grads
-
-
 @pytest.mark.parametrize("kind", ["sigmoid", "hard_sigmoid"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("hidden", [32, 48])  # 48: contractions in 16-wide pieces
 def test_recurrences_match_the_scan_loops(kind, dtype, hidden):
-    w_h, gx, c0, h0, (d_hs, d_c, d_h) = _layer(hidden)
-    kw = dict(gate_activation=kind, dtype=dtype, interpret=INTERPRET)
-    want = fused._scan_forward(w_h, gx, c0, h0, None, None, dtype, kind)
-    got = jax.jit(lambda *a: pallas.forward(*a, **kw))(gx, w_h, c0, h0)
+    # 20 rows, so the last row block is padded
+    args = lstm_layer_args(hidden, batch=20, steps=7)
     # bfloat16: the same rounded operands, float32 sums in another order; an h that lands
     # on the other side of a rounding boundary moves the next step's product by 2^-8
     tol = TOL if dtype == jnp.float32 else dict(rtol=2e-2, atol=2e-2)
-    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        np.testing.assert_allclose(g, w, **tol)
-    (_, _, _), (acts, cs) = want
-    want_b = fused._scan_backward(w_h, acts, cs, c0, d_hs, d_c, d_h, dtype, kind)
-    got_b = jax.jit(lambda *a: pallas.backward(*a, **kw))(w_h, acts, cs, c0, d_hs, d_c, d_h)
-    for g, w in zip(got_b, want_b, strict=True):
-        np.testing.assert_allclose(g, w, **tol)
+    assert_recurrences_match_the_scan(
+        pallas.forward, pallas.backward, args, kind=kind, dtype=dtype, tol=tol, interpret=INTERPRET
+    )
 
 
 def test_the_chunks_of_a_contraction_are_powers_of_two():

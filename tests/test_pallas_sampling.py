@@ -19,7 +19,8 @@ from jaxchar.lstm import generation, pallas, select
 from jaxchar.model import apply, init_carry, init_params
 from jaxchar.sampling import sample, sample_stream
 
-SHIPPED = shipped_configs()  # the default in the quick loop; all in the whole suite
+# the default in the quick loop; the others in the whole suite, each model shape once
+SHIPPED = shipped_configs(distinct_models=True)
 VOCAB = 45
 GPU = jax.default_backend() == "gpu"
 

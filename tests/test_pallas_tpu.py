@@ -14,7 +14,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, shipped_configs
+from conftest import (
+    REPO,
+    assert_recurrences_match_the_scan,
+    lstm_layer_args,
+    shipped_configs,
+)
 from jax import export
 from jax.experimental.pallas import tpu as pltpu
 
@@ -30,20 +35,6 @@ VOCAB = 45
 # GPU kernels' (tests/test_pallas.py), for products summed in another order.
 TOL = dict(rtol=1e-5, atol=1e-5)
 GRAD_TOL = dict(rtol=2e-4, atol=2e-5)
-
-
-def _layer(hidden, batch, steps, seed=0):
-    """A layer's arguments, as tests/test_pallas.py makes them: gates pushed out of their
-    linear middle and over both clips of a hard sigmoid, a non-zero start state."""
-    k = iter(jax.random.split(jax.random.PRNGKey(seed), 8))
-    w_h = 0.3 * jax.random.normal(next(k), (hidden, 4 * hidden)) / np.sqrt(hidden / 32)
-    gx = jax.random.normal(next(k), (steps, batch, 4 * hidden)) + jnp.tile(
-        jnp.linspace(-5.0, 5.0, hidden), 4
-    )
-    c0 = jax.random.normal(next(k), (batch, hidden))
-    h0 = 0.5 * jax.random.normal(next(k), (batch, hidden))
-    grads = [jax.random.normal(next(k), s) for s in ((steps, batch, hidden), c0.shape, c0.shape)]
-    return w_h, gx, c0, h0, grads
 
 
 @pytest.mark.parametrize(
@@ -62,23 +53,16 @@ def test_recurrences_match_the_scan_loops_over_row_blocks_and_time_chunks(
     hidden, batch, steps = 128, 130, 12
     monkeypatch.setattr(tpu, "BLOCK_BUDGET", 2 * (2 * 12 * 128 * hidden * 4))
     assert tpu.plan(steps, batch, hidden) == (128, 2, 2)
-    w_h, gx, c0, h0, (d_hs, d_c, d_h) = _layer(hidden, batch, steps)
+    args = lstm_layer_args(hidden, batch, steps)
     # the TPU interpreter (VMEM, the block copies, the grid's order; races checked) or
     # Pallas's generic one, which the fused layer's CPU branch runs
     mode = pltpu.InterpretParams(detect_races=True) if interpret == "tpu" else True
-    kw = dict(gate_activation=kind, dtype=dtype, interpret=mode)
-    want = fused._scan_forward(w_h, gx, c0, h0, None, None, dtype, kind)
-    got = jax.jit(lambda *a: tpu.forward(*a, **kw))(gx, w_h, c0, h0)
     # bfloat16: the same rounded operands; an operand that lands on the other side of a
     # rounding boundary moves a product by 2^-8 (the GPU kernels' tolerance)
     tol = TOL if dtype == jnp.float32 else dict(rtol=2e-2, atol=2e-2)
-    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        np.testing.assert_allclose(g, w, **tol)
-    (_, _, _), (acts, cs) = want
-    want_b = fused._scan_backward(w_h, acts, cs, c0, d_hs, d_c, d_h, dtype, kind)
-    got_b = jax.jit(lambda *a: tpu.backward(*a, **kw))(w_h, acts, cs, c0, d_hs, d_c, d_h)
-    for g, w in zip(got_b, want_b, strict=True):
-        np.testing.assert_allclose(g, w, **tol)
+    assert_recurrences_match_the_scan(
+        tpu.forward, tpu.backward, args, kind=kind, dtype=dtype, tol=tol, interpret=mode
+    )
 
 
 @pytest.mark.parametrize(
@@ -95,8 +79,9 @@ def test_the_plan_fits_the_vmem_budget_and_divides_the_sequence(steps, batch, hi
 
 def _layer_shapes():
     """(config, layer index, input features (0: the tutorial's scalar), hidden, sequence
-    length, gates) for every layer of every shipped config the TPU kernels fit."""
-    shapes = []
+    length, gates) for every distinct layer shape of the shipped configs the TPU kernels
+    fit (a layer shaped as an earlier config's is that config's test)."""
+    shapes, seen = [], set()
     for param in SHIPPED:
         name = getattr(param, "values", [param])[0]
         marks = getattr(param, "marks", ())
@@ -106,6 +91,9 @@ def _layer_shapes():
         for layer in range(m.layers):
             features = first if layer == 0 else m.hidden
             shape = (name, layer, features, m.hidden, model.data.seq_length, m.gate_activation)
+            if shape[2:] in seen:
+                continue
+            seen.add(shape[2:])
             ok = tpu.supports(m.hidden, jnp.float32)[0]
             marks_here = [*marks] if ok else [*marks, pytest.mark.skip(reason="hidden % 128")]
             shapes.append(pytest.param(*shape, marks=marks_here, id=f"{name}-{layer}"))

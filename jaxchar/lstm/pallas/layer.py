@@ -105,6 +105,23 @@ def _slope(d, a, kind: str):
     return d * a * (1.0 - a)
 
 
+def gate_grads(dh, dc, acts, c, c_prev, kind: str):
+    """One backward step of the cell, inside a kernel (the GPU's and the TPU's): from dh_t
+    (the output's gradient plus the next step's), dc_t from the step above, the gates
+    acts = (i, f, g, o) and c_t, c_{t-1}, returns (dz: the four gates' pre-activation
+    gradients, dc_t with the path through h_t added; the caller carries dc_t * f on)."""
+    i, f, g, o = acts
+    tc = jnp.tanh(c)
+    dc = dc + dh * o * (1.0 - tc * tc)
+    dz = [
+        _slope(dc * g, i, kind),
+        _slope(dc * c_prev, f, kind),
+        dc * i * (1.0 - g * g),
+        _slope(dh * tc, o, kind),
+    ]
+    return dz, dc
+
+
 def _backward_kernel(
     acts_ref,
     cbuf_ref,
@@ -126,17 +143,10 @@ def _backward_kernel(
     def step(s, carry):
         t = steps - 1 - s
         dh_next, dc = carry  # [ROWS, units]: dh_t from step t+1, dc_t from above
-        i, f, g, o = (acts_ref[t, rows, cols(k)] for k in range(4))
+        acts = [acts_ref[t, rows, cols(k)] for k in range(4)]
         c, c_prev = cbuf_ref[t + 1, rows, mine], cbuf_ref[t, rows, mine]
         dh = dhs_ref[t, rows, mine] + dh_next
-        tc = jnp.tanh(c)
-        dc = dc + dh * o * (1.0 - tc * tc)
-        dz = [
-            _slope(dc * g, i, kind),
-            _slope(dc * c_prev, f, kind),
-            dc * i * (1.0 - g * g),
-            _slope(dh * tc, o, kind),
-        ]
+        dz, dc = gate_grads(dh, dc, acts, c, c_prev, kind)
         for k in range(4):
             dz_ref[t, rows, cols(k)] = dz[k]
         barrier(sync_ref, b, s + 1, groups)
@@ -146,7 +156,7 @@ def _backward_kernel(
             d = dz_ref[t, rows, pl.ds(k * chunk, chunk)].astype(dtype)  # [ROWS, chunk]
             w = wt_ref[pl.ds(k * chunk, chunk), mine]  # [chunk, units]
             acc += jnp.dot(d, w, preferred_element_type=jnp.float32)
-        return acc, dc * f
+        return acc, dc * acts[1]
 
     start = dh_ref[rows, mine], dc_ref[rows, mine]
     dh0, dc0 = jax.lax.fori_loop(0, steps, step, start)
@@ -251,26 +261,13 @@ def layer_forward(
     return (hs, c, h), (acts, cs)
 
 
-def layer_backward(
-    w_h,
-    acts,
-    cs,
-    c0,
-    d_hs,
-    d_c,
-    d_h,
-    *,
-    gate_activation: str,
-    dtype,
-    interpret: bool,
-    fallback,
-    target="gpu",
-):
-    """`backward` with the same batching rule; `fallback` takes the same arguments."""
+def layer_backward(*args, gate_activation: str, dtype, interpret: bool, fallback, target="gpu"):
+    """`backward` of (w_h, acts, cs, c0, d_hs, d_c, d_h) with the same batching rule;
+    `fallback` takes the same arguments."""
     run = _kernels(target)[1]
 
-    def call(*args):
-        return run(*args, gate_activation=gate_activation, dtype=dtype, interpret=interpret)
+    def call(*arrays):
+        return run(*arrays, gate_activation=gate_activation, dtype=dtype, interpret=interpret)
 
     rows = (None, 1, 1, 0, 1, 0, 0), (1, 0, 0)
-    return foldable(call, fallback, *rows)(w_h, acts, cs, c0, d_hs, d_c, d_h)
+    return foldable(call, fallback, *rows)(*args)

@@ -39,6 +39,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from jaxchar.lstm.cells import gate
+from jaxchar.lstm.pallas.layer import gate_grads
 
 LANES = 128  # a TPU vector register's lanes: each gate's columns start on a lane boundary
 SUBLANES = 8  # and its sublanes: rows are padded to a multiple
@@ -80,30 +81,53 @@ def _vmem_limit(rows: int, hidden: int, chunk: int, dtype) -> int:
     return int(weights + blocks + state + 8 * 2**20)
 
 
-def _pad(x: jax.Array, axis: int, size: int) -> jax.Array:
+def _pad(x: jax.Array, axis: int, size: int, block: str = "") -> jax.Array:
+    """x with its rows (`axis`) padded with zeros to `size`; weights are left as they are."""
     extra = size - x.shape[axis]
-    if not extra:
+    if block == "weights" or not extra:
         return x
     widths = [(0, 0)] * x.ndim
     widths[axis] = (0, extra)
     return jnp.pad(x, widths)
 
 
-def _call(kernel, name, grid, in_specs, out_specs, outs, scratch, args, *, interpret, vmem):
+def _launch(body, name, ins, outs, args, *, steps, batch, hidden, reverse, kind, dtype, interpret):
+    """One pallas_call of `body` over the (row blocks, time chunks) grid. `ins` and `outs`
+    name each array's blocks: "gates" or "units" (a chunk of timesteps of one row block, 4H
+    or H wide, the chunks in reverse order of time when `reverse`), "state" (a row block's
+    [rows, H]) or "weights" (a whole weight matrix, resident). Outputs are float32, padded
+    to whole row blocks; the kernel also gets two [rows, H] float32 VMEM scratch buffers."""
+    rows, blocks, chunk = plan(steps, batch, hidden)
+    padded, last, f32 = rows * blocks, steps // chunk - 1, jnp.float32
+    width = {"gates": 4 * hidden, "units": hidden}
+
+    def spec(block, array=None):
+        if block == "weights":
+            return _resident(array.shape)
+        if block == "state":
+            return pl.BlockSpec((rows, hidden), lambda b, i: (b, 0))
+        at = (lambda i: last - i) if reverse else (lambda i: i)
+        return pl.BlockSpec((chunk, rows, width[block]), lambda b, i: (at(i), b, 0))
+
+    def shape(block):
+        return (padded, hidden) if block == "state" else (steps, padded, width[block])
+
     params = pltpu.CompilerParams(
-        dimension_semantics=("parallel", "arbitrary"), vmem_limit_bytes=vmem
+        dimension_semantics=("parallel", "arbitrary"),
+        vmem_limit_bytes=_vmem_limit(rows, hidden, chunk, dtype),
     )
+    kernel = functools.partial(body, hidden=hidden, chunk=chunk, kind=kind, dtype=dtype)
     return pl.pallas_call(
         kernel,
-        grid=grid,
-        in_specs=in_specs,
-        out_specs=out_specs,
-        out_shape=[jax.ShapeDtypeStruct(s, jnp.float32) for s in outs],
-        scratch_shapes=scratch,
+        grid=(blocks, steps // chunk),
+        in_specs=[spec(block, a) for block, a in zip(ins, args, strict=True)],
+        out_specs=[spec(block) for block in outs],
+        out_shape=[jax.ShapeDtypeStruct(shape(block), f32) for block in outs],
+        scratch_shapes=[pltpu.VMEM((rows, hidden), f32), pltpu.VMEM((rows, hidden), f32)],
         compiler_params=params,
         interpret=interpret,
         name=name,
-    )(*args)
+    )(*[_pad(a, 0 if b == "state" else 1, padded, b) for b, a in zip(ins, args, strict=True)])
 
 
 def _resident(shape) -> pl.BlockSpec:
@@ -139,13 +163,6 @@ def _forward_kernel(
     jax.lax.fori_loop(0, chunk, step, 0)
 
 
-def _slope(d, a, kind: str):
-    """d times the gate's slope at its output a (fused._through_gate, inside a kernel)."""
-    if kind == "hard_sigmoid":
-        return d * jnp.where((a > 0.0) & (a < 1.0), 0.2, 0.0)
-    return d * a * (1.0 - a)
-
-
 def _backward_kernel(
     acts_ref,
     cs_ref,
@@ -171,23 +188,15 @@ def _backward_kernel(
 
     def step(s, _):
         t = chunk - 1 - s
-        i, f, g, o = (acts_ref[t, :, k * hidden : (k + 1) * hidden] for k in range(4))
-        c, c_prev = cs_ref[t], cprev_ref[t]
+        acts = [acts_ref[t, :, k * hidden : (k + 1) * hidden] for k in range(4)]
         dh = dhs_ref[t] + dh_scr[...]
-        tc = jnp.tanh(c)
-        dc = dc_scr[...] + dh * o * (1.0 - tc * tc)
-        dz = [
-            _slope(dc * g, i, kind),
-            _slope(dc * c_prev, f, kind),
-            dc * i * (1.0 - g * g),
-            _slope(dh * tc, o, kind),
-        ]
+        dz, dc = gate_grads(dh, dc_scr[...], acts, cs_ref[t], cprev_ref[t], kind)
         for k in range(4):
             dz_ref[t, :, k * hidden : (k + 1) * hidden] = dz[k]
         # dh_{t-1} = dz[t] W_h^T: one [rows, 4H] x [4H, H] product
         dz_t = dz_ref[t].astype(dtype)
         dh_scr[...] = jnp.dot(dz_t, wt_ref[...], preferred_element_type=jnp.float32)
-        dc_scr[...] = dc * f
+        dc_scr[...] = dc * acts[1]
         return 0
 
     jax.lax.fori_loop(0, chunk, step, 0)
@@ -203,33 +212,20 @@ def forward(gx, w_h, c0, h0, *, gate_activation: str, dtype, interpret=False):
     ((hs [T, B, H], c_T, h_T), (acts [T, B, 4H], cs [T, B, H])), what fused._scan_forward
     returns (and what the GPU kernels' `forward` returns)."""
     steps, batch, width = gx.shape
-    hidden, f32 = width // 4, jnp.float32
-    rows, blocks, chunk = plan(steps, batch, hidden)
-    padded = rows * blocks
-
-    def timed(last):  # a chunk of timesteps of one row block
-        return pl.BlockSpec((chunk, rows, last), lambda b, i: (i, b, 0))
-
-    state = pl.BlockSpec((rows, hidden), lambda b, i: (b, 0))
-    kernel = functools.partial(
-        _forward_kernel, hidden=hidden, chunk=chunk, kind=gate_activation, dtype=dtype
-    )
-    hs, acts, cs = _call(
-        kernel,
+    f32 = jnp.float32
+    hs, acts, cs = _launch(
+        _forward_kernel,
         "jaxchar_lstm_forward_pallas_tpu",
-        (blocks, steps // chunk),
-        [timed(width), _resident((hidden, width)), state, state],
-        [timed(hidden), timed(width), timed(hidden)],
-        [(steps, padded, hidden), (steps, padded, width), (steps, padded, hidden)],
-        [pltpu.VMEM((rows, hidden), f32), pltpu.VMEM((rows, hidden), f32)],
-        [
-            _pad(gx.astype(f32), 1, padded),
-            w_h.astype(dtype),
-            _pad(c0.astype(f32), 0, padded),
-            _pad(h0.astype(f32), 0, padded),
-        ],
+        ["gates", "weights", "state", "state"],
+        ["units", "gates", "units"],
+        [gx.astype(f32), w_h.astype(dtype), c0.astype(f32), h0.astype(f32)],
+        steps=steps,
+        batch=batch,
+        hidden=width // 4,
+        reverse=False,
+        kind=gate_activation,
+        dtype=dtype,
         interpret=interpret,
-        vmem=_vmem_limit(rows, hidden, chunk, dtype),
     )
     hs, acts, cs = hs[:, :batch], acts[:, :batch], cs[:, :batch]
     return (hs, cs[-1], hs[-1]), (acts, cs)
@@ -238,44 +234,20 @@ def forward(gx, w_h, c0, h0, *, gate_activation: str, dtype, interpret=False):
 def backward(w_h, acts, cs, c0, d_hs, d_c, d_h, *, gate_activation: str, dtype, interpret=False):
     """The reverse recurrence: (dz [T, B, 4H], dc0, dh0), what fused._scan_backward returns."""
     steps, batch, width = acts.shape
-    hidden, f32 = width // 4, jnp.float32
-    rows, blocks, chunk = plan(steps, batch, hidden)
-    padded, last = rows * blocks, steps // chunk - 1
+    f32 = jnp.float32
     c_prev = jnp.concatenate([c0[None].astype(f32), cs[:-1]], axis=0)  # [T, B, H]
-
-    def timed(width):  # the time chunks in reverse: the grid's first is the sequence's last
-        return pl.BlockSpec((chunk, rows, width), lambda b, i: (last - i, b, 0))
-
-    state = pl.BlockSpec((rows, hidden), lambda b, i: (b, 0))
-    kernel = functools.partial(
-        _backward_kernel, hidden=hidden, chunk=chunk, kind=gate_activation, dtype=dtype
-    )
-    dz, dc0, dh0 = _call(
-        kernel,
+    dz, dc0, dh0 = _launch(
+        _backward_kernel,
         "jaxchar_lstm_backward_pallas_tpu",
-        (blocks, steps // chunk),
-        [
-            timed(width),
-            timed(hidden),
-            timed(hidden),
-            timed(hidden),
-            state,
-            state,
-            _resident((width, hidden)),
-        ],
-        [timed(width), state, state],
-        [(steps, padded, width), (padded, hidden), (padded, hidden)],
-        [pltpu.VMEM((rows, hidden), f32), pltpu.VMEM((rows, hidden), f32)],
-        [
-            _pad(acts, 1, padded),
-            _pad(cs, 1, padded),
-            _pad(c_prev, 1, padded),
-            _pad(d_hs.astype(f32), 1, padded),
-            _pad(d_c.astype(f32), 0, padded),
-            _pad(d_h.astype(f32), 0, padded),
-            w_h.T.astype(dtype),  # [4H, H]
-        ],
+        ["gates", "units", "units", "units", "state", "state", "weights"],
+        ["gates", "state", "state"],
+        [acts, cs, c_prev, d_hs.astype(f32), d_c.astype(f32), d_h.astype(f32), w_h.T.astype(dtype)],
+        steps=steps,
+        batch=batch,
+        hidden=width // 4,
+        reverse=True,  # the grid's first time chunk is the sequence's last
+        kind=gate_activation,
+        dtype=dtype,
         interpret=interpret,
-        vmem=_vmem_limit(rows, hidden, chunk, dtype),
     )
     return dz[:, :batch], dc0[:batch], dh0[:batch]
