@@ -247,28 +247,25 @@ def test_repetition_share_against_counting_by_hand():
 import bench_generate  # noqa: E402
 
 
-@pytest.mark.slow  # starts processes
-@pytest.mark.parametrize("threads, rows", [(1, 1), (2, 1), (2, 3)])
-def test_stand_alone_loop_computes_what_jaxchar_computes(tmp_path, threads, rows):
-    # the stand-alone loop measures what JAX adds to jaxchar's stateful mode only if it does
-    # the same work: given jaxchar's weights it must pick jaxchar's ids, with its logits
+@pytest.fixture(scope="module")
+def stand_alone_loop(tmp_path_factory):
+    """benchmarks/native_loop.cc built once, and a model whose weights it reads: one layer
+    of 256 units with random biases and a stronger input (at init, with zero biases,
+    character 0 leaves the state at zero for ever; with these the run goes through several
+    characters before it settles)."""
     import shutil
 
     import jax
-    import jax.numpy as jnp
-    import numpy as np
 
     from jaxchar.config import ModelConfig
-    from jaxchar.model import apply, init_params
-    from jaxchar.sampling import sample
+    from jaxchar.model import init_params
 
     if shutil.which("g++") is None:
         pytest.skip("no g++ to build benchmarks/native_loop.cc")
-    binary = bench_generate.build_native(str(tmp_path))  # with a compiler it must build
+    folder = tmp_path_factory.mktemp("native_loop")
+    binary = bench_generate.build_native(str(folder))  # with a compiler it must build
     cfg = ModelConfig(vocab_size=45, layers=1, hidden=256, encoding="scaled")
     params = init_params(cfg, jax.random.PRNGKey(1))
-    # random biases and a stronger input: at init (zero biases) character 0 leaves the state
-    # at zero for ever; with these the run goes through several characters before it settles
     keys = jax.random.split(jax.random.PRNGKey(11))
     layer = params["lstm_0"]
     layer = {
@@ -278,6 +275,23 @@ def test_stand_alone_loop_computes_what_jaxchar_computes(tmp_path, threads, rows
     }
     head = {**params["head"], "bias": 0.1 * jax.random.normal(keys[1], (45,))}
     params = {"lstm_0": layer, "head": head}
+    return binary, cfg, params
+
+
+@pytest.mark.slow  # starts processes
+@pytest.mark.parametrize("threads, rows", [(1, 1), (2, 1), (2, 3)])
+def test_stand_alone_loop_computes_what_jaxchar_computes(stand_alone_loop, tmp_path, threads, rows):
+    # the stand-alone loop measures what JAX adds to jaxchar's stateful mode only if it does
+    # the same work: given jaxchar's weights it must pick jaxchar's ids, with its logits
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxchar.model import apply
+    from jaxchar.sampling import sample
+
+    binary, cfg, params = stand_alone_loop
+    layer = params["lstm_0"]
     parts = [
         layer["cell"]["recurrent_kernel"],
         layer["input_kernel"],
@@ -306,9 +320,9 @@ def test_stand_alone_loop_computes_what_jaxchar_computes(tmp_path, threads, rows
 
 
 @pytest.mark.slow  # starts a server twice
-def test_serve_benchmark_measures_short_requests_beside_long_prompts(tmp_path):
+def test_serve_benchmark_measures_short_requests_beside_long_prompts(tmp_path, fast_run):
     args = "--clients 1 --reps 1 --requests 1 --long-clients 1 --long-prompt 300 --length 16"
-    done = _bench("bench_serve", tmp_path, *args.split())
+    done = _bench("bench_serve", tmp_path, *args.split(), "--run", fast_run)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads((tmp_path / "serve.json").read_text())
     long = result["results"]["long prompts"]
