@@ -4,8 +4,8 @@ a time), with 1, 8 and 64 concurrent clients.
     python benchmarks/bench_serve.py [--clients 1 8 64] [--length 200] [--reps 3]
 
 The server runs as its own process (`jaxchar serve RUN --quiet`, batching on, then
-`--no-batching`) over a run of the default config's shapes (`fast`: 2 x LSTM-256, trained a
-few steps: speed does not depend on the weights). Each client is a thread that sends
+`--no-batching`) over a run of the default config's shapes, trained a few steps (speed does
+not depend on the weights), or over `--run RUN`. Each client is a thread that sends
 requests back to back (whole answers; `--stream`: server-sent events, as the page reads
 them, results in serve_stream.json) until the round's requests are done:
 every client makes `--requests` requests (default: enough for at least 64 in a round). A
@@ -216,11 +216,14 @@ def main() -> None:
         choices=["auto", "scan", "pallas"],
         help="model.impl for the engine-alone figures (pallas: the sampling kernel, for GPUs)",
     )
+    parser.add_argument(
+        "--run", type=Path, help="serve this run (default: train the default config 2 steps)"
+    )
     args = parser.parse_args()
 
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
-        run = train_run(Path(tmp))
+        run = args.run or train_run(Path(tmp))
         alone_by = {
             impl: engine_alone(run, args.clients, args.length, args.reps, impl)
             for impl in args.engine_impls
