@@ -176,26 +176,33 @@ def window_run(tmp_path_factory, alice_slice) -> Path:
 
 
 # The files that take longest, first (the whole suite's per-file times on 2 cores, summed
-# over their tests: test_install 131 s, test_benchmarks 110, test_faults 84, test_backends 72,
-# then 33-55 each; the rest under 20). xdist hands out whole files (--dist loadfile) in
-# this order (--no-loadscope-reorder: by default it reorders them by their number of tests,
-# which once put test_install last and left one worker idle for its last 100 s).
+# over their tests, 2026-12-07: test_install 101 s, test_benchmarks 74, test_faults 66,
+# test_backends 60, the Pallas files 39-50, then 10-38 each; the rest under 5). xdist hands
+# out whole files (--dist loadfile) in this order (--no-loadscope-reorder: by default it
+# reorders them by their number of tests, which once put test_install last and left one
+# worker idle for its last 100 s); a file left off the list goes after them all.
 _LONGEST_FIRST = [
     "test_install.py",
     "test_benchmarks.py",
     "test_faults.py",
     "test_backends.py",
+    "test_pallas.py",
+    "test_pallas_sampling.py",
+    "test_pallas_tpu.py",
     "test_train.py",
     "test_serve.py",
     "test_model.py",
-    "test_pallas.py",
-    "test_pallas_sampling.py",
+    "test_distributed.py",
     "test_tools.py",
     "test_cli.py",
-    "test_distributed.py",
-    "test_beam.py",
     "test_lowering.py",
     "test_run.py",
+    "test_data.py",
+    "test_decoders.py",
+    "test_beam.py",
+    "test_sampling.py",
+    "test_readme.py",
+    "test_fuzz.py",
 ]
 
 
