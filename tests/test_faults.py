@@ -365,6 +365,7 @@ def test_every_command_passes_over_a_damaged_newest_checkpoint(
         assert opened.read_params(30) is not None and opened.best_step() == 40
 
 
+@pytest.mark.slow  # starts processes
 def test_every_file_emptied_is_damage_not_an_empty_run(three_saves, text_file, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(three_saves, run)
