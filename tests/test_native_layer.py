@@ -125,10 +125,21 @@ def test_kernels_run_on_the_cpu_only_where_they_apply():
         assert "jaxchar_lstm" not in lowered(cfg), cfg
 
 
-def test_the_path_for_other_platforms_matches_too(monkeypatch):
+@pytest.fixture
+def other_platform(monkeypatch):
+    """lax.platform_dependent takes its default branch, as on a platform without the kernels.
+    The layer's loops are jitted on their own (one compiled loop per shape), so a loop an
+    earlier test traced with the real switch would be reused: trace afresh, and leave no
+    loop traced with this one behind."""
+    jax.clear_caches()
+    monkeypatch.setattr(jax.lax, "platform_dependent", lambda *a, cpu, default: default(*a))
+    yield
+    jax.clear_caches()
+
+
+def test_the_path_for_other_platforms_matches_too(other_platform):
     # where the kernels are built but the step runs elsewhere (a GPU), lax.platform_dependent
     # takes the scan loops, which must hand the backward pass the same residuals
-    monkeypatch.setattr(jax.lax, "platform_dependent", lambda *a, cpu, default: default(*a))
     cfg = _cfg(encoding="embed")
     params = init_params(cfg, jax.random.PRNGKey(3))
     ids = jax.random.randint(jax.random.PRNGKey(4), (7, 9), 0, 11)
@@ -143,12 +154,12 @@ def test_the_path_for_other_platforms_matches_too(monkeypatch):
 
 
 @pytest.mark.parametrize("platform", ["cpu", "other"])
-def test_training_with_dropout_between_the_layers_matches_the_scan(platform, monkeypatch):
+def test_training_with_dropout_between_the_layers_matches_the_scan(platform, request):
     # the lower layer hands the upper one its outputs as [H, T, B] (the kernel writes them;
     # elsewhere XLA transposes), dropped by the same mask: the input-kernel gradient from
     # them must equal the reference's
     if platform == "other":
-        monkeypatch.setattr(jax.lax, "platform_dependent", lambda *a, cpu, default: default(*a))
+        request.getfixturevalue("other_platform")
     cfg = _cfg(encoding="embed", layers=3, dropout=0.3)
     params = init_params(cfg, jax.random.PRNGKey(3))
     ids = jax.random.randint(jax.random.PRNGKey(4), (7, 9), 0, 11)
