@@ -23,6 +23,7 @@ time reported ("wall_s") is the running time summed over sittings, pauses left o
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -61,14 +62,19 @@ def fmt(loss: float | None) -> str:
 
 
 def open_run(run_dir: Path, cfg, vocab) -> tuple:
-    """The run directory and the bench state saved there (None for a new run)."""
+    """The run directory, the bench state saved there (None for a new run) and the config
+    (a run sized by train.minutes in an earlier sitting keeps the length it chose)."""
+    from dataclasses import replace
+
     from jaxchar.checkpoint import RUN_FILE, RunDir
 
     if not (run_dir / RUN_FILE).is_file():
         if run_dir.is_dir() and any(run_dir.iterdir()):
             sys.exit(f"{run_dir} holds files but no run: give a new or empty --run-dir")
-        return RunDir.create(run_dir, cfg, vocab), None
+        return RunDir.create(run_dir, cfg, vocab), None, cfg
     run = RunDir.open(run_dir)
+    if run.cfg.train.minutes and not cfg.train.max_steps:
+        cfg = replace(cfg, train=replace(cfg.train, max_steps=run.cfg.train.max_steps))
     if run.cfg.to_dict() != cfg.to_dict() or run.vocab != vocab:
         sys.exit(f"{run_dir} holds a run with another config or text: give a new --run-dir")
     state_path = run_dir / STATE_FILE
@@ -80,7 +86,7 @@ def open_run(run_dir: Path, cfg, vocab) -> tuple:
             f"{STATE_FILE} describes; the time before it is counted from there",
             file=sys.stderr,
         )
-    return run, state
+    return run, state, cfg
 
 
 def main() -> None:
@@ -100,7 +106,7 @@ def main() -> None:
 
     from jaxchar.config import load_config, override
     from jaxchar.corpus import load_corpus
-    from jaxchar.train import fit, with_vocab
+    from jaxchar.train import fit, sized, with_vocab
 
     sets = ["data.val_fraction=0.1", *args.set]
     if args.save_every:
@@ -114,7 +120,7 @@ def main() -> None:
         from jaxchar.checkpoint import CheckpointError
 
         try:
-            run, state = open_run(Path(args.run_dir).absolute(), cfg, corpus.vocab)
+            run, state, cfg = open_run(Path(args.run_dir).absolute(), cfg, corpus.vocab)
         except (CheckpointError, ValueError, KeyError) as err:  # JSON errors are ValueErrors
             sys.exit(f"{args.run_dir}: {err}; give another --run-dir")
     state = state or {"step": 0, "counted_s": 0.0, "curve": [], "reached": {}, "sittings": 0}
@@ -140,6 +146,22 @@ def main() -> None:
             return True
         return False
 
+    # train.minutes: a new run's length is chosen within the counted time, as `jaxchar
+    # train` does (a continued run has it from its first sitting)
+    sizing = None
+    if not state["step"]:
+        cfg, sizing = sized(
+            cfg,
+            corpus.train_ids,
+            corpus.val_ids,
+            train_spans=corpus.train_spans,
+            val_spans=corpus.val_spans,
+            began=time.perf_counter() - clock(),
+        )
+    if sizing is not None:
+        print(sizing.event()["text"], file=sys.stderr)
+        if run is not None:
+            run.update_config(cfg)
     every, total = cfg.train.save_every_steps, {}
 
     def log(event: dict) -> None:
@@ -179,6 +201,7 @@ def main() -> None:
             "corpus": args.corpus,
             "sets": sets,
             "cfg": cfg.to_dict(),  # what ran, so that a config's Expect line can be checked
+            "sized": None if sizing is None else dataclasses.asdict(sizing),
             "target_train_loss": target,
             "budget_s": args.budget_s,
             "stop_at_target": args.stop_at_target,

@@ -118,12 +118,9 @@ class RunDir:
         return cls(path, cfg, vocab, monitor)
 
     @staticmethod
-    def prepare(
-        path: str | Path, cfg: Config, vocab: Vocab, overwrite: bool = False
-    ) -> tuple[Path, str]:
-        """Checks and lays out a new run directory with its run.json, without orbax: with
-        several processes, process 0 calls this, then every process calls `open` (orbax's
-        manager is collective)."""
+    def check_new(path: str | Path, overwrite: bool = False) -> Path:
+        """The absolute path, once sure a new run may be laid out there (nothing is
+        touched): a new or empty folder, or with `overwrite` an earlier run."""
         path = Path(path).absolute()
         if path.exists() and not path.is_dir():
             raise CheckpointError(f"{path} is a file: give a new folder as the run directory")
@@ -137,6 +134,17 @@ class RunDir:
                 raise CheckpointError(
                     f"{path} is not empty and not a jaxchar run: --overwrite only replaces runs"
                 )
+        return path
+
+    @staticmethod
+    def prepare(
+        path: str | Path, cfg: Config, vocab: Vocab, overwrite: bool = False
+    ) -> tuple[Path, str]:
+        """Checks and lays out a new run directory with its run.json, without orbax: with
+        several processes, process 0 calls this, then every process calls `open` (orbax's
+        manager is collective)."""
+        path = RunDir.check_new(path, overwrite)
+        if path.exists() and any(path.iterdir()):
             shutil.rmtree(path)
         try:
             path.mkdir(parents=True, exist_ok=True)

@@ -150,6 +150,11 @@ class ModelConfig:
 class TrainConfig:
     epochs: int = 20
     max_steps: int = 0  # stop after this many steps in all; 0 = no limit
+    # > 0: the run's length is set by time, not by epochs: before training, the train step
+    # and an evaluation are timed on this machine and train.max_steps becomes the steps that
+    # end within this many minutes (evaluations included); a run stores its choice, so a
+    # resume keeps the same schedule, and --set train.max_steps=N repeats it elsewhere
+    minutes: float = 0.0
     batch_size: int = 128
     learning_rate: float = 1e-3  # Keras' Adam default
     schedule: str = "constant"  # constant | cosine | exponential
@@ -177,6 +182,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs must be at least 1")
         _check(self.max_steps >= 0, "train.max_steps must not be negative")
+        _check(
+            math.isfinite(self.minutes) and self.minutes >= 0,
+            "train.minutes must be a number of minutes, or 0 (off: train.epochs decides)",
+        )
         _check(self.batch_size >= 1, "train.batch_size must be at least 1")
         _check(self.learning_rate > 0, "train.learning_rate must be positive")
         _one_of("train", "schedule", self.schedule, ("constant", "cosine", "exponential"))

@@ -302,6 +302,13 @@ class Plan:
                 f"{n_chars} training characters make no full batch of {t.batch_size} "
                 f"x {cfg.data.seq_length}: lower train.batch_size or data.seq_length"
             )
+        if t.minutes:  # a run sized by time: its length is the steps `sized` chose
+            if not t.max_steps:
+                raise TrainingError(
+                    "train.minutes is set but the run has not been sized to it: call "
+                    "jaxchar.train.sized(cfg, ...) first (jaxchar train and fit do)"
+                )
+            return cls(per_epoch, t.max_steps)
         total = per_epoch * t.epochs
         return cls(per_epoch, min(total, t.max_steps) if t.max_steps else total)
 
@@ -320,6 +327,130 @@ class Plan:
             or step == self.total_steps
             or bool(t.save_every_steps and step % t.save_every_steps == 0)
         )
+
+
+@dataclass(frozen=True)
+class Sizing:
+    """What `sized` measured on this machine and the run length it chose."""
+
+    minutes: float  # the budget
+    steps: int  # the run's length: its train.max_steps
+    steps_per_epoch: int
+    step_s: float  # seconds a train step took
+    compile_s: float  # seconds the train step took to compile
+    eval_s: float  # seconds the first evaluation took (its compile included)
+    left_s: float  # seconds of the budget left once measured
+
+    def event(self) -> dict:
+        """The {"event": "sized"} log entry: what was measured and chosen, in words."""
+        text = (
+            f"train.minutes = {self.minutes:g}: a train step takes {self.step_s * 1e3:.1f} ms "
+            f"here and an evaluation {self.eval_s:.1f} s, so {self.steps:,} steps "
+            f"({self.steps / self.steps_per_epoch:.2f} epochs) fill the {self.left_s:.0f} s "
+            f"left (train.max_steps = {self.steps})"
+        )
+        return {"event": "sized", "max_steps": self.steps, "text": text}
+
+
+SIZING_SLACK = 0.95  # the share of the time left that the chosen steps may fill
+SIZING_MIN_S = 2.0  # steps are timed for at least this long (and at least 3 calls)
+
+
+def sized(
+    cfg: Config,
+    train_ids: np.ndarray,
+    val_ids: np.ndarray | None = None,
+    *,
+    train_spans: np.ndarray | None = None,
+    val_spans: np.ndarray | None = None,
+    mesh: Mesh | None = None,
+    began: float | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> tuple[Config, Sizing | None]:
+    """cfg with train.max_steps chosen for train.minutes (a run sized by time), and what
+    was measured; cfg itself, and None, without train.minutes. For a new run: a resumed
+    one keeps the length chosen when it started (its stored train.max_steps).
+
+    The budget counts from `began` (a reading of `clock`, time.perf_counter by default;
+    default: now). A few calls of the train step from a throwaway start (compile first,
+    then at least SIZING_MIN_S of steps) give the time of a step, and one evaluation of the
+    held-out ids the time of each save's; the run then gets the most steps whose time, its
+    evaluations (one per epoch, per train.save_every_steps, and at the end) and one more
+    compile of the step (the chosen length is part of the compiled program) fill
+    SIZING_SLACK of what is left.
+    train.epochs is not used; a train.max_steps already set is an upper bound. Every
+    process of a multi-host run takes process 0's choice."""
+    t = cfg.train
+    if not t.minutes:
+        return cfg, None
+    if mesh is not None:
+        check_batch(t.batch_size, mesh)
+    began = clock() if began is None else began
+    trial = replace(cfg, train=replace(t, minutes=0.0, max_steps=0))
+    per_epoch = Plan.of(trial, len(train_ids), _n(train_spans)).steps_per_epoch
+    tx = make_optimizer(trial.train, per_epoch * t.epochs)
+    state, totals = _initial_state(trial, tx, mesh, None)
+    ids, spans = _on_device(train_ids, mesh), _on_device(train_spans, mesh)
+    n, calls = min(t.steps_per_call, per_epoch), 0
+
+    def call(state, totals):  # the epoch's first steps each time: the time is the same
+        state, totals, losses = run_steps(
+            state, totals, ids, 0, 0, spans, cfg=trial, tx=tx, n=n, mesh=mesh
+        )
+        losses.block_until_ready()
+        return state, totals
+
+    start = clock()
+    state, totals = call(state, totals)
+    compiled = clock()
+    while calls < 3 or clock() - compiled < SIZING_MIN_S:
+        state, totals = call(state, totals)
+        calls += 1
+    step_s = (clock() - compiled) / (calls * n)
+    compile_s = max(compiled - start - n * step_s, 0.0)
+    eval_s = 0.0
+    if val_ids is not None and len(val_ids):
+        evaluated = clock()
+        score(used_params(state, t), cfg, val_ids, val_spans)
+        eval_s = clock() - evaluated
+    left = t.minutes * 60 - (clock() - began)
+    steps = _steps_within(SIZING_SLACK * (left - compile_s), step_s, eval_s, per_epoch, t)
+    if t.max_steps:
+        steps = min(steps, t.max_steps)
+    from jaxchar import distributed
+
+    if not distributed.is_single_process():
+        from jax.experimental import multihost_utils
+
+        steps = int(multihost_utils.broadcast_one_to_all(np.int32(steps)))
+    if steps < 1:
+        raise TrainingError(
+            f"train.minutes = {t.minutes:g} leaves no time for a step here (a step takes "
+            f"{step_s * 1e3:.1f} ms, an evaluation {eval_s:.1f} s, {max(left, 0):.0f} s were "
+            "left once measured): raise train.minutes, or set train.epochs instead"
+        )
+    chosen = replace(cfg, train=replace(t, max_steps=steps))
+    return chosen, Sizing(t.minutes, steps, per_epoch, step_s, compile_s, eval_s, left)
+
+
+def _n(spans) -> int:
+    return 0 if spans is None else len(spans)
+
+
+def _steps_within(seconds: float, step_s: float, eval_s: float, per_epoch: int, t) -> int:
+    """The most steps whose time and their saves' evaluations (one per epoch begun, one
+    per train.save_every_steps) fit in `seconds`: the cost only grows with the steps."""
+
+    def cost(steps: int) -> float:
+        saves = -(-steps // per_epoch)
+        saves += steps // t.save_every_steps if t.save_every_steps else 0
+        return steps * step_s + saves * eval_s
+
+    low, high = 0, max(int(seconds / step_s), 0) + 1  # cost(low) fits, cost(high) does not
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if cost(mid) <= seconds else (low, mid)
+    return low
 
 
 def _initial_state(cfg: Config, tx, mesh: Mesh | None, checkpointer) -> tuple[TrainState, Any]:
@@ -412,9 +543,15 @@ def fit(
     should_stop = should_stop or (lambda: False)
     if cfg.model.vocab_size < 1:
         raise TrainingError("cfg.model.vocab_size is not set: use the corpus' vocabulary size")
-    t, obj = cfg.train, data.objective(cfg)
+    obj = data.objective(cfg)
     if obj.needs_spans and train_spans is None:
         raise TrainingError("data.objective = 'sentences' needs train_spans (Corpus.train_spans)")
+    sizing = None
+    if cfg.train.minutes and not cfg.train.max_steps:  # not sized yet (train_run sizes first)
+        cfg, sizing = sized(
+            cfg, train_ids, val_ids, train_spans=train_spans, val_spans=val_spans, mesh=mesh
+        )
+    t = cfg.train
     plan = Plan.of(cfg, len(train_ids), 0 if train_spans is None else len(train_spans))
     tx, schedule = make_optimizer(t, plan.total_steps), make_schedule(t, plan.total_steps)
     if mesh is not None:
@@ -422,6 +559,8 @@ def fit(
     state, totals = _initial_state(cfg, tx, mesh, checkpointer)
     ids, spans = _on_device(train_ids, mesh), _on_device(train_spans, mesh)
     step = int(state.step)
+    if sizing is not None:  # a caller that resumes this run passes this cfg's max_steps
+        log(sizing.event())
     log(
         {
             "event": "start",

@@ -144,6 +144,41 @@ def test_resume_accepts_the_runs_own_options_and_refuses_other_values(
     assert "25" in [p.name for p in (run / "checkpoints").iterdir()]
 
 
+def test_a_run_sized_by_minutes_stores_its_length_and_resumes_with_it(
+    alice_slice, tmp_path, capsys, monkeypatch
+):
+    """`jaxchar train --minutes M`: the steps that fit are chosen before the run directory
+    is written, and stored in its config; the same command with --resume keeps that length
+    (no second timing, nothing more to do), and a budget too small for one step is
+    refused in one line with nothing written."""
+    monkeypatch.setattr("jaxchar.train.SIZING_MIN_S", 0.05)  # what is timed is not checked
+    run = tmp_path / "run"
+    cmd = ["train", str(alice_slice), "--run-dir", str(run), "--config", "tiny"]
+    cmd += ["--minutes", "5", "--max-steps", "12", "--set", "train.sample_chars=0"]
+    assert main(cmd) == 0
+    err = capsys.readouterr().err
+    said = [line for line in err.splitlines() if line.startswith("train.minutes = 5:")]
+    assert len(said) == 1 and "(train.max_steps = 12)" in said[0], err  # 12 caps 5 minutes
+    stored = json.loads((run / "run.json").read_text())["config"]["train"]
+    assert stored["minutes"] == 5 and stored["max_steps"] == 12
+    assert main([*cmd, "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "train.minutes" not in err and "resuming at step 12 of 12" in err, err
+    # a restated budget with no length given means the length the run chose
+    assert main([*cmd, "--resume", "--set", "train.max_steps=0"]) == 0
+    err = capsys.readouterr().err
+    assert "train.minutes" not in err and "resuming at step 12 of 12" in err, err
+    # without a cap the time decides: 0.0005 minutes (less than the timing) leave no step
+    small = tmp_path / "small"
+    refused = ["train", str(alice_slice), "--run-dir", str(small), "--config", "tiny"]
+    assert main([*refused, "--minutes", "0.0005", "--max-steps", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        err.startswith("jaxchar: error: train.minutes = 0.0005 leaves no time") and "\n" not in err
+    )
+    assert not small.exists()
+
+
 def test_package_names_load_on_first_use():
     """`import jaxchar` is cheap (the CLI's --help needs no JAX); the names still work."""
     import subprocess

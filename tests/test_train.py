@@ -375,3 +375,95 @@ def test_at_most_two_calls_are_queued_so_a_stop_saves_soon(alice_text, monkeypat
     monkeypatch.setattr(train, "run_steps", counting)
     fit(cfg, corpus.train_ids)
     assert len(queued) == 40 and max(queued) <= 1, queued
+
+
+@pytest.mark.parametrize(
+    "seconds, step_s, eval_s, per_epoch, every",
+    [
+        (10.0, 0.01, 0.5, 300, 0),
+        (10.0, 0.01, 0.5, 300, 70),
+        (3.0, 0.002, 1.2, 1000, 0),
+        (0.4, 0.01, 0.5, 50, 0),
+        (7.3, 0.003, 0.0, 17, 5),
+    ],
+)
+def test_the_steps_within_a_budget_are_the_most_whose_time_fits(
+    seconds, step_s, eval_s, per_epoch, every
+):
+    """Against a loop over every step count: a step's time, plus one evaluation per epoch
+    begun and per train.save_every_steps."""
+    from jaxchar.config import TrainConfig
+    from jaxchar.train import _steps_within
+
+    def cost(n):
+        saves = -(-n // per_epoch) + (n // every if every else 0)
+        return n * step_s + saves * eval_s
+
+    want = max(n for n in range(int(seconds / step_s) + 2) if cost(n) <= seconds)
+    t = TrainConfig(save_every_steps=every)
+    assert _steps_within(seconds, step_s, eval_s, per_epoch, t) == want
+
+
+class _Clock:
+    """A clock that moves only when the test says."""
+
+    def __init__(self):
+        self.now, self.calls = 100.0, 0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_run_sized_by_minutes_takes_the_steps_its_measured_times_allow(alice_text, monkeypatch):
+    """train.minutes: sized() times the step and an evaluation (here on a clock the test
+    moves: a step takes 10 ms, the first call compiles for 2 s, an evaluation takes 0.5 s,
+    so the figures are exact) and chooses the most steps that fit what is left, over
+    several epochs whatever train.epochs says; fit sizes a config not sized yet the same
+    way, says so, and takes exactly those steps."""
+    from functools import partial
+
+    from jaxchar import train
+    from jaxchar.train import SIZING_SLACK, _steps_within, sized
+
+    clock = _Clock()
+    run_steps, score = train.run_steps, train.score
+
+    def timed_run_steps(*args, n, **kw):
+        clock.now += (2.0 if clock.calls == 0 else 0.0) + 0.01 * n
+        clock.calls += 1
+        return run_steps(*args, n=n, **kw)
+
+    def timed_score(*args, **kw):
+        clock.now += 0.5
+        return score(*args, **kw)
+
+    monkeypatch.setattr(train, "run_steps", timed_run_steps)
+    monkeypatch.setattr(train, "score", timed_score)
+    sets = ("train.minutes=0.2", "train.steps_per_call=5", "train.epochs=1")
+    cfg, corpus = _setup(alice_text, *sets, chars=3000)
+    assert sized(override(cfg, ["train.minutes=0"]), corpus.train_ids)[1] is None
+    chosen, sizing = sized(cfg, corpus.train_ids, corpus.val_ids, began=100.0, clock=clock)
+    per_epoch = Plan.of(override(cfg, ["train.minutes=0"]), len(corpus.train_ids)).steps_per_epoch
+    assert sizing.step_s == pytest.approx(0.01) and sizing.compile_s == pytest.approx(2.0)
+    assert sizing.eval_s == pytest.approx(0.5) and clock.calls >= 4
+    assert sizing.left_s == pytest.approx(12.0 - (clock.now - 100.0))
+    want = _steps_within(SIZING_SLACK * (sizing.left_s - 2.0), 0.01, 0.5, per_epoch, cfg.train)
+    assert sizing.steps == want > 2 * per_epoch  # epochs = 1 is not used
+    assert chosen.train.max_steps == want and chosen.train.minutes == 0.2
+    assert Plan.of(chosen, len(corpus.train_ids)).total_steps == want
+    with pytest.raises(train.TrainingError, match="has not been sized"):
+        Plan.of(cfg, len(corpus.train_ids))
+    # a given train.max_steps is an upper bound
+    capped, _ = sized(override(cfg, ["train.max_steps=7"]), corpus.train_ids, clock=clock)
+    assert capped.train.max_steps == 7
+    # too little time is refused in one line that says what to do
+    with pytest.raises(train.TrainingError, match="leaves no time.*raise train.minutes"):
+        sized(override(cfg, ["train.minutes=0.01"]), corpus.train_ids, clock=clock)
+    # fit: the same measurements, the same choice
+    clock.now, clock.calls, events = 100.0, 0, []
+    monkeypatch.setattr(train, "sized", partial(sized, clock=clock))
+    result = fit(cfg, corpus.train_ids, corpus.val_ids, log=events.append)
+    said = [e for e in events if e["event"] == "sized"]
+    assert len(said) == 1 and said[0]["max_steps"] == want, said
+    assert "train.minutes = 0.2" in said[0]["text"] and f"{want:,} steps" in said[0]["text"]
+    assert int(result.state.step) == want

@@ -26,6 +26,7 @@ FLAG_FIELDS = {
     "dtype": "model.dtype",
     "epochs": "train.epochs",
     "max_steps": "train.max_steps",
+    "minutes": "train.minutes",
     "batch_size": "train.batch_size",
     "learning_rate": "train.learning_rate",
     "seed": "train.seed",
@@ -189,6 +190,12 @@ def add_parser(sub) -> None:
     g.add_argument("--epochs", type=int, help=f"passes over the text ({FROM_CONFIG})")
     g.add_argument(
         "--max-steps", type=int, help=f"stop after this many steps in all ({FROM_CONFIG})"
+    )
+    g.add_argument(
+        "--minutes",
+        type=float,
+        help="train for about this long on this machine: the steps that fit are timed first "
+        f"and replace --epochs ({FROM_CONFIG}: train.minutes, 0 = off)",
     )
     g.add_argument("--batch-size", type=int, help=f"rows per step ({FROM_CONFIG})")
     g.add_argument("--learning-rate", type=float, help=f"Adam's step size ({FROM_CONFIG})")

@@ -8,6 +8,7 @@ and what resuming a run checks. It writes run directories; reading.py reads them
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from jaxchar.config import Config, ConfigError, override
 from jaxchar.corpus import NAMED_CORPORA, CorpusError, Vocab, load_corpus, resolve_corpus
 from jaxchar.lstm.backends import Choice, runnable, select
 from jaxchar.sampling import sample
-from jaxchar.train import FitResult, fit, with_vocab
+from jaxchar.train import FitResult, fit, sized, with_vocab
 
 Log = Callable[[dict], None]
 
@@ -121,6 +122,9 @@ def _open_for_resume(
     except ConfigError:
         run.close()
         raise
+    minutes = stored["train"]["minutes"]  # a run sized by time keeps the length it chose
+    if minutes and wanted["train"]["minutes"] == minutes and not wanted["train"]["max_steps"]:
+        wanted["train"]["max_steps"] = stored["train"]["max_steps"]
     differ = [
         (f"{section}.{name}", value, wanted[section][name])
         for section, fields in stored.items()
@@ -158,13 +162,31 @@ def _open_for_resume(
     return run, dataclasses.replace(run.cfg, model=model), corpus
 
 
-def _create(path: str | Path, corpus_path: str | Path, cfg: Config, overwrite: bool):
-    """A new run directory for cfg, after every check that can refuse it has passed."""
+def _create(
+    path: str | Path, corpus_path: str | Path, cfg: Config, overwrite: bool, mesh, began: float
+):
+    """A new run directory for cfg, after every check that can refuse it has passed and
+    the length train.minutes asks for is chosen (stored in the run's config), and what the
+    choice measured (None without train.minutes)."""
     from jaxchar import distributed
 
     corpus = load_corpus(corpus_path, cfg.data)
     cfg = with_vocab(cfg, len(corpus.vocab))
     backend(cfg)  # a forced backend this machine lacks is refused before anything is written
+    if cfg.train.minutes:  # refusals first: the timing takes seconds
+        if distributed.is_primary():
+            RunDir.check_new(path, overwrite)
+        cfg, sizing = sized(
+            cfg,
+            corpus.train_ids,
+            corpus.val_ids,
+            train_spans=corpus.train_spans,
+            val_spans=corpus.val_spans,
+            mesh=mesh,
+            began=began,
+        )
+    else:
+        sizing = None
     if distributed.is_single_process():
         run = RunDir.create(path, cfg, corpus.vocab, overwrite=overwrite)
     else:  # files by process 0, then orbax's collective manager on every process
@@ -174,7 +196,7 @@ def _create(path: str | Path, corpus_path: str | Path, cfg: Config, overwrite: b
         run = RunDir.open(path)
     if distributed.is_primary():
         run.record_corpus(corpus_path)
-    return run, cfg, corpus
+    return run, cfg, corpus, sizing
 
 
 def train_run(
@@ -201,19 +223,23 @@ def train_run(
     from jaxchar import distributed
     from jaxchar.config import load_config
 
+    began = time.perf_counter()  # train.minutes counts from here
     log = log or (lambda event: None)
     if str(corpus_path) in NAMED_CORPORA:
         corpus_path = resolve_corpus(str(corpus_path), download=False)
     if tensorboard:  # refused before the run directory is touched
         TensorBoard.check()
-    if resume:
+    sizing = None
+    if resume:  # a run sized by train.minutes keeps the length it chose
         run, cfg, corpus = _open_for_resume(run_dir, corpus_path, changes or [], log, cfg)
     else:
         cfg = cfg if cfg is not None else load_config("fast")
-        run, cfg, corpus = _create(run_dir, corpus_path, cfg, overwrite)
+        run, cfg, corpus, sizing = _create(run_dir, corpus_path, cfg, overwrite, mesh, began)
     log({"event": "corpus", "text": corpus.summary(cfg.data.seq_length)})
     choice = backend(cfg)
     log({"event": "backend", "text": f"backend: {choice.backend} ({choice.reason})"})
+    if sizing is not None:
+        log(sizing.event())
     hooks = []
     if cfg.train.sample_chars and distributed.is_single_process():
         seed_ids = corpus.train_ids[: cfg.data.seq_length]
