@@ -354,6 +354,7 @@ class Sizing:
 
 SIZING_SLACK = 0.95  # the share of the time left that the chosen steps may fill
 SIZING_MIN_S = 2.0  # steps are timed for at least this long (and at least 3 calls)
+SIZING_WARMUP_CALLS = 2  # calls after the compile that are not timed
 
 
 def sized(
@@ -372,12 +373,12 @@ def sized(
     one keeps the length chosen when it started (its stored train.max_steps).
 
     The budget counts from `began` (a reading of `clock`, time.perf_counter by default;
-    default: now). A few calls of the train step from a throwaway start (compile first,
-    then at least SIZING_MIN_S of steps) give the time of a step, and one evaluation of the
-    held-out ids the time of each save's; the run then gets the most steps whose time, its
-    evaluations (one per epoch, per train.save_every_steps, and at the end) and one more
-    compile of the step (the chosen length is part of the compiled program) fill
-    SIZING_SLACK of what is left.
+    default: now). Calls of the train step from a throwaway start (compile first, a few
+    untimed, then at least SIZING_MIN_S of them, their median) give the time of a step, and
+    one evaluation of the held-out ids the time of each save's; the run then gets the most
+    steps whose time, its evaluations (one per epoch, per train.save_every_steps, and at
+    the end) and one more compile of the step (the chosen length is part of the compiled
+    program) fill SIZING_SLACK of what is left.
     train.epochs is not used; a train.max_steps already set is an upper bound. Every
     process of a multi-host run takes process 0's choice."""
     t = cfg.train
@@ -391,7 +392,7 @@ def sized(
     tx = make_optimizer(trial.train, per_epoch * t.epochs)
     state, totals = _initial_state(trial, tx, mesh, None)
     ids, spans = _on_device(train_ids, mesh), _on_device(train_spans, mesh)
-    n, calls = min(t.steps_per_call, per_epoch), 0
+    n = min(t.steps_per_call, per_epoch)
 
     def call(state, totals):  # the epoch's first steps each time: the time is the same
         state, totals, losses = run_steps(
@@ -403,10 +404,14 @@ def sized(
     start = clock()
     state, totals = call(state, totals)
     compiled = clock()
-    while calls < 3 or clock() - compiled < SIZING_MIN_S:
+    for _ in range(SIZING_WARMUP_CALLS):  # the first calls after a compile run slower
         state, totals = call(state, totals)
-        calls += 1
-    step_s = (clock() - compiled) / (calls * n)
+    times, timed = [], clock()
+    while len(times) < 3 or clock() - timed < SIZING_MIN_S:
+        before = clock()
+        state, totals = call(state, totals)
+        times.append(clock() - before)
+    step_s = float(np.median(times)) / n  # the median call: a stray pause does not count
     compile_s = max(compiled - start - n * step_s, 0.0)
     eval_s = 0.0
     if val_ids is not None and len(val_ids):
