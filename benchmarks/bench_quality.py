@@ -106,7 +106,8 @@ def main() -> None:
 
     from jaxchar.config import load_config, override
     from jaxchar.corpus import load_corpus
-    from jaxchar.train import fit, sized, with_vocab
+    from jaxchar.run.training import sized_on
+    from jaxchar.train import fit, with_vocab
 
     sets = ["data.val_fraction=0.1", *args.set]
     if args.save_every:
@@ -150,14 +151,7 @@ def main() -> None:
     # train` does (a continued run has it from its first sitting)
     sizing = None
     if not state["step"]:
-        cfg, sizing = sized(
-            cfg,
-            corpus.train_ids,
-            corpus.val_ids,
-            train_spans=corpus.train_spans,
-            val_spans=corpus.val_spans,
-            began=time.perf_counter() - clock(),
-        )
+        cfg, sizing = sized_on(cfg, corpus, began=time.perf_counter() - clock())
     if sizing is not None:
         print(sizing.event()["text"], file=sys.stderr)
         if run is not None:

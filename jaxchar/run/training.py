@@ -19,10 +19,17 @@ import numpy as np
 from jaxchar import data
 from jaxchar.checkpoint import RunDir
 from jaxchar.config import Config, ConfigError, override
-from jaxchar.corpus import NAMED_CORPORA, CorpusError, Vocab, load_corpus, resolve_corpus
+from jaxchar.corpus import (
+    NAMED_CORPORA,
+    Corpus,
+    CorpusError,
+    Vocab,
+    load_corpus,
+    resolve_corpus,
+)
 from jaxchar.lstm.backends import Choice, runnable, select
 from jaxchar.sampling import sample
-from jaxchar.train import FitResult, fit, sized, with_vocab
+from jaxchar.train import FitResult, Sizing, fit, sized, with_vocab
 
 Log = Callable[[dict], None]
 
@@ -162,6 +169,22 @@ def _open_for_resume(
     return run, dataclasses.replace(run.cfg, model=model), corpus
 
 
+def sized_on(
+    cfg: Config, corpus: Corpus, *, mesh=None, began: float | None = None
+) -> tuple[Config, Sizing | None]:
+    """jaxchar.train.sized on a prepared corpus' splits: cfg with the train.max_steps that
+    train.minutes allows on this machine, and what was measured (None without minutes)."""
+    return sized(
+        cfg,
+        corpus.train_ids,
+        corpus.val_ids,
+        train_spans=corpus.train_spans,
+        val_spans=corpus.val_spans,
+        mesh=mesh,
+        began=began,
+    )
+
+
 def _create(
     path: str | Path, corpus_path: str | Path, cfg: Config, overwrite: bool, mesh, began: float
 ):
@@ -173,20 +196,11 @@ def _create(
     corpus = load_corpus(corpus_path, cfg.data)
     cfg = with_vocab(cfg, len(corpus.vocab))
     backend(cfg)  # a forced backend this machine lacks is refused before anything is written
+    sizing = None
     if cfg.train.minutes:  # refusals first: the timing takes seconds
         if distributed.is_primary():
             RunDir.check_new(path, overwrite)
-        cfg, sizing = sized(
-            cfg,
-            corpus.train_ids,
-            corpus.val_ids,
-            train_spans=corpus.train_spans,
-            val_spans=corpus.val_spans,
-            mesh=mesh,
-            began=began,
-        )
-    else:
-        sizing = None
+        cfg, sizing = sized_on(cfg, corpus, mesh=mesh, began=began)
     if distributed.is_single_process():
         run = RunDir.create(path, cfg, corpus.vocab, overwrite=overwrite)
     else:  # files by process 0, then orbax's collective manager on every process
