@@ -288,7 +288,8 @@ def zero_totals() -> tuple[jax.Array, jax.Array, jax.Array]:
 
 @dataclass(frozen=True)
 class Plan:
-    """How many steps a run takes: per epoch, in all (epochs or train.max_steps)."""
+    """How many steps a run takes: per epoch, in all (epochs or train.max_steps; with
+    train.minutes, the train.max_steps that `sized` chose, which fit does first)."""
 
     steps_per_epoch: int
     total_steps: int
@@ -302,12 +303,7 @@ class Plan:
                 f"{n_chars} training characters make no full batch of {t.batch_size} "
                 f"x {cfg.data.seq_length}: lower train.batch_size or data.seq_length"
             )
-        if t.minutes:  # a run sized by time: its length is the steps `sized` chose
-            if not t.max_steps:
-                raise TrainingError(
-                    "train.minutes is set but the run has not been sized to it: call "
-                    "jaxchar.train.sized(cfg, ...) first (jaxchar train and fit do)"
-                )
+        if t.minutes and t.max_steps:  # sized by time: the steps `sized` chose, not epochs
             return cls(per_epoch, t.max_steps)
         total = per_epoch * t.epochs
         return cls(per_epoch, min(total, t.max_steps) if t.max_steps else total)
@@ -352,7 +348,7 @@ class Sizing:
         return {"event": "sized", "max_steps": self.steps, "text": text}
 
 
-SIZING_SLACK = 0.95  # the share of the time left that the chosen steps may fill
+SIZING_SLACK = 0.90  # the share of the time left that the chosen steps may fill
 SIZING_MIN_S = 2.0  # steps are timed for at least this long (and at least 3 calls)
 SIZING_WARMUP_CALLS = 2  # calls after the compile that are not timed
 
