@@ -384,7 +384,7 @@ def sized(
         check_batch(t.batch_size, mesh)
     began = clock() if began is None else began
     trial = replace(cfg, train=replace(t, minutes=0.0, max_steps=0))
-    per_epoch = Plan.of(trial, len(train_ids), _n(train_spans)).steps_per_epoch
+    per_epoch = Plan.of(trial, len(train_ids), _spans_count(train_spans)).steps_per_epoch
     tx = make_optimizer(trial.train, per_epoch * t.epochs)
     state, totals = _initial_state(trial, tx, mesh, None)
     ids, spans = _on_device(train_ids, mesh), _on_device(train_spans, mesh)
@@ -434,7 +434,7 @@ def sized(
     return chosen, Sizing(t.minutes, steps, per_epoch, step_s, compile_s, eval_s, left)
 
 
-def _n(spans) -> int:
+def _spans_count(spans) -> int:  # the sentences objective's spans, else 0
     return 0 if spans is None else len(spans)
 
 
@@ -553,7 +553,7 @@ def fit(
             cfg, train_ids, val_ids, train_spans=train_spans, val_spans=val_spans, mesh=mesh
         )
     t = cfg.train
-    plan = Plan.of(cfg, len(train_ids), 0 if train_spans is None else len(train_spans))
+    plan = Plan.of(cfg, len(train_ids), _spans_count(train_spans))
     tx, schedule = make_optimizer(t, plan.total_steps), make_schedule(t, plan.total_steps)
     if mesh is not None:
         check_batch(t.batch_size, mesh)
