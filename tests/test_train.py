@@ -414,16 +414,11 @@ class _Clock:
         return self.now
 
 
-def test_a_run_sized_by_minutes_takes_the_steps_its_measured_times_allow(alice_text, monkeypatch):
-    """train.minutes: sized() times the step and an evaluation (here on a clock the test
-    moves: a step takes 10 ms, the first call compiles for 2 s, an evaluation takes 0.5 s,
-    so the figures are exact) and chooses the most steps that fit what is left, over
-    several epochs whatever train.epochs says; fit sizes a config not sized yet the same
-    way, says so, and takes exactly those steps."""
-    from functools import partial
-
+@pytest.fixture
+def timed_clock(monkeypatch) -> _Clock:
+    """A clock that jaxchar.train's train steps and evaluations move, by exact amounts: a
+    step takes 10 ms, the first call also compiles for 2 s, an evaluation takes 0.5 s."""
     from jaxchar import train
-    from jaxchar.train import SIZING_SLACK, _steps_within, sized
 
     clock = _Clock()
     run_steps, score = train.run_steps, train.score
@@ -439,6 +434,22 @@ def test_a_run_sized_by_minutes_takes_the_steps_its_measured_times_allow(alice_t
 
     monkeypatch.setattr(train, "run_steps", timed_run_steps)
     monkeypatch.setattr(train, "score", timed_score)
+    return clock
+
+
+def test_a_run_sized_by_minutes_takes_the_steps_its_measured_times_allow(
+    alice_text, monkeypatch, timed_clock
+):
+    """train.minutes: sized() times the step and an evaluation (on the test's clock, so
+    the figures are exact) and chooses the most steps that fit what is left, over
+    several epochs whatever train.epochs says; fit sizes a config not sized yet the same
+    way, says so, and takes exactly those steps."""
+    from functools import partial
+
+    from jaxchar import train
+    from jaxchar.train import SIZING_SLACK, _steps_within, sized
+
+    clock = timed_clock
     sets = ("train.minutes=0.3", "train.steps_per_call=5", "train.epochs=1")
     cfg, corpus = _setup(alice_text, *sets, chars=3000)
     assert sized(override(cfg, ["train.minutes=0"]), corpus.train_ids)[1] is None
@@ -465,3 +476,27 @@ def test_a_run_sized_by_minutes_takes_the_steps_its_measured_times_allow(alice_t
     assert len(said) == 1 and said[0]["max_steps"] == want, said
     assert "train.minutes = 0.3" in said[0]["text"] and f"{want:,} steps" in said[0]["text"]
     assert int(result.state.step) == want
+
+
+def test_a_stateful_run_sized_by_minutes_ends_with_its_last_whole_epoch(alice_text, timed_clock):
+    """data.stateful reads the text as streams in order: sized() stops such a run where
+    the last whole epoch that fits ends (never at none), and says why."""
+    from jaxchar.train import SIZING_SLACK, _steps_within, sized
+
+    stateful = ("data.objective=sequence", "data.stateful=true", "train.batch_size=4")
+    for minutes, whole in ((0.5, True), (0.15, False)):
+        timed_clock.now, timed_clock.calls = 100.0, 0
+        cfg, corpus = _setup(alice_text, *stateful, f"train.minutes={minutes}")
+        chosen, sizing = sized(cfg, corpus.train_ids, corpus.val_ids, clock=timed_clock)
+        plan = Plan.of(override(cfg, ["train.minutes=0"]), len(corpus.train_ids))
+        per_epoch = plan.steps_per_epoch
+        seconds = SIZING_SLACK * (sizing.left_s - 2.0)
+        fit = _steps_within(seconds, 0.01, 0.5, per_epoch, cfg.train)
+        text = sizing.event()["text"]
+        if whole:  # several epochs fit: the last one begun is dropped
+            assert fit > 2 * per_epoch and fit % per_epoch, (fit, per_epoch)
+            assert sizing.steps == fit - fit % per_epoch == chosen.train.max_steps
+            assert sizing.fitting == fit and f"{fit:,} steps fit" in text, text
+        else:  # less than an epoch fits: the run still gets what fits
+            assert 0 < fit < per_epoch and sizing.steps == fit and not sizing.fitting
+            assert "fill the" in text
