@@ -177,7 +177,8 @@ def window_run(tmp_path_factory, alice_slice) -> Path:
 
 # The files that take longest, first (the whole suite's per-file times on 2 cores, summed
 # over their tests, 2026-12-07: test_install 101 s, test_benchmarks 74, test_faults 66,
-# test_backends 60, the Pallas files 39-50, then 10-38 each; the rest under 5). xdist hands
+# test_backends 60, the Pallas files 39-50, then 10-38 each; the rest under 5; the C++
+# kernels' files, skipped on AVX2 CPUs, 17-25 s in the quick loop on AVX-512 ones). xdist hands
 # out whole files (--dist loadfile) in this order (--no-loadscope-reorder: by default it
 # reorders them by their number of tests, which once put test_install last and left one
 # worker idle for its last 100 s); a file left off the list goes after them all.
@@ -189,9 +190,11 @@ _LONGEST_FIRST = [
     "test_pallas.py",
     "test_pallas_sampling.py",
     "test_pallas_tpu.py",
+    "test_native.py",
     "test_train.py",
     "test_serve.py",
     "test_model.py",
+    "test_native_layer.py",
     "test_distributed.py",
     "test_tools.py",
     "test_cli.py",

@@ -22,13 +22,16 @@ def test_permute_depends_on_the_key():
     assert not np.array_equal(a, b)
 
 
+# widths from a few values and the offsets padded to 16 rows: every example reuses one of
+# four compiled shapes (40 examples of free shapes compiled about 40 programs, 3.6 s)
 @settings(max_examples=40, deadline=None)
-@given(st.lists(st.integers(0, 900), min_size=1, max_size=16), st.integers(1, 20))
+@given(st.lists(st.integers(0, 900), min_size=1, max_size=16), st.sampled_from([1, 2, 13, 20]))
 def test_gather_equals_naive_slicing(offsets, width):
     ids = np.random.default_rng(0).integers(0, 50, size=1000).astype(np.uint8)
-    got = np.asarray(data.gather_windows(jnp.asarray(ids), jnp.asarray(offsets), width))
+    padded = np.array(offsets + [0] * (16 - len(offsets)))
+    got = np.asarray(data.gather_windows(jnp.asarray(ids), jnp.asarray(padded), width))
     want = np.stack([ids[o : o + width] for o in offsets])
-    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got[: len(offsets)], want)
 
 
 def test_window_epoch_visits_every_window_once():
