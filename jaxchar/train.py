@@ -289,10 +289,18 @@ def zero_totals() -> tuple[jax.Array, jax.Array, jax.Array]:
 @dataclass(frozen=True)
 class Plan:
     """How many steps a run takes: per epoch, in all (epochs or train.max_steps; with
-    train.minutes, the train.max_steps that `sized` chose, which fit does first)."""
+    train.minutes, the train.max_steps that `sized` chose, which fit does first).
+
+    A stateful run (data.stateful) whose length is not a whole number of epochs spends the
+    fraction first: it begins `offset` steps into its first epoch, so that its last epoch
+    ends where the streams end. Its streams are read in order, and a run stopped partway
+    through an epoch has last learnt from their middles (on tiny Shakespeare, seed 0:
+    1.4305 after 5 epochs, 1.4511 after 5.54 from the streams' starts; docs/experiments.md,
+    "Stateful streams")."""
 
     steps_per_epoch: int
     total_steps: int
+    offset: int = 0  # steps of the first epoch that the run skips
 
     @classmethod
     def of(cls, cfg: Config, n_chars: int, n_spans: int = 0) -> Plan:
@@ -304,14 +312,21 @@ class Plan:
                 f"x {cfg.data.seq_length}: lower train.batch_size or data.seq_length"
             )
         if t.minutes and t.max_steps:  # sized by time: the steps `sized` chose, not epochs
-            return cls(per_epoch, t.max_steps)
-        total = per_epoch * t.epochs
-        return cls(per_epoch, min(total, t.max_steps) if t.max_steps else total)
+            total = t.max_steps
+        else:
+            total = per_epoch * t.epochs
+            total = min(total, t.max_steps) if t.max_steps else total
+        stateful = data.objective(cfg).carries_state
+        return cls(per_epoch, total, -total % per_epoch if stateful else 0)
+
+    def position(self, step: int) -> tuple[int, int]:
+        """(epoch, step within that epoch) of the run's `step`-th step."""
+        return divmod(step + self.offset, self.steps_per_epoch)
 
     def steps_in_next_call(self, step: int, t: TrainConfig) -> int:
         """Steps of the next dispatch: up to train.steps_per_call, never past the epoch's
         end, the run's end or the next periodic save."""
-        n = min(t.steps_per_call, self.steps_per_epoch - step % self.steps_per_epoch)
+        n = min(t.steps_per_call, self.steps_per_epoch - self.position(step)[1])
         n = min(n, self.total_steps - step)
         if t.save_every_steps:
             n = min(n, t.save_every_steps - step % t.save_every_steps)
@@ -319,7 +334,7 @@ class Plan:
 
     def saves_at(self, step: int, t: TrainConfig) -> bool:
         return (
-            step % self.steps_per_epoch == 0
+            self.position(step)[1] == 0
             or step == self.total_steps
             or bool(t.save_every_steps and step % t.save_every_steps == 0)
         )
@@ -336,22 +351,17 @@ class Sizing:
     compile_s: float  # seconds the train step took to compile
     eval_s: float  # seconds the first evaluation took (its compile included)
     left_s: float  # seconds of the budget left once measured
-    fitting: int = 0  # the steps that fit, where `steps` was cut to whole epochs
+    stateful: bool = False  # the run reads streams: a fraction of an epoch comes first
 
     def event(self) -> dict:
         """The {"event": "sized"} log entry: what was measured and chosen, in words."""
         epochs = f"{self.steps / self.steps_per_epoch:.2f} epochs"
-        if self.fitting:
-            how = (
-                f"({epochs}: a stateful run stops where its last whole epoch ends, and "
-                f"{self.fitting:,} steps fit the {self.left_s:.0f} s left; "
-            )
-        else:
-            how = f"({epochs}) fill the {self.left_s:.0f} s left ("
+        if self.stateful and self.steps % self.steps_per_epoch:
+            epochs += ", the fraction first, so that the last ends where the streams end"
         text = (
             f"train.minutes = {self.minutes:g}: a train step takes {self.step_s * 1e3:.1f} ms "
             f"here and an evaluation {self.eval_s:.1f} s, so {self.steps:,} steps "
-            f"{how}train.max_steps = {self.steps})"
+            f"({epochs}) fill the {self.left_s:.0f} s left (train.max_steps = {self.steps})"
         )
         return {"event": "sized", "max_steps": self.steps, "text": text}
 
@@ -382,12 +392,9 @@ def sized(
     one evaluation of the held-out ids the time of each save's; the run then gets the most
     steps whose time, its evaluations (one per epoch, per train.save_every_steps, and at
     the end) and one more compile of the step (the chosen length is part of the compiled
-    program) fill SIZING_SLACK of what is left. A stateful run (data.stateful) that has
-    time for an epoch or more stops at the end of its last whole one: its streams are read
-    in order, and a run stopped partway has last learnt from their middles (on tiny
-    Shakespeare, seed 0: 1.4305 after 5 epochs, 1.4511 after 5.54; docs/experiments.md).
-    train.epochs is not used; a train.max_steps already set is an upper bound. Every
-    process of a multi-host run takes process 0's choice."""
+    program) fill SIZING_SLACK of what is left (a stateful run then spends the fraction
+    of an epoch first: `Plan`). train.epochs is not used; a train.max_steps already set
+    is an upper bound. Every process of a multi-host run takes process 0's choice."""
     t = cfg.train
     if not t.minutes:
         return cfg, None
@@ -427,11 +434,8 @@ def sized(
         eval_s = clock() - evaluated
     left = t.minutes * 60 - (clock() - began)
     steps = _steps_within(SIZING_SLACK * (left - compile_s), step_s, eval_s, per_epoch, t)
-    fitting = 0
-    if data.objective(trial).carries_state and steps % per_epoch and steps > per_epoch:
-        fitting, steps = steps, steps - steps % per_epoch
-    if t.max_steps and t.max_steps < steps:
-        fitting, steps = 0, t.max_steps
+    if t.max_steps:
+        steps = min(steps, t.max_steps)
     from jaxchar import distributed
 
     if not distributed.is_single_process():
@@ -445,7 +449,8 @@ def sized(
             "left once measured): raise train.minutes, or set train.epochs instead"
         )
     chosen = replace(cfg, train=replace(t, max_steps=steps))
-    return chosen, Sizing(t.minutes, steps, per_epoch, step_s, compile_s, eval_s, left, fitting)
+    stateful = data.objective(trial).carries_state
+    return chosen, Sizing(t.minutes, steps, per_epoch, step_s, compile_s, eval_s, left, stateful)
 
 
 def _spans_count(spans) -> int:  # the sentences objective's spans, else 0
@@ -592,7 +597,7 @@ def fit(
 
     in_flight = None  # the previous call's losses
     while step < plan.total_steps:
-        epoch, first = divmod(step, plan.steps_per_epoch)
+        epoch, first = plan.position(step)
         n = plan.steps_in_next_call(step, t)
         state, totals, losses = run_steps(
             state, totals, ids, epoch, first, spans, cfg=cfg, tx=tx, n=n, mesh=mesh
@@ -605,7 +610,7 @@ def fit(
             in_flight.block_until_ready()
         in_flight = losses
         step += n
-        epoch_end = step % plan.steps_per_epoch == 0
+        epoch_end = plan.position(step)[1] == 0
         save_now, stop = plan.saves_at(step, t), should_stop()
         if step // t.log_every > last_log // t.log_every or save_now or stop:
             loss = _last_loss(losses, step, t.skip_nonfinite)

@@ -114,10 +114,16 @@ def test_resume_equals_uninterrupted(alice_text, tmp_path, case):
     full_cfg = override(cfg, [f"train.max_steps={total}"])
     straight = fit(full_cfg, corpus.train_ids, corpus.val_ids)
 
-    half_cfg = override(cfg, ["train.max_steps=10"])
     run = RunDir.create(tmp_path / "run", full_cfg, corpus.vocab)
-    first = fit(half_cfg, corpus.train_ids, corpus.val_ids, checkpointer=run)
-    assert int(first.state.step) == 10
+    calls = iter(range(total))  # a stop after the second call of 5 steps, as Ctrl-C makes
+    first = fit(
+        full_cfg,
+        corpus.train_ids,
+        corpus.val_ids,
+        checkpointer=run,
+        should_stop=lambda: next(calls) == 1,
+    )
+    assert int(first.state.step) == 10 and first.interrupted
     run.close()
     reopened = RunDir.open(tmp_path / "run")
     resumed = fit(full_cfg, corpus.train_ids, corpus.val_ids, checkpointer=reopened)
@@ -478,25 +484,41 @@ def test_a_run_sized_by_minutes_takes_the_steps_its_measured_times_allow(
     assert int(result.state.step) == want
 
 
-def test_a_stateful_run_sized_by_minutes_ends_with_its_last_whole_epoch(alice_text, timed_clock):
-    """data.stateful reads the text as streams in order: sized() stops such a run where
-    the last whole epoch that fits ends (never at none), and says why."""
+def test_a_stateful_run_of_part_epochs_spends_the_part_first(alice_text, timed_clock):
+    """data.stateful reads the text as streams in order: a run whose length is not whole
+    epochs begins partway into its first epoch, so that every later epoch, the last
+    included, ends where the streams end; sized() takes all the steps that fit and says so."""
     from jaxchar.train import SIZING_SLACK, _steps_within, sized
 
     stateful = ("data.objective=sequence", "data.stateful=true", "train.batch_size=4")
-    for minutes, whole in ((0.5, True), (0.15, False)):
-        timed_clock.now, timed_clock.calls = 100.0, 0
-        cfg, corpus = _setup(alice_text, *stateful, f"train.minutes={minutes}")
-        chosen, sizing = sized(cfg, corpus.train_ids, corpus.val_ids, clock=timed_clock)
-        plan = Plan.of(override(cfg, ["train.minutes=0"]), len(corpus.train_ids))
-        per_epoch = plan.steps_per_epoch
-        seconds = SIZING_SLACK * (sizing.left_s - 2.0)
-        fit = _steps_within(seconds, 0.01, 0.5, per_epoch, cfg.train)
-        text = sizing.event()["text"]
-        if whole:  # several epochs fit: the last one begun is dropped
-            assert fit > 2 * per_epoch and fit % per_epoch, (fit, per_epoch)
-            assert sizing.steps == fit - fit % per_epoch == chosen.train.max_steps
-            assert sizing.fitting == fit and f"{fit:,} steps fit" in text, text
-        else:  # less than an epoch fits: the run still gets what fits
-            assert 0 < fit < per_epoch and sizing.steps == fit and not sizing.fitting
-            assert "fill the" in text
+    cfg, corpus = _setup(alice_text, *stateful, "train.steps_per_call=7")
+    per_epoch = Plan.of(cfg, len(corpus.train_ids)).steps_per_epoch
+    plan = Plan.of(override(cfg, [f"train.max_steps={2 * per_epoch + 3}"]), len(corpus.train_ids))
+    assert (plan.total_steps, plan.offset) == (2 * per_epoch + 3, per_epoch - 3)
+    assert plan.position(0) == (0, per_epoch - 3) and plan.position(3) == (1, 0)
+    assert plan.steps_in_next_call(0, cfg.train) == 3  # never past the first epoch's end
+    assert [s for s in range(1, plan.total_steps + 1) if plan.saves_at(s, cfg.train)] == [
+        3,
+        per_epoch + 3,
+        2 * per_epoch + 3,
+    ]
+    assert Plan.of(override(cfg, ["train.epochs=2"]), len(corpus.train_ids)).offset == 0
+    shuffled = override(cfg, ["data.stateful=false", f"train.max_steps={per_epoch + 3}"])
+    assert Plan.of(shuffled, len(corpus.train_ids)).offset == 0  # chunks: no streams to end
+    # fit: its saves come at those epochs' ends
+    short = override(cfg, ["train.max_steps=5", "train.epochs=3"])
+    result = fit(short, corpus.train_ids, corpus.val_ids)
+    ends = [(m["step"], m["epoch"], m["epoch_done"]) for m in result.history]
+    assert per_epoch > 5 and ends == [(5, 1, True)], ends  # one part epoch, ending the streams
+    long = override(cfg, [f"train.max_steps={per_epoch + 3}", "train.epochs=3"])
+    result = fit(long, corpus.train_ids, corpus.val_ids)
+    ends = [(m["step"], m["epoch"], m["epoch_done"]) for m in result.history]
+    assert ends == [(3, 1, True), (per_epoch + 3, 2, True)], ends
+    # sized: every step that fits, the fraction first
+    timed_clock.now, timed_clock.calls = 100.0, 0
+    timed = override(cfg, ["train.minutes=0.5"])
+    chosen, sizing = sized(timed, corpus.train_ids, corpus.val_ids, clock=timed_clock)
+    fits = _steps_within(SIZING_SLACK * (sizing.left_s - 2.0), 0.01, 0.5, per_epoch, cfg.train)
+    assert sizing.steps == fits == chosen.train.max_steps and fits % per_epoch, fits
+    assert "the fraction first" in sizing.event()["text"]
+    assert Plan.of(chosen, len(corpus.train_ids)).offset == per_epoch - fits % per_epoch
