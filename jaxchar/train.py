@@ -296,7 +296,8 @@ class Plan:
     ends where the streams end. Its streams are read in order, and a run stopped partway
     through an epoch has last learnt from their middles (on tiny Shakespeare, seed 0:
     1.4305 after 5 epochs, 1.4511 after 5.54 from the streams' starts; docs/experiments.md,
-    "Stateful streams")."""
+    "Stateful streams"). The offset follows the run's length: a resume that raises it
+    moves the streams once, under the state carried so far."""
 
     steps_per_epoch: int
     total_steps: int
