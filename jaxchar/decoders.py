@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from jaxchar.config import ModelConfig
 from jaxchar.lstm import select
-from jaxchar.model import apply, init_carry, step
+from jaxchar.model import apply, for_inference, init_carry, step
 
 MODES = ("stateful", "window")
 
@@ -126,7 +126,9 @@ Decoder = Stateful | Window
 
 
 def decoder(cfg: ModelConfig, mode: str, seq_length: int = 100) -> Decoder:
-    """The decoder for `mode` ("stateful" or "window"; window reads `seq_length`)."""
+    """The decoder for `mode` ("stateful" or "window"; window reads `seq_length`), of cfg
+    with dropout off (`for_inference`: configs that differ only there share programs)."""
+    cfg = for_inference(cfg)
     if mode == "stateful":
         return Stateful(cfg)
     if mode == "window":

@@ -220,10 +220,7 @@ def init_params(cfg: ModelConfig, key: jax.Array, seq_length: int = 1) -> dict:
     differ only there share one compiled initializer."""
     del seq_length  # the parameters are the same for any input length
     plain = dataclasses.replace(
-        cfg,
-        dropout=0.0,
-        input_dropout=0.0,
-        dropout_locked=False,
+        for_inference(cfg),
         gate_activation="sigmoid",
         unroll=1,
         dtype="float32",
@@ -238,7 +235,12 @@ def _init_params(cfg: ModelConfig, key: jax.Array) -> dict:
     return CharLSTM(cfg).init({"params": key}, ids)["params"]
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "train", "last_only"))
+def for_inference(cfg: ModelConfig) -> ModelConfig:
+    """cfg with dropout off: the fields that only training reads. Evaluation and sampling
+    compile their programs for it, so that configs that differ only in dropout share them."""
+    return dataclasses.replace(cfg, dropout=0.0, input_dropout=0.0, dropout_locked=False)
+
+
 def apply(
     params: dict,
     cfg: ModelConfig,
@@ -251,6 +253,22 @@ def apply(
     last_only: bool = False,
 ) -> tuple[jax.Array, Carry]:
     """Runs the model over ids [batch, time]; `key` drives dropout when `train`."""
+    cfg = cfg if train else for_inference(cfg)
+    return _apply(params, cfg, ids, carry, train=train, key=key, mask=mask, last_only=last_only)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "train", "last_only"))
+def _apply(
+    params: dict,
+    cfg: ModelConfig,
+    ids: jax.Array,
+    carry: Carry | None,
+    *,
+    train: bool,
+    key: jax.Array | None,
+    mask: jax.Array | None,
+    last_only: bool,
+) -> tuple[jax.Array, Carry]:
     rngs = {"dropout": key} if train and key is not None else None
     return CharLSTM(cfg).apply(
         {"params": params}, ids, carry, train=train, mask=mask, last_only=last_only, rngs=rngs

@@ -27,6 +27,7 @@ import numpy as np
 from jaxchar.config import ModelConfig
 from jaxchar.decoders import MODES, Decoder, Stateful, decoder
 from jaxchar.lstm import generation, native, pallas, select
+from jaxchar.model import for_inference
 
 NEG = -1e30  # stands for -inf without creating NaNs in softmax
 
@@ -237,7 +238,7 @@ def sample(
         params,
         key,
         prompt,
-        cfg=cfg,
+        cfg=for_inference(cfg),  # configs that differ only in dropout share the program
         length=length,
         temperature=temperature,
         top_k=top_k,

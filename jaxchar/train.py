@@ -31,7 +31,7 @@ from jaxchar.distributed import (
     shard_batch,
     shard_params,
 )
-from jaxchar.model import apply, init_carry, init_params
+from jaxchar.model import apply, for_inference, init_carry, init_params
 
 LN2 = math.log(2.0)
 
@@ -95,14 +95,34 @@ def track_ema(decay: float) -> optax.GradientTransformation:
     return optax.GradientTransformation(init, update)
 
 
-@lru_cache(maxsize=64)
+# The train fields that make the optimizer; the others leave it alone.
+_OPTIMIZER_FIELDS = (
+    "learning_rate",
+    "schedule",
+    "warmup_steps",
+    "decay_rate",
+    "weight_decay",
+    "clip_norm",
+    "ema",
+)
+
+
 def make_optimizer(cfg: TrainConfig, total_steps: int) -> optax.GradientTransformation:
     """Adam (Keras' epsilon 1e-7), AdamW when weight_decay > 0, optional global-norm clip;
     with train.ema, the average of the weights kept last (`track_ema`).
 
-    One object per (cfg, total_steps): `run_steps` takes the optimizer as a static
-    argument, compared by identity, so a second run of the same config in one process
-    (a resumed run, a notebook's second `fit`) reuses the compiled steps."""
+    One object per optimizer: `run_steps` takes it as a static argument, compared by
+    identity, so runs whose optimizers are the same (equal _OPTIMIZER_FIELDS, and equal
+    total_steps where the schedule depends on it) share the compiled steps in one process:
+    a resumed run, a notebook's second `fit`, the tests' many short runs."""
+    if cfg.schedule == "constant" and not cfg.warmup_steps:
+        total_steps = 0  # a constant rate does not depend on the run's length
+    own = TrainConfig(**{name: getattr(cfg, name) for name in _OPTIMIZER_FIELDS})
+    return _optimizer(own, total_steps)
+
+
+@lru_cache(maxsize=64)
+def _optimizer(cfg: TrainConfig, total_steps: int) -> optax.GradientTransformation:
     schedule = make_schedule(cfg, total_steps)
     if cfg.weight_decay:
         opt = optax.adamw(schedule, eps=1e-7, weight_decay=cfg.weight_decay)
@@ -174,15 +194,71 @@ def _keys(seed: int) -> tuple[jax.Array, jax.Array]:
     return jax.random.fold_in(root, 0), jax.random.fold_in(root, 1)  # data order, dropout
 
 
+# The fields that the compiled train and evaluation programs (`run_steps`, `_evaluate_jit`)
+# never read: `for_programs` sets them to their defaults before a config becomes those
+# programs' static argument, so that configs that differ only there (a seed, a run's length,
+# logging, saving, sampling, how the text was read) share one compiled program. A field not
+# listed is kept: a new one costs a compile, never a wrong program. (The optimizer's fields
+# reach the train step through `tx`, the seed through its traced `keys`.)
+_UNREAD = {
+    "data": (
+        "lowercase",
+        "remove_punctuation",
+        "strip_gutenberg",
+        "encoding",
+        "errors",
+        "val_fraction",
+    ),
+    "train": (
+        "epochs",
+        "max_steps",
+        "minutes",
+        *_OPTIMIZER_FIELDS,
+        "seed",
+        "keep_best",
+        "save_every_steps",
+        "log_every",
+        "steps_per_call",
+        "eval_batches",
+        "eval_rows",
+        "sample_chars",
+    ),
+}
+
+
+def for_programs(cfg: Config) -> Config:
+    """cfg with the fields that no compiled train or evaluation program reads (`_UNREAD`,
+    and the [sample] section) at their defaults."""
+    sections = {}
+    for name, fields in _UNREAD.items():
+        section = getattr(cfg, name)
+        default = type(section)()
+        sections[name] = replace(section, **{f: getattr(default, f) for f in fields})
+    return replace(cfg, **sections, sample=type(cfg.sample)())
+
+
 @partial(jax.jit, static_argnames=("cfg", "tx", "n", "mesh"), donate_argnums=(0, 1))
 def run_steps(
-    state: TrainState, totals, ids, epoch, first, spans=None, *, cfg: Config, tx, n: int, mesh=None
+    state: TrainState,
+    totals,
+    ids,
+    epoch,
+    first,
+    spans=None,
+    keys=None,
+    *,
+    cfg: Config,
+    tx,
+    n: int,
+    mesh=None,
 ):
     """n train steps of one epoch, starting at step `first` of it, in one dispatch.
     spans: the sentence spans [n, 2] of the sentences objective, else None.
+    keys: the (data order, dropout) keys of the run's seed (`_keys`), traced, so that seeds
+    share a program (fit passes them with `for_programs(cfg)`); None: cfg.train.seed's.
     totals: the epoch's running sums (loss x weight, weight, skipped updates); returns the
     per-step losses [n] (NaN where train.skip_nonfinite dropped the update)."""
-    data_key, dropout_key = _keys(cfg.train.seed)
+    data_key, dropout_key = _keys(cfg.train.seed) if keys is None else keys
     obj = data.objective(cfg)
 
     def body(carry, i):
@@ -256,7 +332,9 @@ def score(params, cfg: Config, ids, spans=None, context: int | None = None) -> S
     if n < 1:
         raise TrainingError("the text is too short to evaluate: it needs seq_length + 1 chars")
     spans = None if spans is None else jnp.asarray(spans)
-    total, weight = _evaluate_jit(params, jnp.asarray(ids), spans, cfg=cfg, obj=obj, n=n)
+    program = for_programs(cfg)  # and dropout off: configs that differ only there share it
+    program = replace(program, model=for_inference(program.model))
+    total, weight = _evaluate_jit(params, jnp.asarray(ids), spans, cfg=program, obj=obj, n=n)
     return Score(float(total / jnp.maximum(weight, 1.0)), int(weight))
 
 
@@ -409,9 +487,11 @@ def sized(
     ids, spans = _on_device(train_ids, mesh), _on_device(train_spans, mesh)
     n = min(t.steps_per_call, per_epoch)
 
+    keys, program = _keys(t.seed), for_programs(trial)
+
     def call(state, totals):  # the epoch's first steps each time: the time is the same
         state, totals, losses = run_steps(
-            state, totals, ids, 0, 0, spans, cfg=trial, tx=tx, n=n, mesh=mesh
+            state, totals, ids, 0, 0, spans, keys, cfg=program, tx=tx, n=n, mesh=mesh
         )
         losses.block_until_ready()
         return state, totals
@@ -596,12 +676,13 @@ def fit(
     def speed() -> float:  # chars/s since this call began
         return (step - began_step) * obj.chars_per_step / max(time.perf_counter() - began, 1e-9)
 
+    keys, program = _keys(t.seed), for_programs(cfg)
     in_flight = None  # the previous call's losses
     while step < plan.total_steps:
         epoch, first = plan.position(step)
         n = plan.steps_in_next_call(step, t)
         state, totals, losses = run_steps(
-            state, totals, ids, epoch, first, spans, cfg=cfg, tx=tx, n=n, mesh=mesh
+            state, totals, ids, epoch, first, spans, keys, cfg=program, tx=tx, n=n, mesh=mesh
         )
         # at most two calls queued on the device: JAX's asynchronous dispatch would
         # otherwise run up to log_every steps ahead of it, and a stop (Ctrl-C) would wait

@@ -1,3 +1,5 @@
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -149,6 +151,28 @@ def test_new_temperature_or_top_p_does_not_recompile(params):
         params, jax.random.PRNGKey(1), jnp.array([2, 3]), temperature=1.3, **{**kw, "top_p": 0.5}
     )
     assert sample._cache_size() == size
+    # nor does a config that differs only in dropout (which sampling does not read)
+    other = dataclasses.replace(CFG, dropout=0.5, input_dropout=0.1, dropout_locked=True)
+    got = sample(
+        params,
+        jax.random.PRNGKey(1),
+        jnp.array([2, 3]),
+        temperature=1.3,
+        cfg=other,
+        length=5,
+        top_p=0.5,
+    )
+    assert sample._cache_size() == size
+    want = sample(
+        params,
+        jax.random.PRNGKey(1),
+        jnp.array([2, 3]),
+        temperature=1.3,
+        cfg=CFG,
+        length=5,
+        top_p=0.5,
+    )
+    np.testing.assert_array_equal(got, want)
 
 
 def test_sample_inside_user_jit_and_vmap(params):

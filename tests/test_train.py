@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxchar import data
+from jaxchar import data, train
 from jaxchar.checkpoint import CheckpointError, RunDir, load_checkpoint
 from jaxchar.config import Config, override
 from jaxchar.corpus import prepare
@@ -92,12 +92,34 @@ def test_sentence_padding_is_masked_out_of_loss_and_gradients(alice_text):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
 
 
-def test_training_is_deterministic_for_a_seed(alice_text):
+def test_training_is_deterministic_for_a_seed_and_seeds_share_one_program(alice_text):
     cfg, corpus = _setup(alice_text, "train.max_steps=12", "train.steps_per_call=4")
     a = fit(cfg, corpus.train_ids).state.params
+    programs = train.run_steps._cache_size()
     b = fit(cfg, corpus.train_ids).state.params
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(x, y)
+    # fields the train step never reads change neither the result nor the program
+    unread = ["train.log_every=3", "train.keep_best=1", "train.sample_chars=5"]
+    unread += ["train.eval_rows=2", "train.epochs=7", "data.lowercase=false"]
+    c = fit(override(cfg, unread), corpus.train_ids).state.params
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(c), strict=True):
+        np.testing.assert_array_equal(x, y)
+    # another seed trains differently (its keys are traced) in the same program
+    d = fit(override(cfg, ["train.seed=7"]), corpus.train_ids).state.params
+    assert not np.array_equal(a["head"]["kernel"], d["head"]["kernel"])
+    assert train.run_steps._cache_size() == programs
+
+
+def test_runs_whose_optimizers_are_the_same_share_one_optimizer():
+    t = Config().train  # a constant rate: the length of the run does not enter it
+    assert make_optimizer(t, 10) is make_optimizer(dataclasses.replace(t, seed=3, epochs=2), 99)
+    assert make_optimizer(t, 10) is not make_optimizer(dataclasses.replace(t, clip_norm=1.0), 10)
+    cosine = dataclasses.replace(t, schedule="cosine")
+    assert make_optimizer(cosine, 10) is make_optimizer(dataclasses.replace(cosine, seed=1), 10)
+    assert make_optimizer(cosine, 10) is not make_optimizer(cosine, 99)
+    warm = dataclasses.replace(t, warmup_steps=5)  # the warm-up's end depends on the length
+    assert make_optimizer(warm, 3) is not make_optimizer(warm, 99)
 
 
 @pytest.mark.parametrize("case", ["window", "stateful", "ema"])
