@@ -147,31 +147,16 @@ def test_new_temperature_or_top_p_does_not_recompile(params):
     kw = dict(cfg=CFG, length=5, top_p=0.9)
     sample(params, jax.random.PRNGKey(0), jnp.array([1, 2]), temperature=0.5, **kw)
     size = sample._cache_size()
-    sample(
-        params, jax.random.PRNGKey(1), jnp.array([2, 3]), temperature=1.3, **{**kw, "top_p": 0.5}
-    )
+
+    def again(cfg):  # new temperature and top_p: the same program
+        key, prompt = jax.random.PRNGKey(1), jnp.array([2, 3])
+        return sample(params, key, prompt, temperature=1.3, **{**kw, "cfg": cfg, "top_p": 0.5})
+
+    want = again(CFG)
     assert sample._cache_size() == size
     # nor does a config that differs only in dropout (which sampling does not read)
-    other = dataclasses.replace(CFG, dropout=0.5, input_dropout=0.1, dropout_locked=True)
-    got = sample(
-        params,
-        jax.random.PRNGKey(1),
-        jnp.array([2, 3]),
-        temperature=1.3,
-        cfg=other,
-        length=5,
-        top_p=0.5,
-    )
+    got = again(dataclasses.replace(CFG, dropout=0.5, input_dropout=0.1, dropout_locked=True))
     assert sample._cache_size() == size
-    want = sample(
-        params,
-        jax.random.PRNGKey(1),
-        jnp.array([2, 3]),
-        temperature=1.3,
-        cfg=CFG,
-        length=5,
-        top_p=0.5,
-    )
     np.testing.assert_array_equal(got, want)
 
 
