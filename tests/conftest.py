@@ -12,13 +12,29 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # slower. The quick loop measured 448 s without it and 280 s with it (2-core AVX2 EPYC). The
 # workers and every process a test starts inherit it; the benchmarks, run by hand, do not.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+
+
 # XLA's CPU backend emits fusions through MLIR "fusion emitters" by default; its older
 # element-wise LLVM emitters compile the same fusions faster. The same HLO programs, code
 # generated differently, so float bits can differ between two programs that happened to
 # agree under the default (steps_per_call 1 and 5 once did; see test_faults.py). The quick
 # loop measured 343 s with the default and 240 s without it (2-core AVX2 EPYC, jax 0.10.2).
-# Appended, so a caller's own XLA_FLAGS stay and can say otherwise.
-if "xla_cpu_use_fusion_emitters" not in os.environ.get("XLA_FLAGS", ""):
+# Appended, so a caller's own XLA_FLAGS stay and can say otherwise. XLA aborts the process
+# on a flag it does not know, and jaxlib 0.11.1 dropped this one (0.11.0 still has it): set
+# only where the installed XLA has it.
+def _jaxlib_before(*release: int) -> bool:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        parts = version("jaxlib").split(".")[: len(release)]
+    except PackageNotFoundError:
+        return False
+    return tuple(int("".join(c for c in n if c.isdigit()) or 0) for n in parts) < release
+
+
+if "xla_cpu_use_fusion_emitters" not in os.environ.get("XLA_FLAGS", "") and _jaxlib_before(
+    0, 11, 1
+):
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "") + " --xla_cpu_use_fusion_emitters=false"
     ).strip()
@@ -28,7 +44,9 @@ if "xla_cpu_use_fusion_emitters" not in os.environ.get("XLA_FLAGS", ""):
 # (2-core AVX2 EPYC, empty cache; every file faster): the same programs, their products run
 # on one thread.
 if "xla_cpu_multi_thread_eigen" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] += " --xla_cpu_multi_thread_eigen=false"
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
+    ).strip()
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -252,3 +270,18 @@ def assert_recurrences_match_the_scan(forward, backward, args, *, kind, dtype, t
     got_b = jax.jit(lambda *a: backward(*a, **kw))(w_h, acts, cs, c0, d_hs, d_c, d_h)
     for g, w in zip(got_b, want_b, strict=True):
         np.testing.assert_allclose(g, w, **tol)
+
+
+def lowered_for_a_hopper_gpu(exported, *args) -> str:
+    """The MLIR text of `exported(*args)` (a jax.export.export(..., platforms=["cuda"])),
+    lowered from this CPU as for an H100. Pallas's Triton lowering reads the GPU's compute
+    capability: jax 0.10 assumes 9.0 where no GPU is attached, jax 0.11 and later ask for
+    an abstract device (anything but the export itself under that mesh needs a real one)."""
+    import jax
+
+    if not hasattr(jax.sharding, "AbstractDevice"):
+        return exported(*args).mlir_module()
+    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="gpu")
+    mesh = jax.sharding.AbstractMesh((1,), ("gpu",), abstract_device=device)
+    with jax.sharding.use_abstract_mesh(mesh):
+        return exported(*args).mlir_module()

@@ -15,6 +15,7 @@ import pytest
 from conftest import (
     REPO,
     assert_recurrences_match_the_scan,
+    lowered_for_a_hopper_gpu,
     lstm_layer_args,
     shipped_configs,
 )
@@ -175,7 +176,9 @@ def test_the_cuda_module_holds_one_triton_kernel_each_way_per_layer(name):
     last_only = full.data.objective == "window"
     grad = jax.jit(jax.value_and_grad(lambda p: _loss(p, cfg, ids, last_only)))
     triton = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
-    text = export.export(grad, platforms=["cuda"], disabled_checks=[triton])(params).mlir_module()
+    text = lowered_for_a_hopper_gpu(
+        export.export(grad, platforms=["cuda"], disabled_checks=[triton]), params
+    )
     calls = [line for line in text.splitlines() if "custom_call @__gpu$xla.gpu.triton" in line]
     names = [re.search(r'name = "(\w+)"', line).group(1) for line in calls]
     want = ["jaxchar_lstm_backward_pallas", "jaxchar_lstm_forward_pallas"]

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, shipped_configs
+from conftest import REPO, lowered_for_a_hopper_gpu, shipped_configs
 
 from jaxchar.config import ModelConfig, load_config
 from jaxchar.lstm import generation, pallas, select
@@ -200,7 +200,7 @@ def test_the_cuda_module_holds_one_sampling_kernel(rows):
 
     triton = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
     exp = export.export(sampler(cfg), platforms=["cuda"], disabled_checks=[triton])
-    text = exp(params, key).mlir_module()
+    text = lowered_for_a_hopper_gpu(exp, params, key)
     calls = [line for line in text.splitlines() if "custom_call @__gpu$xla.gpu.triton" in line]
     assert [re.search(r'name = "(\w+)"', c).group(1) for c in calls] == ["jaxchar_generate_pallas"]
     assert re.findall(r"grid_x = (\d+)", text) == [str(cfg.hidden // pallas.UNITS)]
