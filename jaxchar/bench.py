@@ -59,7 +59,7 @@ def xla_cost(cfg: Config) -> dict[str, float]:
     tx = make_optimizer(cfg.train, 10)
     # on the CPU backend, which every JAX has: the GPU and TPU plugins analyse only compiled
     # programs, and the count does not depend on where the program runs
-    on_cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    on_cpu = jax.sharding.make_single_device_sharding(jax.devices("cpu")[0])
 
     def shape(x):
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on_cpu)
