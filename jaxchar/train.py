@@ -26,6 +26,7 @@ from jaxchar.config import Config, TrainConfig
 from jaxchar.distributed import (
     Mesh,
     check_batch,
+    is_single_process,
     place_sharded,
     replicate,
     shard_batch,
@@ -355,7 +356,8 @@ class Checkpointer(Protocol):
 class FitResult:
     state: TrainState
     history: list[dict] = field(default_factory=list)  # one entry per save
-    interrupted: bool = False
+    interrupted: bool = False  # stopped before the schedule's end (a signal, or the time)
+    time_up: bool = False  # stopped at train.minutes' deadline (the machine ran slower)
     skipped: int = 0  # updates dropped by train.skip_nonfinite
 
 
@@ -431,6 +433,22 @@ class Sizing:
     eval_s: float  # seconds the first evaluation took (its compile included)
     left_s: float  # seconds of the budget left once measured
     stateful: bool = False  # the run reads streams: a fraction of an epoch comes first
+    deadline: float = math.inf  # the reading of `clock` at which the budget ends
+    clock: Callable[[], float] = field(default=time.perf_counter, compare=False, repr=False)
+
+    def time_is_up(self, call_s: float) -> bool:
+        """Whether another call of `call_s` seconds and a save's evaluation would end after
+        the deadline: the run then saves now instead (the machine runs slower than when
+        it was timed; the budget's margin did not absorb it)."""
+        return self.clock() + call_s + self.eval_s > self.deadline
+
+    def time_up_event(self, step: int, total: int, step_s: float) -> dict:
+        text = (
+            f"train.minutes = {self.minutes:g}: the time is up at step {step:,} of {total:,} "
+            f"(a step took {step_s * 1e3:.1f} ms, timed at {self.step_s * 1e3:.1f} ms); saving "
+            "now. --resume finishes the schedule"
+        )
+        return {"event": "time_up", "step": step, "total_steps": total, "text": text}
 
     def event(self) -> dict:
         """The {"event": "sized"} log entry: what was measured and chosen, in words."""
@@ -517,9 +535,7 @@ def sized(
     steps = _steps_within(SIZING_SLACK * (left - compile_s), step_s, eval_s, per_epoch, t)
     if t.max_steps:
         steps = min(steps, t.max_steps)
-    from jaxchar import distributed
-
-    if not distributed.is_single_process():
+    if not is_single_process():
         from jax.experimental import multihost_utils
 
         steps = int(multihost_utils.broadcast_one_to_all(np.int32(steps)))
@@ -531,7 +547,10 @@ def sized(
         )
     chosen = replace(cfg, train=replace(t, max_steps=steps))
     stateful = data.objective(trial).carries_state
-    return chosen, Sizing(t.minutes, steps, per_epoch, step_s, compile_s, eval_s, left, stateful)
+    deadline = began + t.minutes * 60
+    return chosen, Sizing(
+        t.minutes, steps, per_epoch, step_s, compile_s, eval_s, left, stateful, deadline, clock
+    )
 
 
 def _spans_count(spans) -> int:  # the sentences objective's spans, else 0
@@ -628,6 +647,7 @@ def fit(
     on_save: Callable[[Any, dict], None] | None = None,
     train_spans: np.ndarray | None = None,
     val_spans: np.ndarray | None = None,
+    time_limit: Sizing | None = None,
 ) -> FitResult:
     """Trains `cfg.model` on the ids; saves through `checkpointer` at every epoch end (or
     every train.save_every_steps); resumes from the checkpointer's latest save if it has one.
@@ -639,7 +659,11 @@ def fit(
     receives (params, metrics) after each save (the CLI prints samples there); with
     train.ema those params, the validation loss and the checkpoints' params are the moving
     average (`used_params`). The
-    sentences objective needs the splits' sentence spans (Corpus.train_spans, val_spans)."""
+    sentences objective needs the splits' sentence spans (Corpus.train_spans, val_spans).
+    A run sized by train.minutes (here, or by the caller, which passes its `time_limit`)
+    that falls behind its timing saves, evaluated, and stops before its deadline, logging
+    {"event": "time_up"} (one process only: the processes of a multi-host run would each
+    read their own clock)."""
     log = log or (lambda event: None)
     should_stop = should_stop or (lambda: False)
     if cfg.model.vocab_size < 1:
@@ -652,6 +676,9 @@ def fit(
         cfg, sizing = sized(
             cfg, train_ids, val_ids, train_spans=train_spans, val_spans=val_spans, mesh=mesh
         )
+        time_limit = sizing
+    if not is_single_process():
+        time_limit = None
     t = cfg.train
     plan = Plan.of(cfg, len(train_ids), _spans_count(train_spans))
     tx, schedule = make_optimizer(t, plan.total_steps), make_schedule(t, plan.total_steps)
@@ -678,7 +705,9 @@ def fit(
 
     keys, program = _keys(t.seed), for_programs(cfg)
     in_flight = None  # the previous call's losses
+    calls_s, calls = 0.0, 0  # what the calls took, for time_limit
     while step < plan.total_steps:
+        called = time_limit.clock() if time_limit is not None else 0.0
         epoch, first = plan.position(step)
         n = plan.steps_in_next_call(step, t)
         state, totals, losses = run_steps(
@@ -694,6 +723,12 @@ def fit(
         step += n
         epoch_end = plan.position(step)[1] == 0
         save_now, stop = plan.saves_at(step, t), should_stop()
+        if time_limit is not None:
+            calls_s, calls = calls_s + time_limit.clock() - called, calls + 1
+            call_s = calls_s / calls  # the mean so far: a run's speed drifts slowly
+            if step < plan.total_steps and time_limit.time_is_up(call_s):
+                log(time_limit.time_up_event(step, plan.total_steps, call_s / n))
+                save_now, stop, result.time_up = True, True, True
         if step // t.log_every > last_log // t.log_every or save_now or stop:
             loss = _last_loss(losses, step, t.skip_nonfinite)
             log(

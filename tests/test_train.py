@@ -436,7 +436,7 @@ class _Clock:
     """A clock that moves only when the test says."""
 
     def __init__(self):
-        self.now, self.calls = 100.0, 0
+        self.now, self.calls, self.step_s = 100.0, 0, 0.01
 
     def __call__(self) -> float:
         return self.now
@@ -445,14 +445,15 @@ class _Clock:
 @pytest.fixture
 def timed_clock(monkeypatch) -> _Clock:
     """A clock that jaxchar.train's train steps and evaluations move, by exact amounts: a
-    step takes 10 ms, the first call also compiles for 2 s, an evaluation takes 0.5 s."""
+    step takes 10 ms (clock.step_s), the first call also compiles for 2 s, an evaluation
+    takes 0.5 s."""
     from jaxchar import train
 
     clock = _Clock()
     run_steps, score = train.run_steps, train.score
 
     def timed_run_steps(*args, n, **kw):
-        clock.now += (2.0 if clock.calls == 0 else 0.0) + 0.01 * n
+        clock.now += (2.0 if clock.calls == 0 else 0.0) + clock.step_s * n
         clock.calls += 1
         return run_steps(*args, n=n, **kw)
 
@@ -504,6 +505,39 @@ def test_a_run_sized_by_minutes_takes_the_steps_its_measured_times_allow(
     assert len(said) == 1 and said[0]["max_steps"] == want, said
     assert "train.minutes = 0.3" in said[0]["text"] and f"{want:,} steps" in said[0]["text"]
     assert int(result.state.step) == want
+
+
+def test_a_run_slower_than_its_timing_saves_and_stops_before_its_deadline(
+    alice_text, monkeypatch, timed_clock
+):
+    """train.minutes is a promise: where the machine runs slower than when it was timed
+    (here a step takes 25 ms in the run, 10 ms when timed), the run saves, evaluated, and
+    stops before its deadline instead of running past it, and says so."""
+    from jaxchar import train
+    from jaxchar.train import sized
+
+    clock = timed_clock
+    sets = ("train.minutes=0.3", "train.steps_per_call=5", "train.epochs=1")
+    cfg, corpus = _setup(alice_text, *sets, chars=3000)
+
+    def sized_then_slower(*args, **kw):
+        out = sized(*args, clock=clock, **kw)
+        clock.step_s = 0.025
+        return out
+
+    monkeypatch.setattr(train, "sized", sized_then_slower)
+    events = []
+    result = fit(cfg, corpus.train_ids, corpus.val_ids, log=events.append)
+    chosen = next(e for e in events if e["event"] == "sized")["max_steps"]
+    up = [e for e in events if e["event"] == "time_up"]
+    assert len(up) == 1 and result.time_up and result.interrupted
+    assert "the time is up" in up[0]["text"] and "--resume" in up[0]["text"]
+    deadline, call, save = 100.0 + 0.3 * 60, 5 * 0.025, 0.5
+    # within the budget, its last save's evaluation included, and no call earlier than needed
+    assert deadline - call - save + save < clock.now <= deadline + 1e-9
+    last = result.history[-1]
+    assert last["step"] == up[0]["step"] == int(result.state.step) < chosen
+    assert "val_loss" in last and not last.get("interrupted")  # evaluated: it may rank best
 
 
 def test_a_stateful_run_of_part_epochs_spends_the_part_first(alice_text, timed_clock):

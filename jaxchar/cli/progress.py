@@ -45,7 +45,7 @@ class Progress:
         kind = event["event"]
         if self.quiet:
             return
-        if kind in ("corpus", "backend", "sized", "samples"):
+        if kind in ("corpus", "backend", "sized", "time_up", "samples"):
             self.line(event["text"])
         elif kind == "note":
             self.line(f"note: {event['text']}")

@@ -110,6 +110,9 @@ def run(args: argparse.Namespace) -> int:
     )
     if trained.interrupted:
         again = f"jaxchar train {args.corpus} --run-dir {trained.path} --resume"
+        if trained.result.time_up:  # stopped where the user asked: not a failure
+            info(f"the time is up before the schedule's end: finish it with  {again}")
+            return 0
         info(f"interrupted: continue with  {again}")
         return EXIT_INTERRUPTED
     return 0

@@ -283,6 +283,7 @@ def train_run(
             on_save=on_save,
             train_spans=corpus.train_spans,
             val_spans=corpus.val_spans,
+            time_limit=sizing,
         )
     finally:
         run.close()
