@@ -433,14 +433,13 @@ class Sizing:
     eval_s: float  # seconds the first evaluation took (its compile included)
     left_s: float  # seconds of the budget left once measured
     stateful: bool = False  # the run reads streams: a fraction of an epoch comes first
-    deadline: float = math.inf  # the reading of `clock` at which the budget ends
-    clock: Callable[[], float] = field(default=time.perf_counter, compare=False, repr=False)
+    deadline: float = math.inf  # when the budget ends, a reading of the clock it was timed on
 
-    def time_is_up(self, call_s: float) -> bool:
+    def time_is_up(self, now: float, call_s: float) -> bool:
         """Whether another call of `call_s` seconds and a save's evaluation would end after
         the deadline: the run then saves now instead (the machine runs slower than when
         it was timed; the budget's margin did not absorb it)."""
-        return self.clock() + call_s + self.eval_s > self.deadline
+        return now + call_s + self.eval_s > self.deadline
 
     def time_up_event(self, step: int, total: int, step_s: float) -> dict:
         text = (
@@ -463,6 +462,11 @@ class Sizing:
         return {"event": "sized", "max_steps": self.steps, "text": text}
 
 
+def _now() -> float:
+    """The clock that `sized` times on by default and `fit` reads Sizing.deadline on."""
+    return time.perf_counter()
+
+
 SIZING_SLACK = 0.90  # the share of the time left that the chosen steps may fill
 SIZING_MIN_S = 2.0  # steps are timed for at least this long (and at least 3 calls)
 SIZING_WARMUP_CALLS = 2  # calls after the compile that are not timed
@@ -477,7 +481,7 @@ def sized(
     val_spans: np.ndarray | None = None,
     mesh: Mesh | None = None,
     began: float | None = None,
-    clock: Callable[[], float] = time.perf_counter,
+    clock: Callable[[], float] = _now,
 ) -> tuple[Config, Sizing | None]:
     """cfg with train.max_steps chosen for train.minutes (a run sized by time), and what
     was measured; cfg itself, and None, without train.minutes. For a new run: a resumed
@@ -549,7 +553,7 @@ def sized(
     stateful = data.objective(trial).carries_state
     deadline = began + t.minutes * 60
     return chosen, Sizing(
-        t.minutes, steps, per_epoch, step_s, compile_s, eval_s, left, stateful, deadline, clock
+        t.minutes, steps, per_epoch, step_s, compile_s, eval_s, left, stateful, deadline
     )
 
 
@@ -707,7 +711,7 @@ def fit(
     in_flight = None  # the previous call's losses
     calls_s, calls = 0.0, 0  # what the calls took, for time_limit
     while step < plan.total_steps:
-        called = time_limit.clock() if time_limit is not None else 0.0
+        called = _now() if time_limit is not None else 0.0
         epoch, first = plan.position(step)
         n = plan.steps_in_next_call(step, t)
         state, totals, losses = run_steps(
@@ -724,9 +728,10 @@ def fit(
         epoch_end = plan.position(step)[1] == 0
         save_now, stop = plan.saves_at(step, t), should_stop()
         if time_limit is not None:
-            calls_s, calls = calls_s + time_limit.clock() - called, calls + 1
+            now = _now()
+            calls_s, calls = calls_s + now - called, calls + 1
             call_s = calls_s / calls  # the mean so far: a run's speed drifts slowly
-            if step < plan.total_steps and time_limit.time_is_up(call_s):
+            if step < plan.total_steps and time_limit.time_is_up(now, call_s):
                 log(time_limit.time_up_event(step, plan.total_steps, call_s / n))
                 save_now, stop, result.time_up = True, True, True
         if step // t.log_every > last_log // t.log_every or save_now or stop:

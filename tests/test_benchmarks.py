@@ -177,6 +177,17 @@ def test_quality_on_the_whole_text_as_the_tutorial_did(tmp_path):
 
 
 @pytest.mark.slow  # starts processes
+def test_quality_run_sized_by_minutes_records_what_the_sizing_measured(tmp_path):
+    done = _bench_quality(tmp_path, "--set", "train.minutes=0.15", "--budget-s", "120")
+    assert done.returncode == 0, done.stderr
+    result = json.loads((tmp_path / "quality_tiny.json").read_text())
+    sized = result["sized"]
+    assert sized["minutes"] == 0.15 and sized["steps"] > 0 and sized["step_s"] > 0
+    assert "train.minutes = 0.15" in done.stderr and result["complete"] is True
+    assert result["final"]["step"] <= sized["steps"]
+
+
+@pytest.mark.slow  # starts processes
 def test_quality_run_writes_its_curve_as_it_goes_and_continues_where_it_stopped(tmp_path):
     # the result file is rewritten after every evaluation (a run of hours can be stopped and
     # still leave its curve); the last write marks it complete

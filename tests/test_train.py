@@ -490,6 +490,8 @@ def test_a_run_sized_by_minutes_takes_the_steps_its_measured_times_allow(
     want = _steps_within(SIZING_SLACK * (sizing.left_s - 2.0), 0.01, 0.5, per_epoch, cfg.train)
     assert sizing.steps == want > 2 * per_epoch  # epochs = 1 is not used
     assert chosen.train.max_steps == want and chosen.train.minutes == 0.3
+    assert sizing.deadline == pytest.approx(100.0 + 18.0)  # on the clock it was timed on
+    json.dumps(dataclasses.asdict(sizing))  # a record: bench_quality.py stores it
     assert Plan.of(chosen, len(corpus.train_ids)).total_steps == want
     # a given train.max_steps is an upper bound
     capped, _ = sized(override(cfg, ["train.max_steps=7"]), corpus.train_ids, clock=clock)
@@ -500,6 +502,7 @@ def test_a_run_sized_by_minutes_takes_the_steps_its_measured_times_allow(
     # fit: the same measurements, the same choice
     clock.now, clock.calls, events = 100.0, 0, []
     monkeypatch.setattr(train, "sized", partial(sized, clock=clock))
+    monkeypatch.setattr(train, "_now", clock)  # fit reads the deadline on the same clock
     result = fit(cfg, corpus.train_ids, corpus.val_ids, log=events.append)
     said = [e for e in events if e["event"] == "sized"]
     assert len(said) == 1 and said[0]["max_steps"] == want, said
@@ -526,6 +529,7 @@ def test_a_run_slower_than_its_timing_saves_and_stops_before_its_deadline(
         return out
 
     monkeypatch.setattr(train, "sized", sized_then_slower)
+    monkeypatch.setattr(train, "_now", clock)  # the deadline is read on the same clock
     events = []
     result = fit(cfg, corpus.train_ids, corpus.val_ids, log=events.append)
     chosen = next(e for e in events if e["event"] == "sized")["max_steps"]
