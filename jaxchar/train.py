@@ -481,15 +481,16 @@ def sized(
     val_spans: np.ndarray | None = None,
     mesh: Mesh | None = None,
     began: float | None = None,
-    clock: Callable[[], float] = _now,
+    clock: Callable[[], float] | None = None,
 ) -> tuple[Config, Sizing | None]:
     """cfg with train.max_steps chosen for train.minutes (a run sized by time), and what
     was measured; cfg itself, and None, without train.minutes. For a new run: a resumed
     one keeps the length chosen when it started (its stored train.max_steps).
 
-    The budget counts from `began` (a reading of `clock`, time.perf_counter by default;
-    default: now). Calls of the train step from a throwaway start (compile first, a few
-    untimed, then at least SIZING_MIN_S of them, their median) give the time of a step, and
+    The budget counts from `began` (a reading of `clock`, default `_now`, the clock fit
+    reads the deadline on; default: now). Calls of the train step from a throwaway start
+    (compile first, a few untimed, then at least SIZING_MIN_S of them, their median) give
+    the time of a step, and
     one evaluation of the held-out ids the time of each save's; the run then gets the most
     steps whose time, its evaluations (one per epoch, per train.save_every_steps, and at
     the end) and one more compile of the step (the chosen length is part of the compiled
@@ -501,6 +502,7 @@ def sized(
         return cfg, None
     if mesh is not None:
         check_batch(t.batch_size, mesh)
+    clock = clock or _now
     began = clock() if began is None else began
     trial = replace(cfg, train=replace(t, minutes=0.0, max_steps=0))
     per_epoch = Plan.of(trial, len(train_ids), _spans_count(train_spans)).steps_per_epoch
