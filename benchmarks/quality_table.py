@@ -33,10 +33,22 @@ def runs(name: str, seeds: list[int], results: Path = RESULTS) -> list[dict]:
     return found
 
 
+def scored(run: dict) -> list[dict]:
+    """The curve's points that have a held-out loss (a run cut by its budget ends with a
+    training-only point, "partial")."""
+    return [p for p in run["curve"] if p.get("val_loss") is not None]
+
+
 def by_time(run: dict, seconds: float) -> float | None:
     """The held-out loss last recorded at or before `seconds` of training (None: none yet)."""
-    seen = [p["val_loss"] for p in run["curve"] if p["wall_s"] <= seconds]
+    seen = [p["val_loss"] for p in scored(run) if p["wall_s"] <= seconds]
     return seen[-1] if seen else None
+
+
+def final(run: dict) -> float:
+    """The run's final held-out loss: its last evaluated point if it stopped before scoring."""
+    value = run["final"]["val_loss"]
+    return scored(run)[-1]["val_loss"] if value is None else value
 
 
 def cell(values: list[float | None]) -> tuple[str, float | None]:
@@ -53,11 +65,11 @@ def table(names: list[str], seeds: list[int], minutes: list[float], results: Pat
     for name in names:
         rs = runs(name, seeds, results)
         cells = [cell([by_time(r, 60 * m) for r in rs])[0] for m in minutes]
-        final, mean = cell([r["final"]["val_loss"] for r in rs])
+        last, mean = cell([final(r) for r in rs])
         best, _ = cell([r["best_val"]["val_loss"] for r in rs])
         first = mean if first is None else first
         delta = f"{mean - first:+.4f}"
-        lines.append(f"| {name} | " + " | ".join([*cells, final, best, delta]) + " |")
+        lines.append(f"| {name} | " + " | ".join([*cells, last, best, delta]) + " |")
     return "\n".join(lines)
 
 
@@ -77,7 +89,7 @@ def plot(
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for i, name in enumerate(names):
         for j, run in enumerate(runs(name, seeds, results)):
-            points = [p for p in run["curve"] if p.get("val_loss") is not None]
+            points = scored(run)
             ax.plot(
                 [p["wall_s"] / 60 for p in points],
                 [p["val_loss"] for p in points],

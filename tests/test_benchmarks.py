@@ -402,6 +402,24 @@ def test_the_quality_table_gives_each_candidates_mean_and_spread_over_seeds(tmp_
         "| 1.4500 (1.3500-1.5500) | -0.1000 |"
     )
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a run its budget cut before its last evaluation ends with a training-only point: its
+    # final held-out loss is the last one it scored, and the minutes after it keep that one
+    cut = run([(50, 2.0), (100, 1.7)], None, 1.7)
+    cut["curve"].append({"wall_s": 115, "val_loss": None, "partial": True})
+    (tmp_path / "quality_cut_seed0.json").write_text(json.dumps(cut))
+    args = ["cut", "base", "--seeds", "0", "--minutes", "2", "--results", tmp_path]
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "quality_table.py"), *map(str, args)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[2:] == [
+        "| cut | 1.7000 (1.7000-1.7000) | 1.7000 (1.7000-1.7000) "
+        "| 1.7000 (1.7000-1.7000) | +0.0000 |",
+        "| base | 1.6000 (1.6000-1.6000) | 1.5000 (1.5000-1.5000) "
+        "| 1.4500 (1.4500-1.4500) | -0.2000 |",
+    ]
     missing = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "quality_table.py"), "other"],
         capture_output=True,
