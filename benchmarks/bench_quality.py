@@ -161,6 +161,8 @@ def main() -> None:
     def log(event: dict) -> None:
         if event["event"] == "start":
             total["steps"] = event["total_steps"]
+        if event["event"] == "time_up":
+            print(event["text"], file=sys.stderr)
         if event["event"] != "save":
             return
         point = {k: event.get(k) for k in ("step", "epoch", "train_loss", "val_loss")}
@@ -209,7 +211,7 @@ def main() -> None:
         }
 
     try:
-        fit(
+        fitted = fit(
             cfg,
             corpus.train_ids,
             corpus.val_ids,
@@ -218,6 +220,9 @@ def main() -> None:
             should_stop=should_stop,
             train_spans=corpus.train_spans,
             val_spans=corpus.val_spans,
+            # train.minutes keeps its deadline here as in `jaxchar train`: a machine slower
+            # than when it was timed stops the run, evaluated, before the minutes are up
+            time_limit=sizing,
         )
     finally:
         if run is not None:
@@ -225,6 +230,7 @@ def main() -> None:
     if not curve:
         sys.exit("stopped before the first evaluation: nothing to report")
     result = summary(done=not stop["signal"])
+    result["time_up"] = fitted.time_up  # stopped at train.minutes' deadline, short of its steps
     best_val = result["best_val"]
     path = common.save(name, result)
     final = curve[-1]

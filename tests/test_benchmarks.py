@@ -185,6 +185,8 @@ def test_quality_run_sized_by_minutes_records_what_the_sizing_measured(tmp_path)
     assert sized["minutes"] == 0.15 and sized["steps"] > 0 and sized["step_s"] > 0
     assert "train.minutes = 0.15" in done.stderr and result["complete"] is True
     assert result["final"]["step"] <= sized["steps"]
+    # fit keeps the sizing's deadline (time_up: it stopped there, short of its steps)
+    assert result["time_up"] is (result["final"]["step"] < sized["steps"])
 
 
 @pytest.mark.slow  # starts processes
