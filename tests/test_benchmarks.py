@@ -369,6 +369,13 @@ def test_the_experiments_report_keeps_the_quality_candidates_section(tmp_path, m
     assert text.count(experiments.KEPT) == 1
 
 
+def _quality_table(*args) -> subprocess.CompletedProcess:
+    script = REPO / "benchmarks" / "quality_table.py"
+    return subprocess.run(
+        [sys.executable, str(script), *map(str, args)], capture_output=True, text=True
+    )
+
+
 def test_the_quality_table_gives_each_candidates_mean_and_spread_over_seeds(tmp_path):
     # two candidates x two seeds, with curves whose points fall either side of each minute
     def run(points, final, best):
@@ -385,11 +392,7 @@ def test_the_quality_table_gives_each_candidates_mean_and_spread_over_seeds(tmp_
         (tmp_path / f"quality_{name}.json").write_text(json.dumps(value))
     args = ["base", "new", "--seeds", "0", "1", "--minutes", "1", "2", "--results", tmp_path]
     args += ["--plot", tmp_path / "curves.png"]
-    done = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "quality_table.py"), *map(str, args)],
-        capture_output=True,
-        text=True,
-    )
+    done = _quality_table(*args)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0] == "| candidate | 1 min | 2 min | final | best | final vs first |"
@@ -410,11 +413,7 @@ def test_the_quality_table_gives_each_candidates_mean_and_spread_over_seeds(tmp_
     cut["curve"].append({"wall_s": 115, "val_loss": None, "partial": True})
     (tmp_path / "quality_cut_seed0.json").write_text(json.dumps(cut))
     args = ["cut", "base", "--seeds", "0", "--minutes", "2", "--results", tmp_path]
-    done = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "quality_table.py"), *map(str, args)],
-        capture_output=True,
-        text=True,
-    )
+    done = _quality_table(*args)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[2:] == [
         "| cut | 1.7000 (1.7000-1.7000) | 1.7000 (1.7000-1.7000) "
@@ -422,9 +421,5 @@ def test_the_quality_table_gives_each_candidates_mean_and_spread_over_seeds(tmp_
         "| base | 1.6000 (1.6000-1.6000) | 1.5000 (1.5000-1.5000) "
         "| 1.4500 (1.4500-1.4500) | -0.2000 |",
     ]
-    missing = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "quality_table.py"), "other"],
-        capture_output=True,
-        text=True,
-    )
+    missing = _quality_table("other")
     assert missing.returncode != 0 and "quality_other_seed0.json is missing" in missing.stderr
