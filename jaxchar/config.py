@@ -161,6 +161,9 @@ class TrainConfig:
     warmup_steps: int = 0
     decay_rate: float = 0.1  # exponential: factor reached at the last step
     weight_decay: float = 0.0  # > 0 switches Adam to AdamW
+    # which parameters the decay shrinks: all, or matrices (every parameter of two or more
+    # dimensions: the kernels and the embedding table; the biases are left alone)
+    decay: str = "all"
     clip_norm: float = 0.0  # global-norm gradient clipping; 0 = off
     # decay of an exponential moving average of the weights, which validation, checkpoints
     # and sampling then use (training goes on from the raw weights); 0 = off
@@ -192,6 +195,7 @@ class TrainConfig:
         _check(self.warmup_steps >= 0, "train.warmup_steps must not be negative")
         _check(0 < self.decay_rate <= 1, "train.decay_rate must be in (0, 1]")
         _check(self.weight_decay >= 0, "train.weight_decay must not be negative")
+        _one_of("train", "decay", self.decay, ("all", "matrices"))
         _check(self.clip_norm >= 0, "train.clip_norm must not be negative")
         _check(0 <= self.ema < 1, "train.ema must be in [0, 1) (0: off)")
         _check(self.keep_best >= 1, "train.keep_best must be at least 1")

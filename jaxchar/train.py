@@ -103,6 +103,7 @@ _OPTIMIZER_FIELDS = (
     "warmup_steps",
     "decay_rate",
     "weight_decay",
+    "decay",
     "clip_norm",
     "ema",
 )
@@ -126,12 +127,18 @@ def make_optimizer(cfg: TrainConfig, total_steps: int) -> optax.GradientTransfor
 def _optimizer(cfg: TrainConfig, total_steps: int) -> optax.GradientTransformation:
     schedule = make_schedule(cfg, total_steps)
     if cfg.weight_decay:
-        opt = optax.adamw(schedule, eps=1e-7, weight_decay=cfg.weight_decay)
+        mask = _matrices if cfg.decay == "matrices" else None
+        opt = optax.adamw(schedule, eps=1e-7, weight_decay=cfg.weight_decay, mask=mask)
     else:
         opt = optax.adam(schedule, eps=1e-7)
     if cfg.clip_norm:
         opt = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), opt)
     return optax.chain(opt, track_ema(cfg.ema)) if cfg.ema else opt
+
+
+def _matrices(params):
+    """train.decay = "matrices": True for the parameters of two or more dimensions."""
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
 def used_params(state: TrainState, cfg: TrainConfig):

@@ -8,7 +8,7 @@ import pytest
 
 from jaxchar import data, train
 from jaxchar.checkpoint import CheckpointError, RunDir, load_checkpoint
-from jaxchar.config import Config, override
+from jaxchar.config import Config, ConfigError, override
 from jaxchar.corpus import prepare
 from jaxchar.model import init_params
 from jaxchar.train import (
@@ -193,6 +193,50 @@ def test_the_moving_average_of_the_weights_is_the_hand_computed_one(alice_text):
     for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
     assert used_params(state, dataclasses.replace(cfg.train, ema=0.0)) is state.params
+
+
+@pytest.mark.parametrize("decay", ["all", "matrices"])
+def test_weight_decay_is_hand_computed_adamw(alice_text, decay):
+    # two updates of the model's own parameter tree with fixed gradients, against AdamW
+    # written out in numpy: m, v as Adam's (b1 0.9, b2 0.999, bias-corrected, eps 1e-7
+    # outside the root), then the step adds weight_decay * p, on every parameter or, with
+    # train.decay = "matrices", on the kernels and the embedding table but not the biases
+    lr, wd = 0.01, 0.3
+    cfg, _ = _setup(alice_text, f"train.learning_rate={lr}", f"train.weight_decay={wd}")
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, decay=decay))
+    tx = make_optimizer(cfg.train, total_steps=2)
+    params = init_params(cfg.model, jax.random.PRNGKey(0))
+    state = tx.init(params)
+    rng = np.random.default_rng(0)
+    grads = [jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), params)]
+    grads.append(jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), params))
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    decayed = {path: decay == "all" or p.ndim >= 2 for path, p in flat}
+    biases = sum(len(path) and path[-1].key == "bias" for path, _ in flat)
+    assert biases == 2 and sum(decayed.values()) == len(flat) - (biases if decay != "all" else 0)
+    want = {path: np.asarray(p, np.float64) for path, p in flat}
+    m = {path: 0.0 for path in want}
+    v = {path: 0.0 for path in want}
+    got = params
+    for t, g in enumerate(grads, start=1):
+        updates, state = tx.update(g, state, got)
+        got = jax.tree.map(lambda p, u: p + u, got, updates)
+        for path, gl in jax.tree_util.tree_flatten_with_path(g)[0]:
+            m[path] = 0.9 * m[path] + 0.1 * gl
+            v[path] = 0.999 * v[path] + 0.001 * gl * gl
+            step = (m[path] / (1 - 0.9**t)) / (np.sqrt(v[path] / (1 - 0.999**t)) + 1e-7)
+            if decayed[path]:
+                step = step + wd * want[path]
+            want[path] = want[path] - lr * step
+    # what tells the two settings apart is the forget gate's bias (initialised to 1):
+    # decayed, it moves by lr * wd = 0.003 a step more, a thousand times the tolerance
+    for path, p in jax.tree_util.tree_flatten_with_path(got)[0]:
+        np.testing.assert_allclose(p, want[path], rtol=1e-5, atol=1e-6, err_msg=str(path))
+
+
+def test_decay_names_its_choices():
+    with pytest.raises(ConfigError, match="train.decay = 'biases' is not one of all, matrices"):
+        override(Config(), ["train.decay=biases"])
 
 
 def _metric_lines(run_dir) -> list[dict]:
