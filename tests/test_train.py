@@ -208,8 +208,8 @@ def test_weight_decay_is_hand_computed_adamw(alice_text, decay):
     params = init_params(cfg.model, jax.random.PRNGKey(0))
     state = tx.init(params)
     rng = np.random.default_rng(0)
-    grads = [jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), params)]
-    grads.append(jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), params))
+    draw = lambda p: rng.normal(size=p.shape).astype(np.float32)  # noqa: E731
+    grads = [jax.tree.map(draw, params) for _ in range(2)]
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
     decayed = {path: decay == "all" or p.ndim >= 2 for path, p in flat}
     biases = sum(len(path) and path[-1].key == "bias" for path, _ in flat)
